@@ -1,0 +1,243 @@
+"""Model bundles: ``<models dir>/<id>/`` with ``metadata.json``, weights and a model card.
+
+- ``metadata.json`` is validated against ``schemas/bundle.schema.json``;
+- the network is built from ``network.class``/``network.args`` with MONAI classes only;
+- weights are safetensors (or a torch state dict read with ``weights_only=True``); their
+  SHA-256 is checked against ``weights.sha256`` before anything is loaded;
+- ``README.md`` is the model card.
+
+Bundles are looked up in the folders of ``$DEEPEDIT_MODELS_DIR`` (os.pathsep-separated), then in
+the repository's ``Resources/Models``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from .errors import ModelError
+
+__all__ = [
+    "Bundle", "models_dirs", "list_bundles", "load_bundle", "verify_bundle", "build_network",
+    "load_network", "get_network", "save_bundle", "sha256_of", "DEFAULT_ANNOTATION_MODEL",
+]
+
+DEFAULT_ANNOTATION_MODEL = "deepedit-extreme-points"
+_SCHEMA_PATH = Path(__file__).with_name("schemas") / "bundle.schema.json"
+_REPO_MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A model bundle on disk: its folder and validated metadata."""
+
+    path: Path
+    meta: Dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return self.meta["id"]
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    @property
+    def task(self) -> str:
+        return self.meta["task"]
+
+    @property
+    def description(self) -> str:
+        return self.meta["description"]
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / self.meta["weights"]["file"]
+
+
+def models_dirs() -> List[Path]:
+    """Folders searched for bundles, in order."""
+    dirs = [Path(p) for p in os.environ.get("DEEPEDIT_MODELS_DIR", "").split(os.pathsep) if p]
+    dirs.append(_REPO_MODELS)
+    return [d for d in dirs if d.is_dir()]
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict:
+    return json.loads(_SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def _read_meta(folder: Path) -> Dict[str, Any]:
+    import jsonschema
+
+    meta_path = folder / "metadata.json"
+    if not meta_path.is_file():
+        raise ModelError("no metadata.json in the model bundle", folder)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelError(f"not valid JSON ({e})", meta_path) from None
+    try:
+        jsonschema.validate(meta, _schema())
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise ModelError(f"invalid metadata at {where}: {e.message}", meta_path) from None
+    return meta
+
+
+def list_bundles() -> List[Bundle]:
+    """All valid bundles found (invalid ones are skipped; ``verify_bundle`` reports them)."""
+    found: Dict[str, Bundle] = {}
+    for d in models_dirs():
+        for sub in sorted(d.iterdir()):
+            if (sub / "metadata.json").is_file():
+                try:
+                    b = Bundle(sub, _read_meta(sub))
+                except ModelError:
+                    continue
+                found.setdefault(b.id, b)
+    return list(found.values())
+
+
+def load_bundle(id_or_path: Union[str, Path, Bundle, None] = None) -> Bundle:
+    """Find a bundle by id (or folder path); None means the default annotation model.
+
+    Raises:
+        ModelError: unknown id, missing or invalid metadata.
+    """
+    if isinstance(id_or_path, Bundle):
+        return id_or_path
+    key = str(id_or_path or DEFAULT_ANNOTATION_MODEL)
+    p = Path(key)
+    if p.is_dir():
+        return Bundle(p.resolve(), _read_meta(p))
+    for d in models_dirs():
+        if (d / key / "metadata.json").is_file():
+            return Bundle((d / key).resolve(), _read_meta(d / key))
+    known = ", ".join(b.id for b in list_bundles()) or "none"
+    raise ModelError(f"unknown model {key!r} (installed: {known}; see `deepedit models list`)")
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_network(meta: Dict[str, Any]):
+    """Build the (untrained) MONAI network a bundle declares."""
+    import monai.networks.nets as nets
+
+    cls = getattr(nets, meta["network"]["class"])
+    try:
+        return cls(**meta["network"]["args"])
+    except TypeError as e:
+        raise ModelError(f"cannot build {meta['network']['class']} from network.args: {e}") from None
+
+
+def _read_state_dict(bundle: Bundle) -> Dict[str, Any]:
+    wp = bundle.weights_path
+    if not wp.is_file():
+        raise ModelError("weights file missing", wp)
+    digest = sha256_of(wp)
+    if digest != bundle.meta["weights"]["sha256"]:
+        raise ModelError(
+            f"weights SHA-256 mismatch (file {digest[:12]}..., metadata {bundle.meta['weights']['sha256'][:12]}...): "
+            "the file is corrupt or was replaced; refusing to load it", wp)
+    try:
+        if wp.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(wp))
+        import torch
+
+        return torch.load(str(wp), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure means a bad file
+        raise ModelError(f"cannot read weights: {e}", wp) from None
+
+
+def load_network(bundle: Union[str, Bundle, None], device: Any = "cpu"):
+    """Verify the weights' hash, build the network, load the weights, move to ``device``, eval mode."""
+    import torch
+
+    b = load_bundle(bundle)
+    net = build_network(b.meta)
+    state = _read_state_dict(b)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelError(f"weights do not fit the network in metadata.json: {str(e).splitlines()[0]}", b.weights_path) from None
+    net.eval()
+    if b.meta["network"].get("channels_last") and torch.device(device).type == "cpu":
+        net = net.to(memory_format=torch.channels_last_3d)
+    return net.to(device)
+
+
+_cache_lock = threading.Lock()
+_cache: Dict[tuple, Any] = {}
+
+
+def get_network(bundle: Union[str, Bundle, None], device: Any = "cpu"):
+    """Like :func:`load_network`, but keeps loaded networks for warm re-use (keyed by weights hash and device)."""
+    b = load_bundle(bundle)
+    key = (str(b.weights_path), b.meta["weights"]["sha256"], str(device))
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = load_network(b, device)
+        return _cache[key]
+
+
+def verify_bundle(bundle: Union[str, Path, Bundle]) -> Dict[str, Any]:
+    """Full check of a bundle: metadata schema, model card, weights hash, weights fit the network.
+
+    Returns:
+        A summary dict (id, version, parameters, weights size).
+
+    Raises:
+        ModelError: on the first problem found.
+    """
+    b = load_bundle(bundle)
+    if not (b.path / "README.md").is_file():
+        raise ModelError("model card README.md is missing", b.path)
+    net = load_network(b, "cpu")
+    n_params = sum(p.numel() for p in net.parameters())
+    return {"id": b.id, "version": b.version, "task": b.task, "path": str(b.path),
+            "parameters": n_params, "weights_bytes": b.weights_path.stat().st_size, "sha256": b.meta["weights"]["sha256"]}
+
+
+def save_bundle(folder: Path, meta: Dict[str, Any], state_dict: Dict[str, Any], card: Optional[str] = None) -> Bundle:
+    """Write a bundle: safetensors weights, their hash into metadata, metadata and card.
+
+    Used by training; writes each file through a temporary name then renames it.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = json.loads(json.dumps(meta))
+    meta.setdefault("weights", {})["file"] = "model.safetensors"
+    wp = folder / "model.safetensors"
+    tmp = folder / ".model.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
+    meta["weights"]["sha256"] = sha256_of(tmp)
+    os.replace(tmp, wp)
+    for name, text in (("metadata.json", json.dumps(meta, indent=2) + "\n"), ("README.md", card)):
+        if text is None:
+            continue
+        t = folder / f".{name}.tmp"
+        t.write_text(text, encoding="utf-8")
+        os.replace(t, folder / name)
+    return Bundle(folder.resolve(), _read_meta(folder))

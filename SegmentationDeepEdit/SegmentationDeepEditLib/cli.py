@@ -1,0 +1,221 @@
+"""The ``deepedit`` command line: the core library with flags.
+
+Exit codes: 0 success; 1 a clear error about an input, a model or an output (one line on
+stderr naming the file and the problem); 2 bad command-line usage; 3 an unexpected internal
+error (the traceback is shown with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import DeepEditError, InputError
+
+__all__ = ["main", "build_parser"]
+
+# ../shared/data beside the repository, unless DEEPEDIT_SHARED_DATA points elsewhere
+DEFAULT_DATA_ROOT = Path(os.environ.get("DEEPEDIT_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
+
+
+def _examples(*lines: str) -> str:
+    return "example:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to document the flags)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print a JSON summary on stdout (and no progress bar)")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="deepedit", formatter_class=fmt,
+        description="AI-assisted segmentation of tumours and organs from six extreme points (SegmentationDeepEdit).",
+        epilog=_examples("deepedit demo -o demo-out", "deepedit annotate --image t1c.nii.gz --points points.mrk.json -o tumour.seg.nrrd"))
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    a = sub.add_parser("annotate", parents=[common], formatter_class=fmt,
+                       help="segment the object enclosed by six extreme points",
+                       description="Segment the object enclosed by six extreme points (LPS mm, or a Slicer markups file in RAS or LPS).",
+                       epilog=_examples("deepedit annotate --image t1c.nii.gz --points points.mrk.json -o tumour.seg.nrrd --tta"))
+    a.add_argument("--image", required=True, help="image file (.nii.gz, .nrrd, .mha) or DICOM series folder")
+    a.add_argument("--points", required=True, help="six extreme points: .mrk.json, .fcsv, .json or .csv")
+    a.add_argument("-o", "--output", required=True, help="output file: .seg.nrrd, .nii.gz or .nrrd")
+    a.add_argument("--model", default=None, help="annotation model id or bundle folder (default: deepedit-extreme-points)")
+    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation; about 4x slower)")
+    a.add_argument("--positive", help="corrective clicks inside what is missing (point file), for models that take them")
+    a.add_argument("--negative", help="corrective clicks inside what is wrong (point file), for models that take them")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    s = sub.add_parser("segment", parents=[common], formatter_class=fmt, help="run an automatic segmentation model",
+                       epilog=_examples("deepedit segment --model glioma-regions --input t1c=t1c.nii.gz --input t2=t2.nii.gz --input flair=flair.nii.gz -o seg.seg.nrrd"))
+    s.add_argument("--model", required=True, help="automatic model id (see `deepedit models list`)")
+    s.add_argument("--input", action="append", required=True, metavar="NAME=PATH", help="an input image by the model's input name; repeat")
+    s.add_argument("-o", "--output", required=True, help="output file: .seg.nrrd, .nii.gz or .nrrd")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--overwrite", action="store_true")
+
+    m = sub.add_parser("models", parents=[common], formatter_class=fmt, help="list or verify model bundles",
+                       epilog=_examples("deepedit models list", "deepedit models verify"))
+    msub = m.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    msub.add_parser("list", parents=[common], help="list installed bundles")
+    v = msub.add_parser("verify", parents=[common], help="check metadata, model card, weights hash and that the weights load")
+    v.add_argument("ids", nargs="*", help="bundle ids or folders (default: all)")
+
+    t = sub.add_parser("train", parents=[common], formatter_class=fmt, help="train a model bundle from a config file",
+                       epilog=_examples("deepedit train Resources/Training/deepedit-extreme-points.json --run-dir runs/ep1",
+                                        "deepedit train Resources/Training/deepedit-extreme-points.json --run-dir runs/ep1 --resume"))
+    t.add_argument("config", help="training config (JSON)")
+    t.add_argument("--run-dir", required=True, help="folder for checkpoint, log.csv and the trained bundle")
+    t.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="folder the config's data paths are relative to (default: ../shared/data)")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    t.add_argument("--steps", type=int, help="override the number of steps")
+    t.add_argument("--bundle-dir", help="where to write the trained bundle (default RUN_DIR/bundle)")
+
+    d = sub.add_parser("demo", parents=[common], formatter_class=fmt,
+                       help="generate a case, annotate it from six points, write result, picture and Dice",
+                       epilog=_examples("deepedit demo -o demo-out", "deepedit demo -o demo-ct --kind ct --seed 3"))
+    d.add_argument("-o", "--output", required=True, help="output folder")
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--kind", default="brain", choices=["brain", "ct"])
+    d.add_argument("--model", default=None)
+    d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    d.add_argument("--tta", action="store_true")
+    d.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def _cmd_annotate(args) -> dict:
+    from .annotate import annotate
+    from .bundle import load_bundle
+    from .imageio import check_output_path, read_image, write_segmentation
+    from .points import read_points
+    from .progress import StageProgress
+
+    out = check_output_path(args.output, inputs=[args.image, args.points], overwrite=args.overwrite)
+    load_bundle(args.model)  # an unknown model is reported before any image is read
+    image = read_image(args.image)
+    pts = read_points(args.points)
+    pos = read_points(args.positive) if args.positive else None
+    neg = read_points(args.negative) if args.negative else None
+    with StageProgress("annotate", enabled=not args.json) as bar:
+        r = annotate(image, pts, args.model, device=args.device, tta=args.tta, positive=pos, negative=neg,
+                     points_source=args.points, progress=bar)
+    write_segmentation(r.mask, out, [{"value": 1, "name": r.segment_name, "color": tuple(r.color)}], overwrite=args.overwrite)
+    for w in r.warnings:
+        print(f"deepedit annotate: warning: {w}", file=sys.stderr)
+    return {"output": str(out), "model": r.model_id, "model_version": r.model_version, "device": r.device,
+            "volume_ml": round(r.volume_ml, 3), "seconds": {k: round(v, 4) for k, v in r.seconds.items()},
+            "warnings": r.warnings}
+
+
+def _cmd_segment(args) -> dict:
+    from .bundle import load_bundle
+
+    inputs = {}
+    for item in args.input:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--input {item!r} is not NAME=PATH")
+        if name in inputs:
+            raise InputError(f"input {name!r} given twice")
+        inputs[name] = path
+    b = load_bundle(args.model)
+    if b.task != "segmentation":
+        raise InputError(f"model {b.id!r} is an annotation model; use `deepedit annotate` (automatic models: "
+                         "see `deepedit models list`)")
+    raise InputError(f"model {b.id!r} is an automatic model, and this version cannot run automatic models yet")
+
+
+def _cmd_models(args) -> dict:
+    from .bundle import list_bundles, verify_bundle
+
+    if args.models_command == "list":
+        rows = [{"id": b.id, "version": b.version, "task": b.task, "name": b.name, "description": b.description,
+                 "path": str(b.path)} for b in list_bundles()]
+        if not args.json:
+            if not rows:
+                print("no model bundles found")
+            for r in rows:
+                print(f"{r['id']:32s} {r['version']:8s} {r['task']:12s} {r['name']}")
+        return {"models": rows}
+    ids = args.ids or [b.id for b in list_bundles()]
+    results = []
+    for i in ids:
+        info = verify_bundle(i)
+        results.append(info)
+        if not args.json:
+            print(f"{info['id']:32s} ok  {info['parameters']:,} parameters, weights {info['weights_bytes'] / 1e6:.1f} MB, sha256 {info['sha256'][:16]}...")
+    return {"verified": results}
+
+
+def _cmd_train(args) -> dict:
+    from .train import load_config, train
+
+    cfg = load_config(Path(args.config))
+    data_root = Path(args.data_root)
+    needs_real = any("image" in s for s in cfg.get("data", []) + cfg.get("validation", []))
+    if needs_real and not data_root.is_dir():
+        raise InputError("data root not found (the config lists real cases; pass --data-root)", data_root)
+    return train(cfg, Path(args.run_dir), data_root=data_root, device=args.device, resume=args.resume,
+                 steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None, quiet=args.json)
+
+
+def _cmd_demo(args) -> dict:
+    from .demo import run_demo
+    from .progress import StageProgress
+
+    with StageProgress("demo", enabled=not args.json) as bar:
+        summary = run_demo(Path(args.output), seed=args.seed, kind=args.kind, model=args.model, device=args.device,
+                           tta=args.tta, overwrite=args.overwrite, progress=bar)
+    if not args.json:
+        print(f"demo ({summary['kind']}, seed {summary['seed']}): Dice {summary['dice']:.3f} against the generated truth, "
+              f"annotation {summary['seconds']['total']:.2f} s on {summary['device']}; files in {summary['output']}")
+    return summary
+
+
+_COMMANDS = {"annotate": _cmd_annotate, "segment": _cmd_segment, "models": _cmd_models, "train": _cmd_train, "demo": _cmd_demo}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``deepedit`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="deepedit: %(levelname)s: %(message)s")
+    name = args.command
+    t0 = time.perf_counter()
+    try:
+        summary = _COMMANDS[name](args)
+    except DeepEditError as e:
+        if args.debug:
+            raise
+        print(f"deepedit {name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"deepedit {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
+        if args.debug:
+            raise
+        print(f"deepedit {name}: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        return 3
+    if args.json:
+        summary = dict(summary, command=name, wall_seconds=round(time.perf_counter() - t0, 3))
+        print(json.dumps(summary, indent=2, default=str))
+    elif name == "annotate":
+        print(f"wrote {summary['output']} ({summary['volume_ml']:.1f} mL) in {summary['seconds']['total']:.2f} s on {summary['device']}")
+    elif name == "train":
+        print(f"trained {summary['steps']} steps, validation Dice {summary['validation_dice']:.3f}; bundle in {summary['bundle']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

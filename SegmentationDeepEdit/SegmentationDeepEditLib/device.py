@@ -1,0 +1,51 @@
+"""The one device picker: ``auto`` uses CUDA when present, else CPU; ``cpu``/``cuda`` force."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, TypeVar
+
+import torch
+
+from .errors import InputError
+
+__all__ = ["pick_device", "run_with_fallback"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """Resolve ``auto``/``cpu``/``cuda`` to a torch device.
+
+    Raises:
+        InputError: ``cuda`` asked for on a machine without a usable CUDA device, or an
+            unknown name.
+    """
+    pref = (preference or "auto").lower()
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref == "cpu":
+        return torch.device("cpu")
+    if pref == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda was asked for, but torch finds no CUDA device (use --device auto or cpu)")
+        return torch.device("cuda")
+    raise InputError(f"unknown device {preference!r} (use auto, cpu or cuda)")
+
+
+def run_with_fallback(fn: Callable[[torch.device], T], device: torch.device, preference: str) -> tuple[T, torch.device]:
+    """Run ``fn(device)``; under ``auto``, a CUDA out-of-memory error retries on the CPU.
+
+    Returns:
+        (result, the device actually used).
+    """
+    try:
+        return fn(device), device
+    except torch.cuda.OutOfMemoryError:
+        if device.type != "cuda" or (preference or "auto").lower() != "auto":
+            raise
+        log.warning("CUDA ran out of memory; running on the CPU instead")
+        torch.cuda.empty_cache()
+        cpu = torch.device("cpu")
+        return fn(cpu), cpu

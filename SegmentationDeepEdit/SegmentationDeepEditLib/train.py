@@ -1,0 +1,247 @@
+"""``deepedit train``: train an extreme-point annotation bundle from a config file.
+
+A run is fully described by its JSON config (kept in the repository) and its seed:
+- ``data``: a list of sources: ``{"synthetic": "brain"|"ct", "cases": N, "seed": S}`` or
+  ``{"image": PATH, "label": PATH, "objects": {"name": [label values], ...}}`` with paths
+  relative to the data root (``--data-root``, default ``../shared/data``);
+- ``validation``: sources of the same form, scored with Dice on the model grid every
+  ``val_every`` steps;
+- ``bundle``: the metadata of the bundle to write (network, inputs, guidance, spacing, ...);
+- ``steps``, ``batch_size``, ``lr``, ``jitter_mm``, ``intensity_scale``, ``intensity_shift``.
+
+Every sample: pick a case and one of its objects, take its six extreme points from the label
+(random ties) moved by Gaussian noise of ``jitter_mm``, build the input with
+:func:`annotate.prepare_input` (the inference code itself), resample the label onto the same
+grid, then random flips and a random intensity scale/shift of the image channels. The
+random stream of step ``n`` is seeded by ``(seed, n)``, so a resumed run draws what an
+uninterrupted one would.
+
+Outputs in the run folder: ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end;
+read back with ``weights_only=True``), ``log.csv`` (step, loss, val_dice, seconds), and the
+bundle (``bundle/``) when the run completes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from .annotate import prepare_input
+from .bundle import build_network, save_bundle
+from .errors import InputError
+from .geometry import resample_to_grid
+from .imageio import read_image
+from .metrics import dice
+from .points import extreme_points_from_mask
+
+__all__ = ["TrainCase", "load_config", "build_cases", "make_sample", "train"]
+
+
+@dataclass
+class TrainCase:
+    """An image (or images, one per bundle input) and its objects as binary masks."""
+
+    name: str
+    images: List[sitk.Image]
+    objects: Dict[str, sitk.Image]
+
+
+def load_config(path: Path) -> dict:
+    """Read a training config (JSON)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("training config not found", p)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON ({e})", p) from None
+
+
+def _mask(label: sitk.Image, values) -> sitk.Image:
+    arr = sitk.GetArrayViewFromImage(label)
+    m = sitk.GetImageFromArray(np.isin(np.rint(arr).astype(np.int64), list(values)).astype(np.uint8))
+    m.CopyInformation(label)
+    return m
+
+
+def build_cases(sources: List[dict], data_root: Path, progress=None) -> List[TrainCase]:
+    """Load or generate the cases a config lists."""
+    from . import synthetic
+
+    cases: List[TrainCase] = []
+    for src in sources:
+        if "synthetic" in src:
+            kind, n, seed = src["synthetic"], int(src["cases"]), int(src.get("seed", 0))
+            for s in range(seed, seed + n):
+                c = synthetic.make_brain_case(s) if kind == "brain" else synthetic.make_ct_case(s)
+                objs = {}
+                for obj, channel, values in src.get("objects", []):
+                    m = _mask(c.label, values)
+                    if sitk.GetArrayViewFromImage(m).any():
+                        objs[f"{obj}@{channel}"] = (c.images[channel], m)
+                for key, (img, m) in objs.items():
+                    cases.append(TrainCase(f"synthetic-{kind}-{s}:{key}", [img], {key: m}))
+                if progress:
+                    progress(1)
+        else:
+            img = read_image(data_root / src["image"])
+            label = read_image(data_root / src["label"], what="label")
+            for obj, values in src["objects"].items():
+                m = _mask(label, values)
+                if sitk.GetArrayViewFromImage(m).any():
+                    cases.append(TrainCase(f"{src['image']}:{obj}", [img], {obj: m}))
+            if progress:
+                progress(1)
+    return cases
+
+
+def make_sample(case: TrainCase, meta: dict, rng: np.random.Generator, cfg: dict, augment: bool = True):
+    """One (input [C, k, j, i], target [1, k, j, i]) pair, as described in the module docstring."""
+    name = list(case.objects)[int(rng.integers(len(case.objects)))]
+    mask = case.objects[name]
+    pts = extreme_points_from_mask(mask, rng=rng, jitter_mm=float(cfg.get("jitter_mm", 2.0)) if augment else 0.0)
+    mi = prepare_input(case.images, pts, meta)
+    target = sitk.GetArrayFromImage(resample_to_grid(sitk.Cast(mask, sitk.sitkFloat32), mi.grid, default=0.0)) >= 0.5
+    x, y = mi.array, target[None].astype(np.float32)
+    if augment:
+        n_img = len(meta["inputs"])
+        scale = 1.0 + rng.uniform(-1, 1) * float(cfg.get("intensity_scale", 0.1))
+        shift = rng.uniform(-1, 1) * float(cfg.get("intensity_shift", 0.1))
+        x = x.copy()
+        x[:n_img] = np.where(mi.inside[None], x[:n_img] * scale + shift, 0.0)
+        for axis in (1, 2, 3):
+            if rng.random() < 0.5:
+                x, y = np.flip(x, axis), np.flip(y, axis)
+    return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+def _validate(net, cases: List[TrainCase], meta: dict, device, seed: int) -> float:
+    import torch
+
+    from .annotate import predict
+
+    if not cases:
+        return float("nan")
+    net.eval()
+    scores = []
+    for n, case in enumerate(cases):
+        rng = np.random.default_rng([seed, 999_999, n])
+        x, y = make_sample(case, meta, rng, {"jitter_mm": 0.0}, augment=False)
+        prob = predict(net, x, device, channels_last=False)
+        scores.append(dice(prob >= meta["output"]["threshold"], y[0]))
+    net.train()
+    return float(np.mean(scores))
+
+
+def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto", resume: bool = False,
+          steps: Optional[int] = None, bundle_dir: Optional[Path] = None, quiet: bool = False) -> dict:
+    """Train (or resume) a run; returns a summary with the final validation Dice and paths.
+
+    Args:
+        config: the parsed config (see module docstring).
+        run_dir: folder for checkpoint, log and the bundle.
+        data_root: folder the config's real-data paths are relative to.
+        device: "auto", "cpu" or "cuda".
+        resume: continue from ``run_dir/checkpoint.pt``.
+        steps: override the config's number of steps (e.g. a short test run).
+        bundle_dir: where to write the bundle (default ``run_dir/bundle``).
+    """
+    import torch
+    from monai.losses import DiceCELoss, DiceLoss
+    from tqdm import tqdm
+
+    from .device import pick_device
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed = int(config.get("seed", 0))
+    total = int(steps if steps is not None else config["steps"])
+    meta = config["bundle"]
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    with tqdm(total=len(config["data"]) + len(config.get("validation", [])), desc="loading cases", disable=quiet) as bar:
+        cases = build_cases(config["data"], data_root, bar.update)
+        val_cases = build_cases(config.get("validation", []), data_root, bar.update)
+    if not cases:
+        raise InputError("the training config yields no cases with objects")
+    net = build_network(meta).to(dev)
+    opt = torch.optim.Adam(net.parameters(), lr=float(config.get("lr", 1e-4)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(config.get("lr", 1e-4)), total_steps=total,
+                                                pct_start=0.05) if config.get("schedule") == "onecycle" else None
+    loss_fn = DiceCELoss(sigmoid=True) if config.get("loss") == "dice_ce" else DiceLoss(sigmoid=True)
+    use_amp = dev.type == "cuda" and config.get("amp", True)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start = 0
+    ckpt_path = run_dir / "checkpoint.pt"
+    if resume:
+        if not ckpt_path.is_file():
+            raise InputError("nothing to resume: no checkpoint.pt", run_dir)
+        ck = torch.load(str(ckpt_path), map_location=dev, weights_only=True)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if sched is not None and "scheduler" in ck:
+            sched.load_state_dict(ck["scheduler"])
+        start = int(ck["step"])
+    log_path = run_dir / "log.csv"
+    new_log = not (resume and log_path.is_file())
+    logf = open(log_path, "a" if not new_log else "w", newline="")
+    writer = csv.writer(logf)
+    if new_log:
+        writer.writerow(["step", "loss", "val_dice", "lr", "seconds"])
+
+    def save_ckpt(step: int) -> None:
+        tmp = run_dir / ".checkpoint.pt.tmp"
+        state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step}
+        if sched is not None:
+            state["scheduler"] = sched.state_dict()
+        torch.save(state, str(tmp))
+        tmp.replace(ckpt_path)
+
+    bs = int(config.get("batch_size", 2))
+    val_every = int(config.get("val_every", 200))
+    ck_every = int(config.get("checkpoint_every", 100))
+    net.train()
+    t_start = time.perf_counter()
+    losses: List[float] = []
+    val = float("nan")
+    bar = tqdm(range(start, total), initial=start, total=total, desc="training", disable=quiet)
+    try:
+        for step in bar:
+            rng = np.random.default_rng([seed, step])
+            pairs = [make_sample(cases[int(rng.integers(len(cases)))], meta, rng, config) for _ in range(bs)]
+            x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(dev)
+            y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(dev)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, enabled=use_amp):
+                loss = loss_fn(net(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if sched is not None:
+                sched.step()
+            losses.append(float(loss))
+            done = step + 1
+            if done % val_every == 0 or done == total:
+                val = _validate(net, val_cases, meta, dev, seed)
+            writer.writerow([done, f"{losses[-1]:.5f}", "" if not (done % val_every == 0 or done == total) else f"{val:.4f}",
+                             f"{opt.param_groups[0]['lr']:.3g}", f"{time.perf_counter() - t_start:.1f}"])
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", val_dice=f"{val:.3f}")
+            if done % ck_every == 0 or done == total:
+                logf.flush()
+                save_ckpt(done)
+    finally:
+        logf.close()
+    meta = dict(meta)
+    meta.setdefault("metrics", {})["validation_dice_model_grid"] = round(val, 4) if val == val else None
+    meta["training"] = dict(meta.get("training", {}), steps=total, seed=seed)
+    out = Path(bundle_dir) if bundle_dir else run_dir / "bundle"
+    bundle = save_bundle(out, meta, net.state_dict(), config.get("card"))
+    return {"steps": total, "validation_dice": val, "bundle": str(bundle.path), "log": str(log_path),
+            "checkpoint": str(ckpt_path), "final_loss": float(np.mean(losses[-20:])) if losses else None}

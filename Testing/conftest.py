@@ -1,0 +1,31 @@
+"""Shared fixtures: the real data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> Path:
+    env = os.environ.get("DEEPEDIT_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data folder (../shared/data or $DEEPEDIT_SHARED_DATA).
+
+    Skips the test with a reason when it is absent (a user's fresh clone); CI sets
+    DEEPEDIT_REQUIRE_DATA=1 so that a missing folder fails instead.
+    """
+    root = _data_root()
+    if not (root / "brain-tumor").is_dir():
+        msg = f"real data not found at {root} (set DEEPEDIT_SHARED_DATA or place ../shared/data beside the repository)"
+        if os.environ.get("DEEPEDIT_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return root
