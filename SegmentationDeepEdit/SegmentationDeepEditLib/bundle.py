@@ -124,7 +124,11 @@ def load_bundle(id_or_path: Union[str, Path, Bundle, None] = None) -> Bundle:
     for d in models_dirs():
         if (d / key / "metadata.json").is_file():
             return Bundle((d / key).resolve(), _read_meta(d / key))
-    known = ", ".join(b.id for b in list_bundles()) or "none"
+    bundles = list_bundles()
+    for b in bundles:  # a folder named other than its id
+        if b.id == key:
+            return b
+    known = ", ".join(b.id for b in bundles) or "none"
     raise ModelError(f"unknown model {key!r} (installed: {known}; see `deepedit models list`)")
 
 

@@ -204,7 +204,8 @@ def _check_image(img: sitk.Image, path: Path, what: str) -> None:
         raise InputError(f"the {what} is {img.GetDimension()}D; a single 3D volume is needed", path)
     if img.GetNumberOfComponentsPerPixel() != 1 or img.GetPixelID() not in _COMPONENT_BYTES:
         raise InputError(
-            f"the {what} has pixel type '{img.GetPixelIDTypeAsString()}'; a scalar (one value per voxel) image is needed",
+            f"the {what} has pixel type '{img.GetPixelIDTypeAsString()}'; "
+            "a scalar (one value per voxel) image is needed",
             path,
         )
     _check_geometry(img.GetSpacing(), np.array(img.GetDirection()), path, what)
@@ -352,8 +353,12 @@ def _check_nifti(path: Path, ext: str, what: str) -> None:
     if ext == ".nii.gz" and magic != b"\x1f\x8b":
         raise InputError(f"the {what} is named .nii.gz but is not gzip-compressed; rename it to .nii", path)
     try:
-        nimg = nib.load(str(path))
-        hdr = nimg.header
+        # Read the header unchecked: nibabel's checks would "fix" a pixdim of 0 to 1.
+        with (gzip.open(path, "rb") if ext == ".nii.gz" else open(path, "rb")) as f:
+            first = f.read(4)
+            f.seek(0)
+            nifti2 = 540 in (int.from_bytes(first, "little"), int.from_bytes(first, "big"))
+            hdr = (nib.Nifti2Header if nifti2 else nib.Nifti1Header).from_fileobj(f, check=False)
         shape = tuple(int(s) for s in hdr.get_data_shape())
         dtype = np.dtype(hdr.get_data_dtype())
         offset = int(hdr.get_data_offset())
@@ -813,8 +818,10 @@ def read_dicom_series(
     The slices are sorted by position along the slice normal (not by file name or
     InstanceNumber) and refused when they differ in orientation, size or pixel spacing,
     share a position, are missing (a gap between sorted positions larger than 1.5 times
-    the median gap), are irregularly spaced (a gap below half the median) or are sheared
-    (gantry tilt). SimpleITK would otherwise spread the spacing over a missing slice.
+    the smallest gap, hence also than 1.5 times the median gap), are irregularly spaced
+    (gaps differing by more than 1% of the median gap) or are sheared (gantry tilt of
+    more than about 0.6 degrees). SimpleITK would otherwise spread the spacing over a
+    missing slice.
 
     Args:
         folder: folder holding the DICOM files (sub-folders are not searched).
@@ -894,21 +901,23 @@ def read_dicom_series(
             p,
         )
     median = float(np.median(gaps))
-    big = np.flatnonzero(gaps > 1.5 * median)
+    smallest = float(np.min(gaps))
+    # A missing slice leaves a gap of about twice the others. The smallest gap is the
+    # reference (the median alone misses a gap in a short series: gaps 1, 2 -> median 1.5).
+    big = np.flatnonzero(gaps > 1.5 * smallest)
     if big.size:
         i = int(big[0])
         raise InputError(
             f"{label}: missing slice(s) between position {positions[i]:.3f} mm and {positions[i + 1]:.3f} mm "
-            f"({slices[i].path.name}, {slices[i + 1].path.name}; gap {gaps[i]:.3f} mm, other slices "
-            f"{median:.3f} mm apart)",
+            f"({slices[i].path.name}, {slices[i + 1].path.name}; gap {gaps[i]:.3f} mm, smallest gap "
+            f"{smallest:.3f} mm)",
             p,
         )
-    small = np.flatnonzero(gaps < 0.5 * median)
-    if small.size:
-        i = int(small[0])
+    if float(np.max(gaps)) - smallest > 0.01 * median:
+        i = int(np.argmax(np.abs(gaps - median)))
         raise InputError(
-            f"{label}: irregular slice spacing ({gaps[i]:.3f} mm between positions {positions[i]:.3f} and "
-            f"{positions[i + 1]:.3f} mm, {median:.3f} mm elsewhere)",
+            f"{label}: irregular slice spacing ({gaps[i]:.4f} mm between positions {positions[i]:.3f} and "
+            f"{positions[i + 1]:.3f} mm, {median:.4f} mm elsewhere); a regular grid is needed",
             p,
         )
     offsets = np.array([s.position - first.position for s in slices])
@@ -991,8 +1000,26 @@ def check_output_path(
         if _same_file(p, Path(inp).expanduser()):
             raise InputError("the output path is one of the input files; writing it would destroy the input", p)
     if p.exists() and not overwrite:
-        raise InputError("the output file already exists; allow overwriting to replace it", p)
+        raise InputError("the output file already exists (use --overwrite to replace it)", p)
     return parent.resolve() / p.name
+
+
+def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` onto ``path``; without ``overwrite`` never replace a file that appeared meanwhile."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic, and fails if ``path`` exists
+    except FileExistsError as e:
+        raise InputError("the output file already exists (use --overwrite to replace it)", path) from e
+    except OSError:
+        # no hard links on this file system: check, then rename (a small race remains)
+        if path.exists():
+            raise InputError("the output file already exists (use --overwrite to replace it)", path) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -1019,7 +1046,7 @@ def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     if not p.absolute().parent.is_dir():
         raise InputError(f"the output folder {p.absolute().parent} does not exist", p)
     if p.exists() and not overwrite:
-        raise InputError("the output file already exists; allow overwriting to replace it", p)
+        raise InputError("the output file already exists (use --overwrite to replace it)", p)
     ext = _file_extension(p)
     stem = p.name[: len(p.name) - len(ext)] if ext else p.name
     tmp = p.absolute().parent / f".{stem}.{uuid.uuid4().hex[:12]}.tmp{ext}"
@@ -1027,9 +1054,7 @@ def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         yield tmp
         if not tmp.is_file():
             raise InputError("the writer produced no file", p)
-        if p.exists() and not overwrite:
-            raise InputError("the output file already exists; allow overwriting to replace it", p)
-        os.replace(tmp, p)
+        _move_into_place(tmp, p, overwrite)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -1080,7 +1105,9 @@ def _validate_segments(segments: Sequence[Dict[str, Any]], path: Path) -> List[D
             raise InputError(f"segment {n} has label value {value!r}; it must be an integer 1..255", path)
         value = int(value)
         if value in seen:
-            raise InputError(f"label value {value} is used by two segments ('{seen[value]}', '{seg.get('name')}')", path)
+            raise InputError(
+                f"label value {value} is used by two segments ('{seen[value]}', '{seg.get('name')}')", path
+            )
         name = seg.get("name")
         if not isinstance(name, str) or not name.strip() or any(c in name for c in "\n\r|"):
             raise InputError(f"segment {n} (value {value}) has an invalid name {name!r}", path)
@@ -1137,9 +1164,14 @@ def write_segmentation(
         raise InputError(f"the label map has pixel type '{label.GetPixelIDTypeAsString()}'; integers are needed", p)
     _check_geometry(label.GetSpacing(), np.array(label.GetDirection()), p, "label map")
     arr = sitk.GetArrayViewFromImage(label)
-    present = np.unique(arr)
-    if present.size and (present[0] < 0 or present[-1] > 255):
-        raise InputError(f"the label map has values {present[0]}..{present[-1]}; they must be in 0..255", p)
+    low, high = int(arr.min()), int(arr.max())
+    if low < 0 or high > 255:
+        raise InputError(f"the label map has values {low}..{high}; they must be in 0..255", p)
+    counts = np.zeros(256, dtype=np.int64)
+    step = max(1, (1 << 22) // max(1, arr[0].size))
+    for k in range(0, arr.shape[0], step):  # slab by slab: bincount copies to intp
+        counts += np.bincount(arr[k : k + step].reshape(-1).astype(np.intp), minlength=256)
+    present = np.flatnonzero(counts)
     unknown = sorted(set(int(v) for v in present) - {0} - {s["value"] for s in segs})
     if unknown:
         raise InputError(f"label value(s) {', '.join(map(str, unknown))} have no segment description", p)

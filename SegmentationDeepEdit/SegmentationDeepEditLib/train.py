@@ -166,7 +166,8 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
     meta = config["bundle"]
     dev = pick_device(device)
     torch.manual_seed(seed)
-    with tqdm(total=len(config["data"]) + len(config.get("validation", [])), desc="loading cases", disable=quiet) as bar:
+    n_load = sum(int(s.get("cases", 1)) for s in config["data"] + config.get("validation", []))
+    with tqdm(total=n_load, desc="loading cases", disable=quiet) as bar:
         cases = build_cases(config["data"], data_root, bar.update)
         val_cases = build_cases(config.get("validation", []), data_root, bar.update)
     if not cases:
@@ -226,7 +227,7 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
             scaler.update()
             if sched is not None:
                 sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             done = step + 1
             if done % val_every == 0 or done == total:
                 val = _validate(net, val_cases, meta, dev, seed)

@@ -1,0 +1,125 @@
+"""The annotation pipeline end to end with the bundled model: geometry exact, Dice real."""
+
+import itertools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SegmentationDeepEditLib.annotate import annotate, keep_enclosed_component
+from SegmentationDeepEditLib.geometry import grid_of, reorient_axes, resample_to_grid, same_geometry
+from SegmentationDeepEditLib.imageio import read_image
+from SegmentationDeepEditLib.metrics import dice
+from SegmentationDeepEditLib.points import extreme_points_from_mask
+from SegmentationDeepEditLib import synthetic
+
+
+def _mask(label, values):
+    m = sitk.GetImageFromArray(np.isin(sitk.GetArrayViewFromImage(label), values).astype(np.uint8))
+    m.CopyInformation(label)
+    return m
+
+
+def _assert_same_geometry(a, b):
+    assert a.GetSize() == b.GetSize()
+    assert a.GetSpacing() == b.GetSpacing()
+    assert a.GetOrigin() == b.GetOrigin()
+    assert a.GetDirection() == b.GetDirection()
+
+
+@pytest.fixture(scope="module")
+def brain_case():
+    case = synthetic.make_brain_case(11)
+    truth = synthetic.tumour_core_mask(case.label, "brain")
+    return case.images["t1c"], truth
+
+
+def test_synthetic_tumour_core(brain_case):
+    img, truth = brain_case
+    r = annotate(img, extreme_points_from_mask(truth), device="cpu")
+    _assert_same_geometry(r.mask, img)
+    d = dice(r.mask, truth)
+    print(f"synthetic brain seed 11: Dice {d:.3f}, {r.seconds['total']:.2f} s")
+    assert d >= 0.85
+    assert r.device == "cpu" and r.model_id == "deepedit-extreme-points"
+
+
+def test_tta_runs_and_agrees(brain_case):
+    img, truth = brain_case
+    pts = extreme_points_from_mask(truth)
+    plain = annotate(img, pts, device="cpu")
+    tta = annotate(img, pts, device="cpu", tta=True)
+    assert dice(tta.mask, plain.mask) > 0.9
+    assert dice(tta.mask, truth) >= 0.85
+
+
+def test_48_axis_orders_give_the_same_segmentation_in_physical_space(brain_case):
+    img, truth = brain_case
+    pts = extreme_points_from_mask(truth)
+    ref = annotate(img, pts, device="cpu").mask
+    ref_arr = sitk.GetArrayFromImage(ref)
+    worst = 1.0
+    for perm in itertools.permutations(range(3)):
+        for flips in itertools.product((False, True), repeat=3):
+            r_img = reorient_axes(img, perm, flips)
+            out = annotate(r_img, pts, device="cpu").mask
+            _assert_same_geometry(out, r_img)
+            back = sitk.GetArrayFromImage(resample_to_grid(out, grid_of(img), interpolator=sitk.sitkNearestNeighbor))
+            changed = int((back != ref_arr).sum())
+            worst = min(worst, dice(back, ref_arr))
+            assert changed <= max(3, 0.001 * ref_arr.sum()), f"perm {perm} flips {flips}: {changed} voxels differ"
+    assert worst > 0.998
+
+
+def test_keep_enclosed_component_drops_distant_blobs():
+    m = np.zeros((20, 20, 20), np.uint8)
+    m[5:10, 5:10, 5:10] = 1
+    m[15:19, 15:19, 15:19] = 1  # a small blob outside the box
+    m[0:3, 12:20, 0:20] = 1  # a larger blob (480 voxels) outside the box
+    out = keep_enclosed_component(m, np.array([4, 4, 4]), np.array([10, 10, 10]))
+    assert out.sum() == 125 and out[7, 7, 7] == 1
+
+
+def test_real_brain_tumour_core_geometry_and_dice(shared_data):
+    d = shared_data / "brain-tumor" / "brats2013-pat0004"
+    img = read_image(d / "t1c.nii.gz")
+    truth = _mask(read_image(d / "seg.nii.gz", what="label"), [1, 3, 4])  # BraTS 2013: TC = 1 + 3 + 4
+    r = annotate(img, extreme_points_from_mask(truth), device="cpu")
+    _assert_same_geometry(r.mask, img)
+    score = dice(r.mask, truth)
+    print(f"brats2013-pat0004 (held out) tumour core: Dice {score:.3f}, {r.seconds['total']:.2f} s")
+    assert score >= 0.6
+
+
+def test_real_ct_liver_with_ras_direction(shared_data):
+    d = shared_data / "abdomen-ct" / "totalseg-example"
+    img = read_image(d / "ct.nii.gz")
+    assert img.GetDirection()[0] == -1.0  # stored RAS: the trap this test is for
+    truth = read_image(d / "liver.nii.gz", what="label") > 0
+    r = annotate(img, extreme_points_from_mask(truth), device="cpu")
+    _assert_same_geometry(r.mask, img)
+    score = dice(r.mask, truth)
+    print(f"totalseg-example liver: Dice {score:.3f}")
+    assert score >= 0.7
+
+
+def test_demo_command_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "SegmentationDeepEditLib.cli", "demo", "-o", str(out), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["dice"] >= 0.90, summary
+    for f in ("image.nii.gz", "truth.seg.nrrd", "points.json", "segmentation.seg.nrrd", "overview.png", "result.json"):
+        assert (out / f).is_file(), f
+    assert (out / "overview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "result.json").read_text())["dice"] == summary["dice"]
+    seg = read_image(out / "segmentation.seg.nrrd", what="segmentation")
+    assert same_geometry(seg, read_image(out / "image.nii.gz"))
+    # a second run refuses to overwrite
+    again = subprocess.run([sys.executable, "-m", "SegmentationDeepEditLib.cli", "demo", "-o", str(out)],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1 and "overwrite" in again.stderr

@@ -1,0 +1,114 @@
+"""Latency of six points -> segment on this CPU.
+
+Prints:
+- warm: median seconds of `annotate()` with the model already loaded (points to mask in the
+  full image geometry), over repeated runs with freshly perturbed points;
+- corrective re-run: median seconds when a point is moved (the same warm path);
+- cold: seconds from process start to a written result (`deepedit annotate` in a new process),
+  median of a few runs.
+
+Cases: a real brain tumour (brats2013-pat0004 T1c, tumour core) when ../shared/data is present,
+and a generated brain case always. Run: `python benchmarks/annotate.py [--repeats N] [--tta]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cases():
+    from SegmentationDeepEditLib import synthetic
+    from SegmentationDeepEditLib.imageio import read_image
+
+    case = synthetic.make_brain_case(7)
+    yield "synthetic brain (seed 7) tumour core", case.images["t1c"], synthetic.tumour_core_mask(case.label, "brain")
+    data = Path(os.environ.get("DEEPEDIT_SHARED_DATA") or REPO.parent / "shared" / "data")
+    d = data / "brain-tumor" / "brats2013-pat0004"
+    if d.is_dir():
+        img = read_image(d / "t1c.nii.gz")
+        seg = read_image(d / "seg.nii.gz", what="label")
+        m = sitk.GetImageFromArray(np.isin(sitk.GetArrayViewFromImage(seg), [1, 3, 4]).astype(np.uint8))
+        m.CopyInformation(seg)
+        yield "brats2013-pat0004 T1c tumour core (real)", img, m
+    else:
+        print(f"(real data not found at {data}: real case skipped)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--tta", action="store_true")
+    ap.add_argument("--cold-runs", type=int, default=3)
+    args = ap.parse_args()
+    import torch
+
+    from SegmentationDeepEditLib.annotate import annotate
+    from SegmentationDeepEditLib.metrics import dice
+    from SegmentationDeepEditLib.points import extreme_points_from_mask
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu count {os.cpu_count()}, tta {args.tta}")
+    results = {}
+    for name, img, truth in _cases():
+        pts0 = extreme_points_from_mask(truth)
+        annotate(img, pts0, device="cpu", tta=args.tta)  # load the model once
+        rng = np.random.default_rng(0)
+        times, stages, scores = [], [], []
+        for _ in range(args.repeats):
+            pts = extreme_points_from_mask(truth, rng=rng, jitter_mm=1.0)
+            t = time.perf_counter()
+            r = annotate(img, pts, device="cpu", tta=args.tta)
+            times.append(time.perf_counter() - t)
+            stages.append(r.seconds)
+            scores.append(dice(r.mask, truth))
+        # a dragged point: move one point by 3 mm and re-run
+        moved = pts0.copy()
+        moved[0, 0] -= 3.0
+        drag = []
+        for _ in range(5):
+            t = time.perf_counter()
+            annotate(img, moved, device="cpu", tta=args.tta)
+            drag.append(time.perf_counter() - t)
+        med = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
+        results[name] = {"warm_median_s": statistics.median(times), "warm_p90_s": float(np.percentile(times, 90)),
+                         "moved_point_median_s": statistics.median(drag), "stages_median_s": med,
+                         "dice_median": statistics.median(scores)}
+        print(f"{name}: warm median {statistics.median(times):.3f} s (p90 {np.percentile(times, 90):.3f}); "
+              f"moved point {statistics.median(drag):.3f} s; stages " + ", ".join(f"{k} {v:.3f}" for k, v in med.items())
+              + f"; Dice median {statistics.median(scores):.3f}")
+    # cold start: a new process that imports, loads the model, reads the image, annotates and writes
+    from SegmentationDeepEditLib.imageio import write_image
+    from SegmentationDeepEditLib.points import write_points_json
+    from SegmentationDeepEditLib import synthetic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        case = synthetic.make_brain_case(7)
+        write_image(case.images["t1c"], Path(tmp) / "t1c.nii.gz")
+        (Path(tmp) / "p.json").write_text(write_points_json(extreme_points_from_mask(synthetic.tumour_core_mask(case.label, "brain"))))
+        cold = []
+        for n in range(args.cold_runs):
+            out = Path(tmp) / f"out{n}.seg.nrrd"
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "SegmentationDeepEditLib.cli", "annotate", "--image", str(Path(tmp) / "t1c.nii.gz"),
+                            "--points", str(Path(tmp) / "p.json"), "-o", str(out), "--device", "cpu", "--json"],
+                           check=True, capture_output=True)
+            cold.append(time.perf_counter() - t)
+    results["cold_start_median_s"] = statistics.median(cold)
+    print(f"cold start (new process: imports, model load, read, annotate, write): median {statistics.median(cold):.2f} s over {len(cold)} runs")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
