@@ -183,7 +183,9 @@ def bounding_box_grid(
     (by one factor on all axes) until it fits, so the object keeps its proportions and the
     model's input size stays bounded. The size is then rounded up to a multiple of
     ``multiple`` and the box grown symmetrically about its centre (this is the "pad to a
-    multiple of 32"; the padding holds image content where the image has some).
+    multiple of 32"; the padding holds image content where the image has some). With
+    ``max_size`` given, every axis is padded to ``max_size`` (rounded down to a multiple),
+    so the model always sees the same input size.
 
     Using the identity direction makes the model's input independent of how the image's
     axes are stored (permuted or flipped), so results agree in physical space.
@@ -212,6 +214,9 @@ def bounding_box_grid(
             spacing = spacing * factor
             need = extent / spacing
     size = np.maximum(np.ceil(need / multiple - 1e-6), 1).astype(int) * multiple
+    if max_size is not None:
+        # a constant input size: constant latency, and training batches of one shape
+        size = cap.astype(int)
     origin = centre - (size - 1) / 2 * spacing
     return Grid(tuple(int(s) for s in size), tuple(float(s) for s in spacing), tuple(float(o) for o in origin))
 

@@ -210,7 +210,7 @@ def _small_rotation(rng: np.random.Generator, max_deg: float) -> Tuple[np.ndarra
     """Rotation by an angle uniform in [-max_deg, max_deg] about a random axis."""
     axis = rng.standard_normal(3)
     axis /= np.linalg.norm(axis)
-    angle = float(rng.uniform(-max_deg, max_deg)) if max_deg > 0 else 0.0
+    angle = float(rng.uniform(-1.0, 1.0)) * max_deg
     return _rotation(axis, math.radians(angle)), angle, [float(v) for v in axis]
 
 
@@ -293,10 +293,6 @@ def _resample(arrays: List[np.ndarray], src_origin: np.ndarray, src_spacing: flo
     Returns:
         One float32 array [k, j, i] per input; points outside the source read 0.
     """
-    comps = [sitk.GetImageFromArray(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays]
-    vec = sitk.Compose(comps) if len(comps) > 1 else comps[0]
-    vec.SetSpacing([float(src_spacing)] * 3)
-    vec.SetOrigin([float(v) for v in src_origin])
     f = sitk.ResampleImageFilter()
     f.SetSize([int(v) for v in size])
     f.SetOutputSpacing([float(v) for v in spacing])
@@ -304,10 +300,13 @@ def _resample(arrays: List[np.ndarray], src_origin: np.ndarray, src_spacing: flo
     f.SetOutputDirection([float(v) for v in np.asarray(direction).flatten()])
     f.SetInterpolator(sitk.sitkLinear)
     f.SetDefaultPixelValue(0.0)
-    out = sitk.GetArrayFromImage(f.Execute(vec))
-    if out.ndim == 3:
-        return [out]
-    return [np.ascontiguousarray(out[..., c]) for c in range(out.shape[-1])]
+    out = []
+    for a in arrays:  # one scalar image at a time: faster than a vector image in SimpleITK
+        img = sitk.GetImageFromArray(np.ascontiguousarray(a, dtype=np.float32))
+        img.SetSpacing([float(src_spacing)] * 3)
+        img.SetOrigin([float(v) for v in src_origin])
+        out.append(sitk.GetArrayFromImage(f.Execute(img)))
+    return out
 
 
 def _resample_region(arrays: List[np.ndarray], src_origin: np.ndarray, src_spacing: float, size, spacing, origin,
@@ -336,14 +335,34 @@ def _resample_region(arrays: List[np.ndarray], src_origin: np.ndarray, src_spaci
     return region, _resample(arrays, src_origin, src_spacing, sub_size, spacing, sub_origin, direction)
 
 
-def _rician(rng: np.random.Generator, signal: np.ndarray, sigma: float) -> np.ndarray:
+class _NoisePool:
+    """Standard normal numbers for several same-sized noise fields, drawn once.
+
+    Each field is a contiguous window of the pool at a random offset: windows at different
+    offsets are spatially white and, to the eye and to a network, independent, at a
+    quarter of the cost of drawing every field afresh.
+    """
+
+    def __init__(self, rng: np.random.Generator, n: int):
+        self.rng, self.n = rng, n
+        self.pool = rng.standard_normal(2 * n + 1, dtype=np.float32)
+
+    def take(self) -> np.ndarray:
+        o = int(self.rng.integers(0, self.n + 1))
+        return self.pool[o:o + self.n]
+
+
+def _rician(pool: _NoisePool, signal: np.ndarray, sigma: float) -> np.ndarray:
     """Magnitude of a complex signal with Gaussian noise of ``sigma`` per channel (float32)."""
-    re = rng.standard_normal(signal.shape, dtype=np.float32)
-    re *= sigma
-    re += signal
-    im = rng.standard_normal(signal.shape, dtype=np.float32)
-    im *= sigma
-    return np.hypot(re, im).astype(np.float32, copy=False)
+    shape = signal.shape
+    re = pool.take() * np.float32(sigma)
+    re += signal.reshape(-1)
+    re *= re
+    im = pool.take() * np.float32(sigma)
+    im *= im
+    re += im
+    np.sqrt(re, out=re)
+    return re.reshape(shape)
 
 
 def _to_image(arr: np.ndarray, spacing, origin, direction) -> sitk.Image:
@@ -358,8 +377,8 @@ def _draw_direction(rng: np.random.Generator, orientation: Optional[str], obliqu
                     max_deg: float, orientation_p=(0.5, 0.2, 0.3), flip_p: float = 0.25):
     """Random storage direction: orientation, axis flips and a small rotation."""
     names = list(_ORIENTATIONS)
-    if orientation is None:
-        orientation = names[int(rng.choice(len(names), p=orientation_p))]
+    drawn = names[int(rng.choice(len(names), p=orientation_p))]
+    orientation = orientation or drawn
     base = _ORIENTATIONS[orientation].copy()
     flips = rng.random(3) < flip_p
     base = base * np.where(flips, -1.0, 1.0)[None, :]
@@ -483,29 +502,36 @@ _BRAIN_TISSUE = {
 
 
 def _draw_brain_spacing(rng, spacing: SpacingArg, thick_slices) -> Tuple[np.ndarray, bool]:
+    """Voxel size (i, j, k) in mm, and whether the slices are thick.
+
+    The same random numbers are drawn whatever the options, so that options change only
+    what they name (the anatomy of a seed stays the same).
+    """
+    inplane = float(rng.uniform(0.8, 1.5))
+    thick_drawn = float(rng.uniform()) < 0.35
+    thickness = float(np.round(rng.uniform(3.0, 5.0) * 2) / 2)
+    iso = float(rng.uniform()) < 0.6
+    thin = float(rng.uniform(0.8, 1.5))
     if spacing is not None:
         if thick_slices not in (None, False):
             raise InputError("give either spacing or thick_slices, not both")
         sp = _spacing3(spacing, "spacing")
         return sp, bool(sp[2] >= 2.5 * min(sp[0], sp[1]))
-    inplane = float(rng.uniform(0.8, 1.5))
-    u = float(rng.uniform())
     if thick_slices is None:
-        thick = u < 0.35
-        thickness = float(np.round(rng.uniform(3.0, 5.0) * 2) / 2)
-    elif thick_slices is True:
-        thick, thickness = True, float(np.round(rng.uniform(3.0, 5.0) * 2) / 2)
-    elif thick_slices is False:
-        thick, thickness = False, 0.0
+        thick = thick_drawn
+    elif isinstance(thick_slices, (bool, np.bool_)):
+        thick = bool(thick_slices)
     else:
-        thickness = float(thick_slices)
+        try:
+            thickness = float(thick_slices)
+        except (TypeError, ValueError):
+            thickness = float("nan")
         if not math.isfinite(thickness) or thickness <= 0:
             raise InputError(f"thick_slices must be None, True, False or a slice thickness in mm, got {thick_slices!r}")
         thick = True
     if thick:
         return np.array([inplane, inplane, thickness]), True
-    iso = float(rng.uniform()) < 0.6
-    return np.array([inplane, inplane, inplane if iso else float(rng.uniform(0.8, 1.5))]), False
+    return np.array([inplane, inplane, inplane if iso else thin]), False
 
 
 def _grow_glioma(rng, anat: _BrainAnatomy, rim: Optional[str]):
@@ -525,8 +551,8 @@ def _grow_glioma(rng, anat: _BrainAnatomy, rim: Optional[str]):
     pick = cand[int(rng.integers(len(cand)))]
     centre = grid.index_to_lps(pick) + rng.uniform(-0.5, 0.5, 3) * s
 
-    if rim is None:
-        rim = ("full", "partial", "absent")[int(rng.choice(3, p=[0.55, 0.27, 0.18]))]
+    drawn = ("full", "partial", "absent")[int(rng.choice(3, p=[0.55, 0.27, 0.18]))]
+    rim = rim or drawn
     if rim not in ("full", "partial", "absent"):
         raise InputError(f"rim must be None, 'full', 'partial' or 'absent', got {rim!r}")
     rim_mm = float(rng.uniform(2.0, 6.0))
@@ -541,7 +567,9 @@ def _grow_glioma(rng, anat: _BrainAnatomy, rim: Optional[str]):
     push = float(rng.uniform(0.1, 0.45)) * radius if rng.uniform() < 0.8 else 0.0
     pres_frac = float(rng.uniform(0.4, 0.85))
 
-    half = float(max(edema_radii.max() + 3 * edema_amp, 2.5 * radius)) + 4.0
+    stretch = float(edema_radii.max() / np.exp(np.mean(np.log(edema_radii))))
+    half = float(max(np.abs(edema_centre - centre).max() + edema_radii.max() + 3.5 * edema_amp * stretch,
+                     2.5 * radius)) + 6.0
     box = grid.box(centre, half)
     x, y, z = grid.axes(box)
     shape = tuple(sl.stop - sl.start for sl in box)
@@ -568,7 +596,8 @@ def _grow_glioma(rng, anat: _BrainAnatomy, rim: Optional[str]):
     brain = anat.brain[box]
     gm, wm = np.minimum(gm, brain), np.minimum(wm, brain)
     csf = np.clip(brain - gm - wm, 0, 1)
-    outside = (0.5 - brain) * 8.0  # ~signed distance to the brain's surface, mm
+    # ~signed distance to the brain's surface, mm (negative inside)
+    outside = (0.5 - brain) * 8.0 - anat.depth[box]
 
     f_core = _ellipsoid(x, y, z, centre, radii, rot) - noise_amp * _smooth_noise(rng, shape, s, noise_scale)
     f_core = np.maximum(f_core, outside)
@@ -585,6 +614,9 @@ def _grow_glioma(rng, anat: _BrainAnatomy, rim: Optional[str]):
     f_ed = _ellipsoid(x, y, z, edema_centre, edema_radii, edema_rot) - edema_amp * _smooth_noise(rng, shape, s, edema_scale)
     lam = max(4.0, 0.4 * edema_margin)
     f_ed = np.maximum(f_ed + lam * (0.8 * gm + 2.0 * csf - 0.2), outside)
+    # never touch the box's faces (a round cap at worst, not a flat cut)
+    dist = np.sqrt((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2)
+    f_ed = np.maximum(f_ed, dist - (half - 3.0 * s))
     tex = 1 + 0.08 * _smooth_noise(rng, shape, s, 4.0)
 
     params = {
@@ -727,14 +759,15 @@ def make_brain_case(seed: int, *, spacing: SpacingArg = None, size_mm: SpacingAr
     skull_stripped = bool(rng.uniform() < 0.6)
     noise = {}
     images = {}
+    pool = _NoisePool(rng, int(brain_t.sum()) if skull_stripped else brain_t.size)
     for c, name in enumerate(_BRAIN_SEQUENCES):
         sigma = float(rng.uniform(0.01, 0.05)) * intensities[name]["wm"]
         noise[name] = sigma
         if skull_stripped:
             a = np.zeros_like(out[c])
-            a[brain_t] = _rician(rng, out[c][brain_t], sigma)
+            a[brain_t] = _rician(pool, out[c][brain_t], sigma)
         else:
-            a = _rician(rng, out[c], sigma)
+            a = _rician(pool, out[c], sigma)
         images[name] = _to_image(a, sp, origin, direction)
 
     label_img = _to_image(label, sp, origin, direction)
@@ -816,34 +849,39 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
     s = _CT_INTERNAL_MM
 
     # --- acquisition geometry
-    if spacing is None:
-        inplane = float(rng.uniform(0.7, 1.0))
-        sp = np.array([inplane, inplane, float(rng.choice(_CT_SLICES, p=_CT_SLICE_P))])
-    else:
+    inplane = float(rng.uniform(0.7, 1.0))
+    sp = np.array([inplane, inplane, float(rng.choice(_CT_SLICES, p=_CT_SLICE_P))])
+    if spacing is not None:
         sp = _spacing3(spacing, "spacing")
     direction, dir_info = _draw_direction(rng, "axial", oblique, 6.0, flip_p=0.2)
+    translation = np.array([rng.uniform(-25, 25), rng.uniform(-40, 10), rng.uniform(-400, 200)])
+    fov_margin = rng.uniform(10.0, 40.0, 2)
+    noise_sd = float(rng.uniform(10.0, 25.0))
 
-    # --- body proportions (anatomy frame: body axis at x = y = 0, liver dome at z = 0)
+    # --- body proportions (anatomy frame: body axis at x = y = 0, liver dome near z = 0)
     a_body = float(rng.uniform(135.0, 180.0))
     b_body = float(rng.uniform(95.0, 130.0))
     p_body = float(rng.uniform(2.0, 2.6))
-    t_fat = float(rng.uniform(8.0, 35.0))
+    t_fat = float(rng.uniform(8.0, min(35.0, 0.22 * b_body)))
     t_musc = float(rng.uniform(7.0, 14.0))
+    a_in, b_in = a_body - t_fat - t_musc, b_body - t_fat - t_musc
     liver_height = float(rng.uniform(130.0, 180.0))
-    z_top = float(rng.uniform(15.0, 45.0))
-    z_bot = -liver_height - float(rng.uniform(10.0, 60.0))
+    z_top = float(rng.uniform(15.0, 40.0))
+    z_bot = -liver_height - float(rng.uniform(10.0, 45.0))
     margin_air = 12.0
-    origin = np.array([-a_body - margin_air, -b_body - margin_air, z_bot - 12.0])
-    shape = (int(math.ceil((z_top - z_bot + 24.0) / s)) + 1,
+    origin = np.array([-a_body - margin_air, -b_body - margin_air, z_bot - 8.0])
+    shape = (int(math.ceil((z_top - z_bot + 16.0) / s)) + 1,
              int(math.ceil((2 * b_body + 2 * margin_air) / s)) + 1,
              int(math.ceil((2 * a_body + 2 * margin_air) / s)) + 1)
     grid = _Grid(origin=origin, spacing=s, shape=shape)
-    x, y, z = grid.axes()
-    taper = 1.0 + float(rng.uniform(-0.06, 0.06)) * (z - z_bot) / (z_top - z_bot)
+    nz = shape[0]
+    X, Y, Z = grid.axes()
+    x2, y2 = X[0], Y[0]  # (1, nx), (ny, 1)
+    zz = Z[:, 0, 0]
 
-    def superellipse(ax, by, yoff=0.0):
-        """Approximate signed distance (mm) to the body-like superellipse of half-axes ax, by."""
-        q = (np.abs(x) / (ax * taper)) ** p_body + (np.abs(y - yoff) / (by * taper)) ** p_body
+    def superellipse(x, y, ax, by):
+        """Approximate signed distance (mm) to a body-like superellipse of half-axes ax, by."""
+        q = (np.abs(x) / ax) ** p_body + (np.abs(y) / by) ** p_body
         return ((q ** (1.0 / p_body) - 1.0) * min(ax, by)).astype(np.float32)
 
     hu = {
@@ -867,172 +905,213 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
         "disc": float(rng.uniform(70.0, 100.0)),
     }
     w = 0.6  # partial-volume width, mm
-    vol = np.full(shape, hu["air"], np.float32)
 
-    def paint(f, value, where=None):
-        """Blends ``value`` (HU, scalar or array) into the volume where the field f < 0."""
-        nonlocal vol
-        m = _soft(f, w)
-        if where is not None:
-            m = m * where
-        vol += m * (value - vol)
+    # z-invariant layers, built in 2D: air, subcutaneous fat, muscle wall, abdominal cavity
+    f_body2 = superellipse(x2, y2, a_body, b_body)
+    f_cav2 = superellipse(x2, y2, a_in, b_in)
+    v2 = np.full(f_body2.shape, hu["air"], np.float32)
+    for f, value in ((f_body2, hu["fat"]), (superellipse(x2, y2, a_body - t_fat, b_body - t_fat), hu["muscle"]),
+                     (f_cav2, hu["bowel"])):
+        v2 += _soft(f, w) * (value - v2)
+    vol = np.broadcast_to(v2, shape).copy()
+    cav2 = f_cav2 < 0
 
-    f_body = superellipse(a_body, b_body)
-    f_musc = superellipse(a_body - t_fat, b_body - t_fat)
-    a_in, b_in = a_body - t_fat - t_musc, b_body - t_fat - t_musc
-    f_cav = superellipse(a_in, b_in)
-    paint(f_body, hu["fat"])
-    paint(f_musc, hu["muscle"])
+    def paint(box, f, value):
+        """Blends ``value`` (HU) into vol[box] where the field f (mm, on the box) is < 0."""
+        sub = vol[box]
+        sub += _soft(f, w) * (value - sub)
 
-    # ribs: a ring just outside the cavity, striped obliquely along z
-    theta = np.arctan2(y, x)
-    rib_period = float(rng.uniform(30.0, 40.0))
-    rib_phase = float(rng.uniform(0, rib_period))
-    stripes = np.cos(2 * np.pi * (z + 40.0 * np.abs(np.cos(theta)) + 25.0 * np.sin(theta) + rib_phase) / rib_period)
-    rib_low = np.where(y > 0, -liver_height * 0.95, -liver_height * 0.55)
-    in_ring = (f_cav > 1.0) & (f_cav < 1.0 + 9.0)
-    ribs = in_ring & (stripes > 0.55) & (z > rib_low) & ~((np.abs(x) < 35) & (y < 0))
-    vol[ribs] = hu["bone_cortical"] * 0.75
+    def zbox(lo_xyz, hi_xyz):
+        """Grid box between two LPS corners of the anatomy frame."""
+        lo_xyz, hi_xyz = np.asarray(lo_xyz, float), np.asarray(hi_xyz, float)
+        return grid.box((lo_xyz + hi_xyz) / 2, (hi_xyz - lo_xyz) / 2)
 
-    # cavity: bowel, mesenteric fat and gas
-    paint(f_cav, hu["bowel"])
-    cav = f_cav < 0
+    # bowel loops, mesenteric fat and gas in the cavity
     fat_frac = float(rng.uniform(0.25, 0.6))
     n_fat = _smooth_noise(rng, shape, s, float(rng.uniform(10.0, 18.0)))
     n_gas = _smooth_noise(rng, shape, s, 7.0)
-    vol = np.where(cav & (n_fat < ndtri(fat_frac)), hu["fat"], vol)
-    gas_thr = float(rng.uniform(2.0, 2.6))
-    vol = np.where(cav & (n_gas > gas_thr) & (n_fat >= ndtri(fat_frac)), hu["air"], vol)
+    is_fat = cav2 & (n_fat < ndtri(fat_frac))
+    vol[is_fat] = hu["fat"]
+    vol[cav2 & ~is_fat & (n_gas > float(rng.uniform(2.0, 2.6)))] = hu["air"]
+    del n_fat, n_gas, is_fat
 
-    # diaphragm domes (right higher); lungs and heart above them
+    # ribs: a ring just outside the cavity, striped obliquely along z
+    ring2 = (f_cav2 > 1.0) & (f_cav2 < 10.0) & ~((np.abs(x2) < 35) & (y2 < 0))
+    theta = np.arctan2(np.broadcast_to(y2, ring2.shape)[ring2], np.broadcast_to(x2, ring2.shape)[ring2])
+    rib_period = float(rng.uniform(30.0, 40.0))
+    rib_phase = float(rng.uniform(0, rib_period))
+    from_back = np.arccos(np.clip(np.sin(theta), -1, 1))  # angle from the posterior midline, rad
+    stripes = np.cos(2 * np.pi * (zz[:, None] + 45.0 * from_back + rib_phase) / rib_period) > 0.55
+    rib_low = liver_height * (-0.95 + 0.45 * from_back / np.pi)
+    sub = vol[:, ring2]
+    sub[stripes & (zz[:, None] > rib_low[None, :])] = hu["bone_cortical"] * 0.75
+    vol[:, ring2] = sub
+
+    # diaphragm domes (the right one higher); lung bases and heart above them
     xR, yR = -0.45 * a_in, -0.05 * b_in
     xL, yL = 0.45 * a_in, 0.0
     zL = float(rng.uniform(-25.0, -8.0))
-    rc = float(rng.uniform(100.0, 150.0))
-    z_dia = np.maximum(3.0 - ((x - xR) ** 2 + (y - yR) ** 2) / (2 * rc),
-                       zL - ((x - xL) ** 2 + (y - yL) ** 2) / (2 * rc)).astype(np.float32)
-    f_above = (z_dia + 4.0 - z).astype(np.float32)  # < 0 above the diaphragm
-    f_lung = np.maximum(f_cav + 2.0, f_above)
-    paint(f_lung, hu["lung"])
-    heart_c = np.array([15.0, -0.45 * b_in, zL + 50.0])
-    f_heart = np.maximum(_ellipsoid(x, y, z, heart_c, np.array([65.0, 50.0, 55.0]), _rot_z(-30.0)), f_above + 2.0)
-    paint(f_heart, hu["heart"])
+    rc = float(rng.uniform(55.0, 85.0))
 
-    # spine, canal, posterior elements, paraspinal and psoas muscles
+    def z_dia(x, y):
+        return np.maximum(3.0 - ((x - xR) ** 2 + (y - yR) ** 2) / (2 * rc),
+                          zL - ((x - xL) ** 2 + (y - yL) ** 2) / (2 * rc)).astype(np.float32)
+
+    zdia2 = z_dia(x2, y2)
+    bx = zbox([-a_in, -b_in, float(zdia2[cav2].min()) + 2.0], [a_in, b_in, z_top + 8.0])
+    x, y, z = grid.axes(bx)
+    paint(bx, np.maximum(f_cav2[bx[1:]] + 2.0, zdia2[bx[1:]] + 4.0 - z), hu["lung"])
+    heart_c, heart_r = np.array([15.0, -0.45 * b_in, zL + 50.0]), np.array([65.0, 50.0, 55.0])
+    bx = grid.box(heart_c, heart_r.max() + 2)
+    x, y, z = grid.axes(bx)
+    paint(bx, np.maximum(_ellipsoid(x, y, z, heart_c, heart_r, _rot_z(-30.0)), zdia2[bx[1:]] + 6.0 - z), hu["heart"])
+
+    # spine (body, discs, canal, arch, processes), paraspinal and psoas muscles
     r_vb = float(rng.uniform(15.0, 21.0))
     y_vb = b_body - float(rng.uniform(65.0, 85.0))
     y_can = y_vb + r_vb + 9.0
     disc_p = float(rng.uniform(28.0, 34.0))
     disc_ph = float(rng.uniform(0, disc_p))
+    bx = zbox([-70.0, y_vb - r_vb - 30.0, z_bot - 10], [70.0, b_body, z_top + 10])
+    x, y, z = grid.axes(bx)
+    disc = ((z - disc_ph) % disc_p) < 7.0
     for sx in (-1.0, 1.0):
-        para = _ellipse2d(x, y, sx * 32.0, y_can + 18.0, 26.0, 22.0)
-        paint(np.maximum(para, f_body + 3.0), hu["muscle"])
+        paint(bx, np.maximum(_ellipse2d(x, y, sx * 32.0, y_can + 18.0, 26.0, 22.0), f_body2[bx[1:]] + 3.0),
+              hu["muscle"])
         psoas_r = np.clip((-z - liver_height * 0.6) * 0.25, 0.0, 22.0)
         psoas = np.sqrt((x - sx * (r_vb + 18.0)) ** 2 + (y - (y_vb - 3.0)) ** 2) - psoas_r
-        paint(np.where(psoas_r > 1.0, psoas, 50.0).astype(np.float32), hu["muscle"])
+        paint(bx, np.where(psoas_r > 1.0, psoas, 50.0).astype(np.float32), hu["muscle"])
     d_vb = np.sqrt(x**2 + (y - y_vb) ** 2)
-    paint(d_vb - r_vb, hu["bone_cortical"])
-    disc = ((z - disc_ph) % disc_p) < 7.0
-    paint(d_vb - (r_vb - 2.0), np.where(disc, hu["disc"], hu["bone_cancellous"]).astype(np.float32))
+    paint(bx, d_vb - r_vb, hu["bone_cortical"])
+    paint(bx, d_vb - (r_vb - 2.0), np.where(disc, hu["disc"], hu["bone_cancellous"]).astype(np.float32))
     arch = np.sqrt(x**2 + (y - y_can) ** 2)
-    paint(arch - 13.0, hu["bone_cortical"] * 0.8)
-    paint(arch - 8.0, hu["csf"])
+    paint(bx, arch - 13.0, hu["bone_cortical"] * 0.8)
+    paint(bx, arch - 8.0, hu["csf"])
     spinous = np.maximum(np.abs(x) - 4.0, np.maximum(y_can + 10.0 - y, y - (b_body - t_fat - 12.0)))
-    paint(spinous.astype(np.float32), hu["bone_cortical"] * 0.8)
+    paint(bx, spinous.astype(np.float32), hu["bone_cortical"] * 0.8)
     transverse = np.maximum(np.abs(np.abs(x) - 26.0) - 12.0, np.abs(y - y_can) - 4.0)
-    paint(np.maximum(transverse, np.where(disc, 10.0, -10.0)).astype(np.float32), hu["bone_cortical"] * 0.8)
+    paint(bx, np.maximum(transverse, np.where(disc, 10.0, -10.0)).astype(np.float32), hu["bone_cortical"] * 0.8)
 
     # great vessels
     r_ao = float(rng.uniform(9.0, 13.0))
-    ao_c = np.array([float(rng.uniform(10.0, 22.0)), y_vb - r_vb - r_ao - 2.0, 0.0])
-    f_ao = (np.sqrt((x - ao_c[0]) ** 2 + (y - ao_c[1]) ** 2) - r_ao).astype(np.float32)
-    paint(f_ao, hu["blood_aorta"])
-    ivc_c = np.array([-float(rng.uniform(20.0, 30.0)), y_vb - r_vb - 8.0, 0.0])
-    f_ivc = _ellipse2d(x, y, ivc_c[0], ivc_c[1], 14.0, 10.0)
-    paint(f_ivc, hu["blood_ivc"])
+    ao_c = np.array([float(rng.uniform(10.0, 22.0)), y_vb - r_vb - r_ao - 2.0])
+    ivc_c = np.array([-float(rng.uniform(20.0, 30.0)), y_vb - r_vb - 8.0])
+    organs = {  # name -> (field function of x, y, z in mm, box): used to carve the liver
+        "aorta": (lambda x, y, z: _ellipse2d(x, y, ao_c[0], ao_c[1], r_ao, r_ao),
+                  zbox([ao_c[0] - r_ao - 6, ao_c[1] - r_ao - 6, z_bot - 10], [ao_c[0] + r_ao + 6, ao_c[1] + r_ao + 6, z_top + 10])),
+        "ivc": (lambda x, y, z: _ellipse2d(x, y, ivc_c[0], ivc_c[1], 14.0, 10.0),
+                zbox([ivc_c[0] - 20, ivc_c[1] - 16, z_bot - 10], [ivc_c[0] + 20, ivc_c[1] + 16, z_top + 10])),
+        "spine": (lambda x, y, z: np.sqrt(x**2 + (y - y_vb) ** 2) - r_vb - 12.0,
+                  zbox([-r_vb - 20, y_vb - r_vb - 20, z_bot - 10], [r_vb + 20, y_vb + r_vb + 20, z_top + 10])),
+    }
+    for name, value in (("aorta", hu["blood_aorta"]), ("ivc", hu["blood_ivc"])):
+        fn, bx = organs[name]
+        paint(bx, fn(*grid.axes(bx)), value)
 
-    # kidneys (right lower), with perirenal fat
-    kid_fields = []
-    for side in (-1.0, 1.0):
+    # kidneys (the right one lower), with perirenal fat, medulla and sinus fat
+    for side, name in ((-1.0, "kidney_right"), (1.0, "kidney_left")):
         kc = np.array([side * float(rng.uniform(55.0, 70.0)), y_vb + float(rng.uniform(-5.0, 10.0)),
                        -float(rng.uniform(100.0, 130.0)) - (15.0 if side < 0 else 0.0)])
         kr = np.array([float(rng.uniform(23.0, 30.0)), float(rng.uniform(25.0, 32.0)), float(rng.uniform(48.0, 60.0))])
         krot = _rot_z(side * float(rng.uniform(20.0, 40.0))) @ _rotation(np.array([0.0, 1.0, 0.0]), side * 0.2)
+        bx = grid.box(kc, kr.max() + 12.0)
+        x, y, z = grid.axes(bx)
         fk = _ellipsoid(x, y, z, kc, kr, krot)
-        paint(_ellipsoid(x, y, z, kc, kr + 9.0, krot), hu["fat"], where=cav)
-        paint(fk, hu["kidney"])
-        paint(fk + 8.0, hu["kidney"] - 35.0)
-        hilum = _ellipsoid(x, y, z, kc - side * np.array([kr[0] * 0.55, 0, 0]), kr * np.array([0.35, 0.35, 0.5]), krot)
-        paint(np.maximum(hilum, fk), hu["fat"])
-        kid_fields.append(fk)
+        paint(bx, np.maximum(_ellipsoid(x, y, z, kc, kr + 9.0, krot), f_cav2[bx[1:]]), hu["fat"])
+        paint(bx, fk, hu["kidney"])
+        paint(bx, fk + 8.0, hu["kidney"] - 35.0)
+        hilum_c = kc - side * np.array([kr[0] * 0.55, 0, 0])
+        paint(bx, np.maximum(_ellipsoid(x, y, z, hilum_c, kr * np.array([0.35, 0.35, 0.5]), krot), fk), hu["fat"])
+        organs[name] = (functools.partial(_ellipsoid, centre=kc, radii=kr, rot=krot), bx)
+
+    def below_diaphragm(x, y, z, margin):
+        return (z - z_dia(x, y) + margin).astype(np.float32)
 
     # spleen (left, posterior)
     sc = np.array([a_in - float(rng.uniform(35.0, 50.0)), 0.3 * b_in, -float(rng.uniform(30.0, 55.0))])
     sr = np.array([float(rng.uniform(22.0, 32.0)), float(rng.uniform(45.0, 65.0)), float(rng.uniform(40.0, 60.0))])
-    f_spl = _ellipsoid(x, y, z, sc, sr, _rot_z(float(rng.uniform(-50.0, -25.0))))
-    f_spl = np.maximum(np.maximum(f_spl, f_cav + 2.0), -f_above + 1.0)
-    f_spl = np.maximum(f_spl, -(kid_fields[1] - 3.0))
-    paint(f_spl, hu["spleen"])
+    srot = _rot_z(float(rng.uniform(-50.0, -25.0)))
+    kfn, _ = organs["kidney_left"]
 
-    # stomach (left anterior): fluid, gas anteriorly (patient supine)
+    def spleen(x, y, z):
+        f = np.maximum(_ellipsoid(x, y, z, sc, sr, srot), superellipse(x, y, a_in, b_in) + 2.0)
+        return np.maximum(np.maximum(f, below_diaphragm(x, y, z, 3.0)), 3.0 - kfn(x, y, z))
+
+    bx = grid.box(sc, sr.max() + 2)
+    paint(bx, spleen(*grid.axes(bx)), hu["spleen"])
+    organs["spleen"] = (spleen, bx)
+
+    # stomach (left anterior): wall, fluid, gas anteriorly (patient supine)
     has_stomach = bool(rng.uniform() < 0.85)
     stc = np.array([0.35 * a_in, -0.3 * b_in, -float(rng.uniform(35.0, 60.0))])
     str_ = np.array([float(rng.uniform(35.0, 50.0)), float(rng.uniform(28.0, 38.0)), float(rng.uniform(40.0, 60.0))])
-    f_sto = np.maximum(_ellipsoid(x, y, z, stc, str_, _rot_z(30.0)), f_cav + 2.0)
-    f_sto = np.maximum(f_sto, -f_above + 1.0)
+    gas_level = stc[1] - str_[1] * float(rng.uniform(0.1, 0.6))
     if has_stomach:
-        paint(f_sto, hu["muscle"])
-        paint(f_sto + 4.0, hu["stomach_content"])
-        gas_level = stc[1] - str_[1] * float(rng.uniform(0.1, 0.6))
-        paint(np.maximum(f_sto + 4.0, y - gas_level), hu["air"])
-    else:
-        f_sto = np.full(shape, 50.0, np.float32)
+        def stomach(x, y, z):
+            f = np.maximum(_ellipsoid(x, y, z, stc, str_, _rot_z(30.0)), superellipse(x, y, a_in, b_in) + 2.0)
+            return np.maximum(f, below_diaphragm(x, y, z, 3.0))
+
+        bx = grid.box(stc, str_.max() + 2)
+        x, y, z = grid.axes(bx)
+        f_sto = stomach(x, y, z)
+        paint(bx, f_sto, hu["muscle"])
+        paint(bx, f_sto + 4.0, hu["stomach_content"])
+        paint(bx, np.maximum(f_sto + 4.0, y - gas_level), hu["air"])
+        organs["stomach"] = (stomach, bx)
 
     # liver: smooth union of right and left lobes, deformed, clipped by its neighbours
-    rl_r = np.array([float(rng.uniform(65.0, 85.0)), float(rng.uniform(80.0, 100.0)), liver_height / 2])
-    rl_c = np.array([-(a_in - rl_r[0] * 0.92), float(rng.uniform(-0.15, 0.05)) * b_in, -liver_height / 2 + 5.0])
-    ll_r = np.array([float(rng.uniform(50.0, 80.0)), float(rng.uniform(28.0, 42.0)), liver_height * float(rng.uniform(0.22, 0.32))])
+    rl_r = np.array([float(rng.uniform(0.45, 0.6)) * a_in, float(rng.uniform(0.75, 0.95)) * b_in, liver_height / 2])
+    rl_c = np.array([-(a_in - rl_r[0] * 0.92), float(rng.uniform(-0.15, 0.05)) * b_in, 15.0 - rl_r[2]])
+    # the inferior surface rises from the right lateral tip towards the left (a wedge)
+    inf_lat = np.array([-a_in + 5.0, -liver_height + 15.0])  # (x, z)
+    inf_slope = float(rng.uniform(0.35, 0.6)) * liver_height / a_in
+    ll_r = np.array([float(rng.uniform(50.0, 80.0)), float(rng.uniform(28.0, 42.0)),
+                     liver_height * float(rng.uniform(0.22, 0.32))])
     ll_c = np.array([float(rng.uniform(0.0, 30.0)), -0.55 * b_in + ll_r[1] * 0.6, -ll_r[2] - float(rng.uniform(0.0, 10.0))])
-    liver_box = grid.box(np.array([rl_c[0] + 40, 0.0, rl_c[2]]), np.array([a_in, b_in, liver_height / 2 + 30]))
+    liver_box = zbox([-a_in - 2, -b_in - 2, -liver_height - 15], [ll_c[0] + ll_r[0] + 15, b_in + 2, z_top + 8])
     lx, ly, lz = grid.axes(liver_box)
     lshape = tuple(sl.stop - sl.start for sl in liver_box)
     f_rl = _ellipsoid(lx, ly, lz, rl_c, rl_r, _rot_z(float(rng.uniform(-15.0, 15.0))))
     f_ll = _ellipsoid(lx, ly, lz, ll_c, ll_r, _rot_z(float(rng.uniform(-25.0, 5.0))))
     f_liv = _smooth_min(f_rl, f_ll, 15.0)
+    cos_a = 1.0 / math.sqrt(1.0 + inf_slope**2)
+    f_inf = ((inf_lat[1] + inf_slope * (lx - inf_lat[0])) - lz) * cos_a  # > 0 below the inferior surface
+    f_liv = -_smooth_min(-f_liv, -f_inf, 10.0)
+    del f_rl, f_ll, f_inf
     f_liv = f_liv - float(rng.uniform(3.0, 8.0)) * _smooth_noise(rng, lshape, s, float(rng.uniform(25.0, 40.0)))
-    f_liv = np.maximum(f_liv, f_cav[liver_box] + 3.0)
-    f_liv = np.maximum(f_liv, -f_above[liver_box] + 1.0)
-    for other in (kid_fields[0], kid_fields[1], f_spl, f_sto, f_ivc, f_ao):
-        f_liv = np.maximum(f_liv, -(np.broadcast_to(other, shape)[liver_box] - 3.0))
-    spine_keep = np.broadcast_to(d_vb - r_vb - 12.0, shape)[liver_box]
-    f_liv = np.maximum(f_liv, -spine_keep)
+    f_liv = np.maximum(f_liv, f_cav2[liver_box[1:]] + 3.0)
+    f_liv = np.maximum(f_liv, lz - zdia2[liver_box[1:]] + 1.0)
+    for name, (fn, obox) in organs.items():
+        inter = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(liver_box, obox))
+        if any(sl.stop <= sl.start for sl in inter):
+            continue
+        rel = tuple(slice(i.start - l.start, i.stop - l.start) for i, l in zip(inter, liver_box))
+        f_liv[rel] = np.maximum(f_liv[rel], 3.0 - fn(*grid.axes(inter)))
     gb = {}
+    f_gb = None
     if rng.uniform() < 0.6:
         gbc = np.array([-0.3 * a_in, -0.3 * b_in, -liver_height * float(rng.uniform(0.55, 0.75))])
         gbr = np.array([float(rng.uniform(12.0, 18.0)), float(rng.uniform(12.0, 18.0)), float(rng.uniform(25.0, 40.0))])
         f_gb = _ellipsoid(lx, ly, lz, gbc, gbr, _rotation(np.array([1.0, 0, 0]), 0.5))
         f_gb = np.maximum(f_gb, f_liv - 15.0)  # only where it touches the liver
-        gb = {"centre_anatomy": gbc, "radii_mm": gbr}
-    else:
-        f_gb = None
+        gb = {"centre_lps_anatomy": gbc, "radii_mm": gbr}
 
-    # liver parenchyma with portal/hepatic vessels (tubes = crossings of two noise surfaces)
-    liver_tex = hu["liver"] + 4.0 * _smooth_noise(rng, lshape, s, 6.0)
+    # parenchyma with portal/hepatic vessels (tubes = crossings of two smooth noise surfaces)
+    liver_val = hu["liver"] + 4.0 * _smooth_noise(rng, lshape, s, 6.0)
     vscale = float(rng.uniform(14.0, 22.0))
     v1 = _smooth_noise(rng, lshape, s, vscale)
-    v2 = _smooth_noise(rng, lshape, s, vscale)
-    vt = float(rng.uniform(0.12, 0.2))
-    tube = np.maximum(np.abs(v1), np.abs(v2)) - vt
+    v2n = _smooth_noise(rng, lshape, s, vscale)
+    tube = np.maximum(np.abs(v1), np.abs(v2n)) - float(rng.uniform(0.12, 0.2))
     vessels = _soft(tube * vscale * 0.5, 1.0) * np.clip(-f_liv / 6.0, 0, 1)
-    liver_val = liver_tex + vessels * (hu["liver_vessels"] - liver_tex)
+    liver_val += vessels * (hu["liver_vessels"] - liver_val)
+    del v1, v2n, tube, vessels
 
     # lesions
-    if n_lesions is None:
-        n_lesions = int(rng.choice(5, p=[0.2, 0.3, 0.25, 0.15, 0.1]))
+    drawn = int(rng.choice(5, p=[0.2, 0.3, 0.25, 0.15, 0.1]))
+    n_lesions = drawn if n_lesions is None else n_lesions
     lesions = []
     f_les = np.full(lshape, 50.0, np.float32)
     les_val = np.zeros(lshape, np.float32)
-    flat = None
     for _ in range(int(n_lesions)):
         d = float(np.exp(rng.uniform(math.log(5.0), math.log(40.0))))
         r = d / 2
@@ -1050,58 +1129,67 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
             value = hu["liver"] + float(rng.uniform(35.0, 70.0))
         else:
             value = min(float(rng.uniform(20.0, 60.0)), hu["liver"] - 30.0)
-        fl = _ellipsoid(lx, ly, lz, lc, lr, _uniform_rotation(rng))
-        fl = fl - 0.1 * r * _smooth_noise(rng, lshape, s, max(r, 4.0))
-        m = _soft(fl, max(w, 0.08 * r))
-        val = np.full(lshape, value, np.float32)
+        bx = grid.box(lc, lr.max() * 1.4 + 4)
+        rel = tuple(slice(max(b.start - l.start, 0), min(b.stop - l.start, n)) for b, l, n in zip(bx, liver_box, lshape))
+        bx = tuple(slice(r_.start + l.start, r_.stop + l.start) for r_, l in zip(rel, liver_box))
+        x, y, z = grid.axes(bx)
+        bshape = tuple(sl.stop - sl.start for sl in bx)
+        fl = _ellipsoid(x, y, z, lc, lr, _uniform_rotation(rng)) - 0.1 * r * _smooth_noise(rng, bshape, s, max(r, 4.0))
+        val = np.full(bshape, value, np.float32)
         if kind == "rim_enhancing":
             rim_hu = hu["liver"] + float(rng.uniform(-5.0, 25.0))
-            rim_t = float(rng.uniform(1.5, 3.5))
-            val = val + _soft(-(fl + rim_t), 0.7) * (rim_hu - value)
-        les_val = les_val + m * (val - les_val)
-        f_les = np.minimum(f_les, fl)
+            val += _soft(-(fl + float(rng.uniform(1.5, 3.5))), 0.7) * (rim_hu - value)
+        m = _soft(fl, max(w, 0.08 * r))
+        les_val[rel] += m * (val - les_val[rel])
+        f_les[rel] = np.minimum(f_les[rel], fl)
         lesions.append({"centre_lps_anatomy": lc, "diameter_mm": d, "radii_mm": lr, "kind": kind, "hu": value})
     f_les = np.maximum(f_les, f_liv)
-    m_les = _soft(f_les, w)
-    liver_val = liver_val + m_les * (les_val - liver_val)
+    liver_val += _soft(f_les, w) * (les_val - liver_val)
 
     sub = vol[liver_box]
     sub += _soft(f_liv, w) * (liver_val - sub)
     if f_gb is not None:
         sub += _soft(f_gb, w) * (hu["gallbladder"] - sub)
-        f_liv = np.maximum(f_liv, -(f_gb - 1.0))
+        f_liv = np.maximum(f_liv, 1.0 - f_gb)
         f_les = np.maximum(f_les, f_liv)
-    vol[liver_box] = sub
+    del liver_val, les_val
 
-    f_liv_full = np.full(shape, 50.0, np.float32)
-    f_les_full = np.full(shape, 50.0, np.float32)
-    f_liv_full[liver_box], f_les_full[liver_box] = f_liv, f_les
-
-    # --- thick-slice partial volume along z, then resampling
+    # --- thick-slice partial volume along z, then resampling onto the acquisition grid
     if sp[2] > s * 1.2:
         sigma = math.sqrt(max(sp[2] ** 2 - s**2, 0.0) / 12.0) / s
         vol = ndimage.gaussian_filter1d(vol, sigma, axis=0, truncate=3.0)
-    translation = np.array([rng.uniform(-25, 25), rng.uniform(-40, 10), rng.uniform(-400, 200)])
-    body_lo = np.array([-a_body * 1.06, -b_body * 1.06, z_bot])
-    body_hi = np.array([a_body * 1.06, b_body * 1.06, z_top])
+    body_lo = np.array([-a_body, -b_body, z_bot])
+    body_hi = np.array([a_body, b_body, z_top])
     lo, hi = _extent_along(direction, _box_corners(body_lo, body_hi) + translation)
     centre_t = (lo + hi) / 2
     if size_mm is None:
-        extent = hi - lo + np.concatenate([rng.uniform(10.0, 60.0, 2), [0.0]])
-        extent[2] = (z_top - z_bot)
+        extent = hi - lo + np.concatenate([fov_margin, [0.0]])
+        extent[2] = z_top - z_bot
     else:
         extent = _spacing3(size_mm, "size_mm")
     size, origin_t = _target_geometry(direction, sp, direction @ centre_t, extent)
-    # HU is shifted by +1000 so that points outside the internal grid read as air
-    out = _resample([vol + 1000.0, -f_liv_full, -f_les_full, -f_body], grid, translation, size, sp, origin_t, direction)
-    liver_t, les_t, body_t = out[1] > 0, out[2] > 0, out[3] > 0
-    label = np.zeros(out.shape[1:], np.uint8)
-    label[liver_t] = 1
-    label[les_t & liver_t] = 2
+    # HU shifted by +1000 so that points outside the internal grid read as air
+    vol += 1000.0
+    ct, body_t = _resample([vol, np.broadcast_to(-f_body2, shape)], grid.origin + translation, s, size, sp,
+                           origin_t, direction)
+    del vol
+    body_t = (body_t > 0).astype(np.uint8)
+    box_origin = grid.origin + translation + s * np.array([liver_box[2].start, liver_box[1].start, liver_box[0].start])
+    region, (liv_t, les_t) = _resample_region([-f_liv, -f_les], box_origin, s, size, sp, origin_t, direction)
+    label = np.zeros(ct.shape, np.uint8)
+    sub = np.zeros(liv_t.shape, np.uint8)
+    sub[liv_t > 0] = 1
+    sub[(les_t > 0) & (liv_t > 0)] = 2
+    label[region] = sub
 
-    noise_sd = float(rng.uniform(10.0, 25.0))
-    ct = out[0] - 1000.0 + noise_sd * rng.standard_normal(out.shape[1:], dtype=np.float32)
-    ct = np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
+    noise = rng.standard_normal(ct.shape, dtype=np.float32)
+    noise *= noise_sd
+    ct += noise
+    del noise
+    ct -= 1000.0
+    np.rint(ct, out=ct)
+    np.clip(ct, -1024, 3071, out=ct)
+    ct = ct.astype(np.int16)
 
     vox = float(np.prod(sp)) / 1000.0
     info = {
@@ -1130,7 +1218,7 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
     }
     return SyntheticCase(images={"ct": _to_image(ct, sp, origin_t, direction)},
                          label=_to_image(label, sp, origin_t, direction), kind="ct", seed=seed,
-                         info=_jsonable(info), masks={"body": _to_image(body_t.astype(np.uint8), sp, origin_t, direction)})
+                         info=_jsonable(info), masks={"body": _to_image(body_t, sp, origin_t, direction)})
 
 
 # --------------------------------------------------------------------------------------
