@@ -17,8 +17,10 @@ def _config():
     return {
         "seed": 3, "steps": 40, "batch_size": 2, "lr": 0.003, "loss": "dice_ce", "jitter_mm": 1.0,
         "val_every": 20, "checkpoint_every": 10,
-        "data": [{"synthetic": "brain", "cases": 1, "seed": 5, "objects": [["tumour core", "t1c", [1, 4]]]}],
-        "validation": [{"synthetic": "brain", "cases": 1, "seed": 5, "objects": [["tumour core", "t1c", [1, 4]]]}],
+        "data": [{"synthetic": "brain", "cases": 1, "seed": 5, "objects": [["tumour core", "t1c", [1, 4]]],
+                  "options": {"spacing": 2.0, "oblique": False}}],
+        "validation": [{"synthetic": "brain", "cases": 1, "seed": 5, "objects": [["tumour core", "t1c", [1, 4]]],
+                  "options": {"spacing": 2.0, "oblique": False}}],
         "bundle": meta,
         "card": "# tiny-train\nA test bundle.\n",
     }

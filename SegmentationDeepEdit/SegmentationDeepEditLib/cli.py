@@ -80,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="override the number of steps")
     t.add_argument("--bundle-dir", help="where to write the trained bundle (default RUN_DIR/bundle)")
 
+    e = sub.add_parser("evaluate", parents=[common], formatter_class=fmt,
+                       help="Dice of an annotation model on cases with a ground truth, with simulated corrective clicks",
+                       epilog=_examples("deepedit evaluate --cases Resources/Evaluation/real-annotation-cases.json -o eval-out --clicks 5"))
+    e.add_argument("--cases", required=True, help="cases file (JSON: image, label, convention, regions per case)")
+    e.add_argument("-o", "--output", required=True, help="output folder for per_case.csv, summary.csv, summary.json")
+    e.add_argument("--model", default=None)
+    e.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="folder the cases' paths are relative to (default: ../shared/data)")
+    e.add_argument("--clicks", type=int, default=5, help="corrective clicks to simulate after the six points (default 5)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the point perturbation (default 0)")
+    e.add_argument("--jitter-mm", type=float, default=1.0, help="std of the Gaussian perturbation of each point, mm (default 1)")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--tta", action="store_true")
+
     d = sub.add_parser("demo", parents=[common], formatter_class=fmt,
                        help="generate a case, annotate it from six points, write result, picture and Dice",
                        epilog=_examples("deepedit demo -o demo-out", "deepedit demo -o demo-ct --kind ct --seed 3"))
@@ -182,7 +195,28 @@ def _cmd_demo(args) -> dict:
     return summary
 
 
-_COMMANDS = {"annotate": _cmd_annotate, "segment": _cmd_segment, "models": _cmd_models, "train": _cmd_train, "demo": _cmd_demo}
+def _cmd_evaluate(args) -> dict:
+    from .evaluate import evaluate, format_table, load_cases, write_results
+    from .progress import StageProgress
+
+    if args.clicks < 0:
+        raise InputError("--clicks must be 0 or more")
+    cases = load_cases(Path(args.cases), Path(args.data_root))
+    with StageProgress("evaluate", enabled=not args.json) as bar:
+        rows = evaluate(cases, args.model, clicks=args.clicks, seed=args.seed, jitter_mm=args.jitter_mm,
+                        device=args.device, tta=args.tta, progress=bar)
+    summary = write_results(rows, Path(args.output))
+    if not args.json:
+        print(format_table(summary))
+        for r in rows:
+            if r["clicks"] == 0:
+                print(f"  {r['case']:40s} {r['region']:8s} Dice {r['dice']:.3f}")
+        print(f"per-case results in {Path(args.output) / 'per_case.csv'}")
+    return {"summary": summary, "rows": rows, "output": str(args.output)}
+
+
+_COMMANDS = {"annotate": _cmd_annotate, "segment": _cmd_segment, "models": _cmd_models, "train": _cmd_train, "demo": _cmd_demo,
+             "evaluate": _cmd_evaluate}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -553,18 +553,19 @@ def _grow_glioma(rng, anat: _BrainAnatomy, rim: Optional[str]):
 
     drawn = ("full", "partial", "absent")[int(rng.choice(3, p=[0.55, 0.27, 0.18]))]
     rim = rim or drawn
-    if rim not in ("full", "partial", "absent"):
-        raise InputError(f"rim must be None, 'full', 'partial' or 'absent', got {rim!r}")
     rim_mm = float(rng.uniform(2.0, 6.0))
     noise_amp = float(rng.uniform(0.08, 0.22)) * radius
     noise_scale = max(6.0, radius * float(rng.uniform(0.5, 1.0)))
-    edema_margin = float(rng.uniform(2.0, 6.0)) if rng.uniform() < 0.15 else float(rng.uniform(5.0, 35.0))
+    small_edema = float(rng.uniform()) < 0.15
+    edema_small, edema_large = float(rng.uniform(2.0, 6.0)), float(rng.uniform(5.0, 35.0))
+    edema_margin = edema_small if small_edema else edema_large
     edema_radii = radii * np.exp(rng.uniform(-0.15, 0.15, 3)) + edema_margin
     edema_rot = _rotation(rng.standard_normal(3), float(rng.uniform(-0.4, 0.4))) @ rot
     edema_centre = centre + rng.uniform(-0.3, 0.3, 3) * edema_margin
     edema_amp = 0.3 * edema_margin + 2.0
     edema_scale = float(rng.uniform(8.0, 20.0))
-    push = float(rng.uniform(0.1, 0.45)) * radius if rng.uniform() < 0.8 else 0.0
+    has_push, push = float(rng.uniform()) < 0.8, float(rng.uniform(0.1, 0.45)) * radius
+    push = push if has_push else 0.0
     pres_frac = float(rng.uniform(0.4, 0.85))
 
     stretch = float(edema_radii.max() / np.exp(np.mean(np.log(edema_radii))))
@@ -611,7 +612,8 @@ def _grow_glioma(rng, anat: _BrainAnatomy, rim: Optional[str]):
     else:
         f_pres = np.full(shape, 10.0, np.float32)
     f_enh = np.maximum(np.maximum(f_core, -f_nec), f_pres)
-    f_ed = _ellipsoid(x, y, z, edema_centre, edema_radii, edema_rot) - edema_amp * _smooth_noise(rng, shape, s, edema_scale)
+    f_ed = _ellipsoid(x, y, z, edema_centre, edema_radii, edema_rot)
+    f_ed = f_ed - edema_amp * _smooth_noise(rng, shape, s, edema_scale)
     lam = max(4.0, 0.4 * edema_margin)
     f_ed = np.maximum(f_ed + lam * (0.8 * gm + 2.0 * csf - 0.2), outside)
     # never touch the box's faces (a round cap at worst, not a flat cut)
@@ -667,6 +669,8 @@ def make_brain_case(seed: int, *, spacing: SpacingArg = None, size_mm: SpacingAr
     seed = _check_seed(seed)
     if orientation is not None and orientation not in _ORIENTATIONS:
         raise InputError(f"orientation must be one of {sorted(_ORIENTATIONS)}, got {orientation!r}")
+    if rim not in (None, "full", "partial", "absent"):
+        raise InputError(f"rim must be None, 'full', 'partial' or 'absent', got {rim!r}")
     anat = _brain_anatomy()
     grid, s = anat.grid, anat.grid.spacing
     rng = _rng(seed, 1)
@@ -808,7 +812,7 @@ def make_brain_case(seed: int, *, spacing: SpacingArg = None, size_mm: SpacingAr
 # --------------------------------------------------------------------------------------
 
 _CT_SLICES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)
-_CT_SLICE_P = (0.08, 0.07, 0.1, 0.15, 0.2, 0.2, 0.2)
+_CT_SLICE_P = (0.05, 0.05, 0.1, 0.15, 0.2, 0.2, 0.25)
 
 
 def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True, n_lesions: Optional[int] = None,
@@ -817,7 +821,8 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
 
     The phantom, in LPS mm (the patient's right is -x, anterior is -y), has a body of
     subcutaneous fat (-120..-80 HU) and muscle (40-60 HU) in air (-1000 HU), ribs and a
-    spine (bone 400-1000 HU, discs, canal), lung bases and heart above the diaphragm,
+    spine (cortical bone 600-1000 HU, cancellous 180-350 HU, discs, canal), lung bases and
+    heart above the diaphragm,
     aorta and IVC (contrast 130-200 HU), kidneys, spleen, stomach (fluid and gas), bowel
     and fat, an optional gallbladder, and the liver (90-130 HU, with bright vessels) in
     the right upper abdomen carrying 0..n lesions (diameter 5-40 mm; mostly hypodense
@@ -830,8 +835,9 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
         oblique: if True, the grid is rotated by up to 6 degrees about a random axis
             (gantry tilt, patient not straight).
         n_lesions: number of lesions (0 allowed); default drawn 0-4.
-        size_mm: field of view in mm along (i, j, k); default: the whole body cross-section
-            plus 5-30 mm of air, and the liver's height plus 10-60 mm.
+        size_mm: field of view in mm along (i, j, k), centred on the body; default: the
+            whole body cross-section plus 5-20 mm of air on each side, and from 15-40 mm
+            above the liver's dome (lung bases) to 10-45 mm below the liver.
 
     Returns:
         A :class:`SyntheticCase` with ``kind="ct"``, the int16 image ``ct`` (HU), a uint8
@@ -865,7 +871,7 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
     t_fat = float(rng.uniform(8.0, min(35.0, 0.22 * b_body)))
     t_musc = float(rng.uniform(7.0, 14.0))
     a_in, b_in = a_body - t_fat - t_musc, b_body - t_fat - t_musc
-    liver_height = float(rng.uniform(130.0, 180.0))
+    liver_height = float(rng.uniform(140.0, 190.0))
     z_top = float(rng.uniform(15.0, 40.0))
     z_bot = -liver_height - float(rng.uniform(10.0, 45.0))
     margin_air = 12.0
@@ -998,7 +1004,8 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
     ivc_c = np.array([-float(rng.uniform(20.0, 30.0)), y_vb - r_vb - 8.0])
     organs = {  # name -> (field function of x, y, z in mm, box): used to carve the liver
         "aorta": (lambda x, y, z: _ellipse2d(x, y, ao_c[0], ao_c[1], r_ao, r_ao),
-                  zbox([ao_c[0] - r_ao - 6, ao_c[1] - r_ao - 6, z_bot - 10], [ao_c[0] + r_ao + 6, ao_c[1] + r_ao + 6, z_top + 10])),
+                  zbox([ao_c[0] - r_ao - 6, ao_c[1] - r_ao - 6, z_bot - 10],
+                       [ao_c[0] + r_ao + 6, ao_c[1] + r_ao + 6, z_top + 10])),
         "ivc": (lambda x, y, z: _ellipse2d(x, y, ivc_c[0], ivc_c[1], 14.0, 10.0),
                 zbox([ivc_c[0] - 20, ivc_c[1] - 16, z_bot - 10], [ivc_c[0] + 20, ivc_c[1] + 16, z_top + 10])),
         "spine": (lambda x, y, z: np.sqrt(x**2 + (y - y_vb) ** 2) - r_vb - 12.0,
@@ -1060,14 +1067,17 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
         organs["stomach"] = (stomach, bx)
 
     # liver: smooth union of right and left lobes, deformed, clipped by its neighbours
-    rl_r = np.array([float(rng.uniform(0.45, 0.6)) * a_in, float(rng.uniform(0.75, 0.95)) * b_in, liver_height / 2])
+    rl_r = np.array([float(rng.uniform(0.5, 0.65)) * a_in, float(rng.uniform(0.8, 0.95)) * b_in, liver_height / 2])
     rl_c = np.array([-(a_in - rl_r[0] * 0.92), float(rng.uniform(-0.15, 0.05)) * b_in, 15.0 - rl_r[2]])
     # the inferior surface rises from the right lateral tip towards the left (a wedge)
     inf_lat = np.array([-a_in + 5.0, -liver_height + 15.0])  # (x, z)
     inf_slope = float(rng.uniform(0.35, 0.6)) * liver_height / a_in
+    inf_tilt_y = float(rng.uniform(-0.35, 0.05))  # mm of z per mm of y: the posterior part hangs lower
+    inf_curve_y = float(rng.uniform(0.1, 0.4)) / b_in  # the anterior and posterior edges curve up
     ll_r = np.array([float(rng.uniform(50.0, 80.0)), float(rng.uniform(28.0, 42.0)),
                      liver_height * float(rng.uniform(0.22, 0.32))])
-    ll_c = np.array([float(rng.uniform(0.0, 30.0)), -0.55 * b_in + ll_r[1] * 0.6, -ll_r[2] - float(rng.uniform(0.0, 10.0))])
+    ll_c = np.array([float(rng.uniform(0.0, 30.0)), -0.55 * b_in + ll_r[1] * 0.6,
+                     -ll_r[2] - float(rng.uniform(0.0, 10.0))])
     liver_box = zbox([-a_in - 2, -b_in - 2, -liver_height - 15], [ll_c[0] + ll_r[0] + 15, b_in + 2, z_top + 8])
     lx, ly, lz = grid.axes(liver_box)
     lshape = tuple(sl.stop - sl.start for sl in liver_box)
@@ -1075,7 +1085,8 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
     f_ll = _ellipsoid(lx, ly, lz, ll_c, ll_r, _rot_z(float(rng.uniform(-25.0, 5.0))))
     f_liv = _smooth_min(f_rl, f_ll, 15.0)
     cos_a = 1.0 / math.sqrt(1.0 + inf_slope**2)
-    f_inf = ((inf_lat[1] + inf_slope * (lx - inf_lat[0])) - lz) * cos_a  # > 0 below the inferior surface
+    z_inf = inf_lat[1] + inf_slope * (lx - inf_lat[0]) + inf_tilt_y * ly + inf_curve_y * ly**2
+    f_inf = (z_inf - lz) * cos_a  # > 0 below the inferior surface
     f_liv = -_smooth_min(-f_liv, -f_inf, 10.0)
     del f_rl, f_ll, f_inf
     f_liv = f_liv - float(rng.uniform(3.0, 8.0)) * _smooth_noise(rng, lshape, s, float(rng.uniform(25.0, 40.0)))
@@ -1130,7 +1141,8 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
         else:
             value = min(float(rng.uniform(20.0, 60.0)), hu["liver"] - 30.0)
         bx = grid.box(lc, lr.max() * 1.4 + 4)
-        rel = tuple(slice(max(b.start - l.start, 0), min(b.stop - l.start, n)) for b, l, n in zip(bx, liver_box, lshape))
+        rel = tuple(slice(max(b.start - l.start, 0), min(b.stop - l.start, n))
+                    for b, l, n in zip(bx, liver_box, lshape))
         bx = tuple(slice(r_.start + l.start, r_.stop + l.start) for r_, l in zip(rel, liver_box))
         x, y, z = grid.axes(bx)
         bshape = tuple(sl.stop - sl.start for sl in bx)
@@ -1213,7 +1225,8 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
                      "centre_lps": les["centre_lps_anatomy"] + translation} for les in lesions],
         "gallbladder": bool(gb),
         "stomach": has_stomach,
-        "volumes_ml": {"liver_incl_lesions": float((label >= 1).sum()) * vox, "lesions": float((label == 2).sum()) * vox},
+        "volumes_ml": {"liver_incl_lesions": float((label >= 1).sum()) * vox,
+                       "lesions": float((label == 2).sum()) * vox},
         "seconds": time.perf_counter() - t0,
     }
     return SyntheticCase(images={"ct": _to_image(ct, sp, origin_t, direction)},

@@ -1,7 +1,8 @@
 """``deepedit train``: train an extreme-point annotation bundle from a config file.
 
 A run is fully described by its JSON config (kept in the repository) and its seed:
-- ``data``: a list of sources: ``{"synthetic": "brain"|"ct", "cases": N, "seed": S}`` or
+- ``data``: a list of sources: ``{"synthetic": "brain"|"ct", "cases": N, "seed": S, "objects": [[name, channel, [label values]], ...],
+  "options": {generator keyword arguments}}`` or
   ``{"image": PATH, "label": PATH, "objects": {"name": [label values], ...}}`` with paths
   relative to the data root (``--data-root``, default ``../shared/data``);
 - ``validation``: sources of the same form, scored with Dice on the model grid every
@@ -80,7 +81,8 @@ def build_cases(sources: List[dict], data_root: Path, progress=None) -> List[Tra
         if "synthetic" in src:
             kind, n, seed = src["synthetic"], int(src["cases"]), int(src.get("seed", 0))
             for s in range(seed, seed + n):
-                c = synthetic.make_brain_case(s) if kind == "brain" else synthetic.make_ct_case(s)
+                make = synthetic.make_brain_case if kind == "brain" else synthetic.make_ct_case
+                c = make(s, **src.get("options", {}))
                 objs = {}
                 for obj, channel, values in src.get("objects", []):
                     m = _mask(c.label, values)
@@ -102,14 +104,45 @@ def build_cases(sources: List[dict], data_root: Path, progress=None) -> List[Tra
     return cases
 
 
-def make_sample(case: TrainCase, meta: dict, rng: np.random.Generator, cfg: dict, augment: bool = True):
-    """One (input [C, k, j, i], target [1, k, j, i]) pair, as described in the module docstring."""
+def make_sample(case: TrainCase, meta: dict, rng: np.random.Generator, cfg: dict, augment: bool = True,
+                predict_fn=None):
+    """One (input [C, k, j, i], target [1, k, j, i]) pair, as described in the module docstring.
+
+    When the bundle has ``positive``/``negative`` guidance channels, corrective clicks are
+    simulated for a fraction ``click_prob`` of samples: with ``predict_fn`` (a function from
+    an input array to a probability array) the clicks fix the current network's own errors,
+    one to ``max_clicks`` of them, each at the centre of the largest remaining error region
+    (:func:`clicks.next_click`); the other samples get no clicks, so the network also learns
+    to work from the six points alone.
+    """
+    from .clicks import next_click
+    from .geometry import index_to_physical
+    from .heatmap import gaussian_heatmap
+
     name = list(case.objects)[int(rng.integers(len(case.objects)))]
     mask = case.objects[name]
     pts = extreme_points_from_mask(mask, rng=rng, jitter_mm=float(cfg.get("jitter_mm", 2.0)) if augment else 0.0)
     mi = prepare_input(case.images, pts, meta)
     target = sitk.GetArrayFromImage(resample_to_grid(sitk.Cast(mask, sitk.sitkFloat32), mi.grid, default=0.0)) >= 0.5
     x, y = mi.array, target[None].astype(np.float32)
+    channels = meta.get("guidance", {}).get("channels", [])
+    if predict_fn is not None and "positive" in channels and rng.random() < float(cfg.get("click_prob", 0.5)):
+        thr = float(meta["output"]["threshold"])
+        n_clicks = int(rng.integers(1, int(cfg.get("max_clicks", 3)) + 1))
+        clicks = {"positive": [], "negative": []}
+        spacing_kji = mi.grid.spacing[::-1]
+        x = x.copy()
+        for _ in range(n_clicks):
+            pred = predict_fn(x) >= thr
+            c = next_click(pred & mi.inside, target, spacing_kji)
+            if c is None:
+                break
+            kji, positive = c
+            clicks["positive" if positive else "negative"].append(index_to_physical(mi.grid, kji[::-1][None].astype(float))[0])
+            for key in ("positive", "negative"):
+                if key in channels:
+                    x[channels.index(key) - len(channels)] = gaussian_heatmap(
+                        np.asarray(clicks[key]).reshape(-1, 3), mi.grid, meta["guidance"]["sigma_mm"])
     if augment:
         n_img = len(meta["inputs"])
         scale = 1.0 + rng.uniform(-1, 1) * float(cfg.get("intensity_scale", 0.1))
@@ -166,6 +199,9 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
     meta = config["bundle"]
     dev = pick_device(device)
     torch.manual_seed(seed)
+    ckpt_path = run_dir / "checkpoint.pt"
+    if resume and not ckpt_path.is_file():
+        raise InputError("nothing to resume: no checkpoint.pt", run_dir)
     n_load = sum(int(s.get("cases", 1)) for s in config["data"] + config.get("validation", []))
     with tqdm(total=n_load, desc="loading cases", disable=quiet) as bar:
         cases = build_cases(config["data"], data_root, bar.update)
@@ -177,13 +213,14 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(config.get("lr", 1e-4)), total_steps=total,
                                                 pct_start=0.05) if config.get("schedule") == "onecycle" else None
     loss_fn = DiceCELoss(sigmoid=True) if config.get("loss") == "dice_ce" else DiceLoss(sigmoid=True)
+    from .device import cpu_supports_bf16
+
     use_amp = dev.type == "cuda" and config.get("amp", True)
+    # bf16 autocast on CPUs with native bf16 (3x faster steps here); fp32 elsewhere
+    use_bf16 = dev.type == "cpu" and bool(config.get("cpu_bf16", False)) and cpu_supports_bf16()
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start = 0
-    ckpt_path = run_dir / "checkpoint.pt"
     if resume:
-        if not ckpt_path.is_file():
-            raise InputError("nothing to resume: no checkpoint.pt", run_dir)
         ck = torch.load(str(ckpt_path), map_location=dev, weights_only=True)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -208,6 +245,17 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
     bs = int(config.get("batch_size", 2))
     val_every = int(config.get("val_every", 200))
     ck_every = int(config.get("checkpoint_every", 100))
+    def click_fn(x: np.ndarray) -> np.ndarray:
+        """The current network's probability for one input, for simulating corrective clicks."""
+        from .annotate import predict
+
+        net.eval()
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                return predict(net, x, dev)
+        finally:
+            net.train()
+
     net.train()
     t_start = time.perf_counter()
     losses: List[float] = []
@@ -216,12 +264,14 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
     try:
         for step in bar:
             rng = np.random.default_rng([seed, step])
-            pairs = [make_sample(cases[int(rng.integers(len(cases)))], meta, rng, config) for _ in range(bs)]
+            pairs = [make_sample(cases[int(rng.integers(len(cases)))], meta, rng, config, predict_fn=click_fn)
+                     for _ in range(bs)]
             x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(dev)
             y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(dev)
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, enabled=use_amp):
-                loss = loss_fn(net(x), y)
+            with torch.autocast(dev.type, dtype=torch.bfloat16 if use_bf16 else None, enabled=use_amp or use_bf16):
+                out = net(x)
+            loss = loss_fn(out.float(), y)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()

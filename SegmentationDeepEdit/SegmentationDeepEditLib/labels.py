@@ -1,0 +1,48 @@
+"""Label conventions of the data we read, mapped explicitly to named regions (never guessed).
+
+Each convention maps a region name to the label values it is made of:
+- ``brats2013``: 1 necrosis, 2 edema, 3 non-enhancing tumour, 4 enhancing tumour;
+- ``brats2017`` (2017-2021): 1 necrotic/non-enhancing core, 2 edema, 4 enhancing;
+- ``brats2023``: 1 non-enhancing/necrotic core, 2 edema (SNFH), 3 enhancing;
+- ``binary``: any non-zero value is the object;
+- ``totalsegmentator``: a few TotalSegmentator (v2) classes by name.
+Regions: ET enhancing tumour, TC tumour core (= necrotic/non-enhancing core + enhancing),
+WT whole tumour (= TC + edema).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+__all__ = ["CONVENTIONS", "region_mask"]
+
+CONVENTIONS: Dict[str, Dict[str, List[int]]] = {
+    "brats2013": {"ET": [4], "TC": [1, 3, 4], "WT": [1, 2, 3, 4]},
+    "brats2017": {"ET": [4], "TC": [1, 4], "WT": [1, 2, 4]},
+    "brats2023": {"ET": [3], "TC": [1, 3], "WT": [1, 2, 3]},
+    "binary": {"object": list(range(1, 256))},
+    "totalsegmentator": {"spleen": [1], "kidney_right": [2], "kidney_left": [3], "gallbladder": [4], "liver": [5],
+                         "stomach": [6], "pancreas": [7]},
+}
+
+
+def region_mask(label: sitk.Image, convention: str, region: str) -> sitk.Image:
+    """Binary uint8 mask of a named region of a label map.
+
+    Raises:
+        InputError: unknown convention or region.
+    """
+    if convention not in CONVENTIONS:
+        raise InputError(f"unknown label convention {convention!r} (known: {', '.join(CONVENTIONS)})")
+    regions = CONVENTIONS[convention]
+    if region not in regions:
+        raise InputError(f"convention {convention!r} has no region {region!r} (it has {', '.join(regions)})")
+    arr = np.rint(sitk.GetArrayViewFromImage(label)).astype(np.int64)
+    m = sitk.GetImageFromArray(np.isin(arr, regions[region]).astype(np.uint8))
+    m.CopyInformation(label)
+    return m

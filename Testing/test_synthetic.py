@@ -1,0 +1,264 @@
+"""Tests of the synthetic case generator (SegmentationDeepEditLib.synthetic)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SegmentationDeepEditLib.errors import InputError
+from SegmentationDeepEditLib.synthetic import (
+    BRAIN_LABELS,
+    CT_LABELS,
+    SyntheticCase,
+    make_brain_case,
+    make_ct_case,
+    tumour_core_mask,
+)
+
+# Coarse grids keep the module fast; the defaults are exercised by a few cases only.
+BRAIN_FAST = dict(spacing=(1.5, 1.5, 1.5))
+CT_FAST = dict(spacing=(1.2, 1.2, 3.0))
+
+
+def arr(img: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(img)
+
+
+def geometry(img: sitk.Image):
+    return (img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+
+
+def centroid_lps(mask: np.ndarray, ref: sitk.Image) -> np.ndarray:
+    """Physical (LPS mm) centroid of a [k, j, i] mask on ref's grid."""
+    idx = np.argwhere(mask).mean(axis=0)[::-1]
+    return np.array(ref.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx]))
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    case = fn(*args, **kwargs)
+    print(f"{fn.__name__}{args} {kwargs}: {time.perf_counter() - t0:.2f} s, size {case.label.GetSize()}")
+    return case
+
+
+@pytest.fixture(scope="module")
+def brain():
+    make_brain_case(0, **BRAIN_FAST)  # loads the template once, so that the next time is per case
+    return timed(make_brain_case, 11)
+
+
+@pytest.fixture(scope="module")
+def brain_full_rim():
+    return make_brain_case(4, rim="full", **BRAIN_FAST)
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return timed(make_ct_case, 11)
+
+
+@pytest.fixture(scope="module")
+def ct_hypo():
+    # a seed whose lesions are all hypodense or rim-enhancing (none hyperdense)
+    for seed in range(100, 140):
+        case = make_ct_case(seed, n_lesions=2, **CT_FAST)
+        if case.info["n_lesions"] == 2 and all(les["kind"] != "hyperdense" for les in case.info["lesions"]):
+            return case
+    pytest.fail("no seed with two hypodense lesions")
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("factory,kwargs", [(make_brain_case, dict(thick_slices=4.0)), (make_ct_case, CT_FAST)])
+def test_same_seed_same_case(factory, kwargs):
+    a, b = factory(7, **kwargs), factory(7, **kwargs)
+    assert set(a.images) == set(b.images)
+    for name in a.images:
+        assert geometry(a.images[name]) == geometry(b.images[name])
+        np.testing.assert_array_equal(arr(a.images[name]), arr(b.images[name]))
+    np.testing.assert_array_equal(arr(a.label), arr(b.label))
+    for name in a.masks:
+        np.testing.assert_array_equal(arr(a.masks[name]), arr(b.masks[name]))
+    ia = {k: v for k, v in a.info.items() if k != "seconds"}
+    ib = {k: v for k, v in b.info.items() if k != "seconds"}
+    assert ia == ib
+
+
+def test_different_seeds_differ(brain, ct):
+    other_brain = make_brain_case(12)
+    assert other_brain.info["tumour_centre_lps"] != brain.info["tumour_centre_lps"]
+    assert geometry(other_brain.label) != geometry(brain.label)
+    other_ct = make_ct_case(12)
+    assert geometry(other_ct.label) != geometry(ct.label)
+    assert other_ct.info["hu"]["liver"] != ct.info["hu"]["liver"]
+
+
+def test_info_is_json(brain, ct):
+    for case in (brain, ct):
+        assert isinstance(case, SyntheticCase)
+        back = json.loads(json.dumps(case.info))
+        assert back["kind"] == case.kind
+        assert case.seed == 11
+
+
+# --------------------------------------------------------------------------- brain
+
+
+def test_brain_types_and_geometry(brain):
+    assert brain.kind == "brain"
+    assert set(brain.images) == {"t1", "t1c", "t2", "flair"}
+    ref = geometry(brain.label)
+    assert brain.label.GetPixelID() == sitk.sitkUInt8
+    for img in list(brain.images.values()) + [brain.masks["brain"]]:
+        assert geometry(img) == ref
+    for img in brain.images.values():
+        assert img.GetPixelID() == sitk.sitkFloat32
+        assert arr(img).min() >= 0
+    d = np.array(brain.label.GetDirection()).reshape(3, 3)
+    np.testing.assert_allclose(d.T @ d, np.eye(3), atol=1e-6)
+    sp = np.array(brain.label.GetSpacing())
+    assert np.all((sp >= 0.8 - 1e-6) & (sp <= 5.0 + 1e-6))
+    np.testing.assert_allclose(sp, brain.info["spacing"], rtol=1e-5)
+
+
+def test_brain_labels_and_volumes(brain):
+    lab = arr(brain.label)
+    values = set(np.unique(lab).tolist())
+    assert values <= {0, 1, 2, 4} and {1, 2} <= values
+    vox_ml = np.prod(brain.label.GetSpacing()) / 1000.0
+    core_ml = np.isin(lab, [1, 4]).sum() * vox_ml
+    whole_ml = (lab > 0).sum() * vox_ml
+    assert 0.5 < core_ml < 200.0
+    assert core_ml < whole_ml < 500.0
+    # tumour inside the brain
+    brain_mask = arr(brain.masks["brain"]) > 0
+    assert (brain_mask[lab > 0]).mean() > 0.99
+    # the label sits where info says the tumour is (a check of the geometry)
+    c = centroid_lps(np.isin(lab, [1, 4]), brain.label)
+    assert np.linalg.norm(c - np.array(brain.info["tumour_centre_lps"])) < 0.4 * brain.info["core_diameter_mm"] + 3
+
+
+def test_brain_contrasts(brain_full_rim):
+    case = brain_full_rim
+    lab = arr(case.label)
+    brain_mask = arr(case.masks["brain"]) > 0
+    normal = brain_mask & (lab == 0)
+    flair, t1c, t2 = (arr(case.images[n]) for n in ("flair", "t1c", "t2"))
+    assert (lab == 2).sum() > 100 and (lab == 4).sum() > 100 and (lab == 1).sum() > 50
+    assert flair[lab == 2].mean() > 1.2 * flair[normal].mean()
+    assert t2[lab == 2].mean() > t2[normal].mean()
+    assert t1c[lab == 4].mean() > 1.5 * t1c[lab == 1].mean()
+    assert t1c[lab == 4].mean() > t1c[normal].mean()
+
+
+def test_brain_thick_slices_and_requested_spacing():
+    thick = make_brain_case(3, thick_slices=5.0)
+    assert thick.label.GetSpacing()[2] == pytest.approx(5.0)
+    assert thick.info["thick_slices"] is True
+    fixed = make_brain_case(3, spacing=(1.25, 1.0, 2.0), size_mm=(120, 130, 100))
+    np.testing.assert_allclose(fixed.label.GetSpacing(), (1.25, 1.0, 2.0))
+    np.testing.assert_allclose(np.array(fixed.label.GetSize()) * fixed.label.GetSpacing(), (120, 130, 100), atol=2.0)
+    # a small field of view still holds the tumour core
+    assert np.isin(arr(fixed.label), [1, 4]).sum() > 0
+
+
+def test_brain_orientation_keeps_anatomy_in_place():
+    """Same seed stored axially, sagittally or straight: the tumour stays at the same LPS point."""
+    axial = make_brain_case(5, orientation="axial", **BRAIN_FAST)
+    sag = make_brain_case(5, orientation="sagittal", **BRAIN_FAST)
+    straight = make_brain_case(5, orientation="coronal", oblique=False, **BRAIN_FAST)
+    d = np.array(straight.label.GetDirection()).reshape(3, 3)
+    np.testing.assert_allclose(np.abs(d).sum(axis=0), 1.0)  # a signed permutation: no rotation
+    assert axial.info["orientation"] == "axial" and sag.info["orientation"] == "sagittal"
+    # the slice normal (k) of a sagittal stack is close to the LPS x axis
+    assert abs(np.array(sag.label.GetDirection()).reshape(3, 3)[0, 2]) > np.cos(np.radians(16))
+    centres = [centroid_lps(np.isin(arr(c.label), [1, 4]), c.label) for c in (axial, sag, straight)]
+    for c in centres[1:]:
+        assert np.linalg.norm(c - centres[0]) < 1.5
+    vols = [np.isin(arr(c.label), [1, 4]).sum() * np.prod(c.label.GetSpacing()) for c in (axial, sag, straight)]
+    assert max(vols) / min(vols) < 1.1
+
+
+def test_tumour_core_mask(brain, ct):
+    core = tumour_core_mask(brain.label, "brain")
+    assert geometry(core) == geometry(brain.label) and core.GetPixelID() == sitk.sitkUInt8
+    lab = arr(brain.label)
+    np.testing.assert_array_equal(arr(core), np.isin(lab, [BRAIN_LABELS["necrotic_non_enhancing_core"],
+                                                           BRAIN_LABELS["enhancing"]]).astype(np.uint8))
+    liver = tumour_core_mask(ct.label, "ct")
+    np.testing.assert_array_equal(arr(liver), (arr(ct.label) >= CT_LABELS["liver"]).astype(np.uint8))
+    with pytest.raises(InputError):
+        tumour_core_mask(ct.label, "liver")
+
+
+# --------------------------------------------------------------------------- CT
+
+
+def test_ct_types_labels_and_geometry(ct):
+    assert ct.kind == "ct" and set(ct.images) == {"ct"}
+    img = ct.images["ct"]
+    assert img.GetPixelID() == sitk.sitkInt16 and ct.label.GetPixelID() == sitk.sitkUInt8
+    assert geometry(img) == geometry(ct.label) == geometry(ct.masks["body"])
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    np.testing.assert_allclose(d.T @ d, np.eye(3), atol=1e-6)
+    assert abs(d[2, 2]) > np.cos(np.radians(7))  # axial slices, slightly oblique at most
+    sp = img.GetSpacing()
+    assert 0.7 - 1e-6 <= sp[0] <= 1.0 + 1e-6 and 1.0 - 1e-6 <= sp[2] <= 5.0 + 1e-6
+    hu = arr(img)
+    lab = arr(ct.label)
+    assert set(np.unique(lab).tolist()) <= {0, 1, 2}
+    body = arr(ct.masks["body"]) > 0
+    assert hu[~body].mean() < -900  # air outside
+    assert (body[lab > 0]).mean() > 0.999  # liver inside the body
+    liver_ml = (lab >= 1).sum() * np.prod(sp) / 1000.0
+    assert 400.0 < liver_ml < 4000.0
+    assert 80.0 <= hu[lab == 1].mean() <= 140.0
+    assert hu.min() >= -1024 and hu.max() > 300  # bone present
+
+
+def test_ct_liver_on_patients_right(ct):
+    lab = arr(ct.label)
+    liver_c = centroid_lps(lab >= 1, ct.label)
+    body_c = centroid_lps(arr(ct.masks["body"]) > 0, ct.label)
+    # LPS: +x is the patient's left, so the liver has the smaller x
+    assert liver_c[0] < body_c[0] - 20
+    assert liver_c[0] < ct.info["body_centre_lps"][0]
+
+
+def test_ct_lesions_darker_than_liver(ct_hypo):
+    hu = arr(ct_hypo.images["ct"]).astype(float)
+    lab = arr(ct_hypo.label)
+    assert (lab == 2).sum() > 10
+    assert hu[lab == 2].mean() < hu[lab == 1].mean() - 15
+    np.testing.assert_allclose(ct_hypo.label.GetSpacing(), CT_FAST["spacing"])
+
+
+def test_ct_lesion_count_and_zero_lesions():
+    none = make_ct_case(3, n_lesions=0, **CT_FAST)
+    assert none.info["n_lesions"] == 0 and not (arr(none.label) == 2).any()
+    assert (arr(none.label) == 1).any()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("call", [
+    lambda: make_brain_case(-1),
+    lambda: make_brain_case(1.5),
+    lambda: make_brain_case(1, spacing=(1, 0, 1)),
+    lambda: make_brain_case(1, spacing=(1, 1)),
+    lambda: make_brain_case(1, spacing=1.0, thick_slices=4.0),
+    lambda: make_brain_case(1, thick_slices=-2),
+    lambda: make_brain_case(1, rim="half"),
+    lambda: make_brain_case(1, orientation="oblique"),
+    lambda: make_ct_case(1, n_lesions=-1),
+    lambda: make_ct_case(True),
+])
+def test_bad_arguments(call):
+    with pytest.raises(InputError):
+        call()
