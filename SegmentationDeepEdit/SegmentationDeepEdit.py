@@ -1,20 +1,24 @@
 """SegmentationDeepEdit: the Slicer module (widget wiring and MRML <-> core conversion only).
 
-Everything that decides something lives in the pure core package ``SegmentationDeepEditLib``,
-which is imported lazily inside functions: it needs torch and MONAI, which may not be
-installed yet when Slicer loads this file.
+Everything that decides something lives in the pure core package ``SegmentationDeepEditLib``
+(geometry and points in ``slicer_bridge``, inference in ``annotate``, the background process in
+``worker``). The core is imported lazily inside functions: it needs torch and MONAI, which may
+not be installed yet when Slicer loads this file.
 
-Coordinates: Slicer works in RAS, the core in LPS (ITK). The conversion happens here, at the
-edge, and only here: x and y change sign. Arrays from ``slicer.util.arrayFromVolume`` and from
-``SimpleITK.GetArrayFromImage`` are both indexed [k, j, i].
+Inference runs in a persistent worker process (``python -m SegmentationDeepEditLib.worker``)
+that keeps the model loaded; a reader thread in the core's ``WorkerClient`` queues its messages
+and a ``qt.QTimer`` here drains the queue, so the user interface never waits on the network.
+
+Coordinates: Slicer works in RAS, the core in LPS (ITK). Points are taken in world coordinates
+(parent transforms applied) and converted RAS -> LPS here, at the edge, and only here. Arrays
+from ``slicer.util.arrayFromVolume`` and from ``SimpleITK.GetArrayFromImage`` are both [k, j, i].
 """
 
 import importlib.util
 import logging
 import os
 import sys
-import time
-from typing import Annotated, List, Optional, Sequence, Tuple
+from typing import Annotated, Dict, List, Optional, Sequence
 
 import numpy as np
 import qt
@@ -38,7 +42,8 @@ if _MODULE_DIR not in sys.path:
 
 # Installed, the bundles sit in <module dir>/Resources/Models (see CMakeLists.txt), where the
 # core does not look by itself; from the source tree the core finds <repo>/Resources/Models.
-# Folders the user has set come first, so their own bundles win over ours.
+# Folders the user has set come first, so their own bundles win over ours. The worker process
+# inherits this environment.
 _INSTALLED_MODELS_DIR = os.path.join(_MODULE_DIR, "Resources", "Models")
 if os.path.isdir(_INSTALLED_MODELS_DIR):
     _dirs = [d for d in os.environ.get("DEEPEDIT_MODELS_DIR", "").split(os.pathsep) if d]
@@ -47,9 +52,14 @@ if os.path.isdir(_INSTALLED_MODELS_DIR):
 
 NUMBER_OF_EXTREME_POINTS = 6
 AUTO_UPDATE_DELAY_MS = 300  # wait this long after the last point move before re-running
+WORKER_POLL_MS = 40  # how often the worker's messages are read while it works
+WORKER_MODULE = "SegmentationDeepEditLib.worker"
+REQUEST_TIMEOUT_S = 600  # blocking calls (self-test, scripts) give up after this long
+SEGMENT_EDITOR_SINGLETON_TAG = "SegmentationDeepEdit"
+DEMO_SAMPLE_NAME = "DeepEditSyntheticGlioma"
 
-# Python packages the core needs beyond what Slicer ships (numpy, SimpleITK, vtk are never
-# installed or upgraded from here). Import name -> pip requirement.
+# Python packages the core needs beyond what Slicer ships (numpy, scipy, SimpleITK, vtk are
+# never installed or upgraded from here). Import name -> pip requirement.
 REQUIREMENTS = {
     "torch": "torch>=2.0",
     "monai": "monai>=1.3",
@@ -57,56 +67,24 @@ REQUIREMENTS = {
     "jsonschema": "jsonschema>=4.0",
     "slicerio": "slicerio>=1.0",
 }
+# Only the demo case needs these: the synthetic brain starts from nilearn's MNI152 template.
+DEMO_REQUIREMENTS = {"nilearn": "nilearn>=0.10"}
 # Distributions that Slicer itself ships: pinned to the installed version in every pip call,
 # so that pip can only fail, never replace them.
-SLICER_OWNED_DISTRIBUTIONS = ("numpy", "SimpleITK")
+SLICER_OWNED_DISTRIBUTIONS = ("numpy", "SimpleITK", "scipy")
 
 
-#
-# Pure conversions (numpy only; tested by Testing/test_slicer_module.py without Slicer)
-#
+def missingPackages(requirements: Optional[Dict[str, str]] = None) -> List[str]:
+    """Import names that cannot be found (found is not imported: torch is slow to import)."""
+    return [name for name in (requirements or REQUIREMENTS) if importlib.util.find_spec(name) is None]
 
 
-def lpsGeometryFromIJKToRAS(ijkToRas: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, ...], Tuple[float, ...]]:
-    """Split a Slicer IJK-to-RAS matrix into ITK geometry.
-
-    Args:
-        ijkToRas: 4x4 matrix mapping voxel index [i, j, k, 1] to RAS mm.
-
-    Returns:
-        (spacing (i, j, k) mm, origin LPS mm, direction as a row-major 9-tuple whose column c
-        is the LPS direction of index axis c), as SimpleITK's SetSpacing/SetOrigin/SetDirection take them.
-    """
-    m = np.asarray(ijkToRas, dtype=float).reshape(4, 4)
-    rasToLpsMatrix = np.diag([-1.0, -1.0, 1.0])
-    linear = rasToLpsMatrix @ m[:3, :3]
-    spacing = np.linalg.norm(linear, axis=0)
-    if np.any(spacing <= 0):
-        raise ValueError(f"the volume's IJK to RAS matrix has a zero spacing: {m[:3, :3].tolist()}")
-    direction = linear / spacing
-    origin = rasToLpsMatrix @ m[:3, 3]
-    return tuple(spacing.tolist()), tuple(origin.tolist()), tuple(direction.reshape(-1).tolist())
-
-
-def ijkToRASFromLpsGeometry(spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float]) -> np.ndarray:
-    """The inverse of :func:`lpsGeometryFromIJKToRAS`: ITK geometry (LPS) to a 4x4 IJK-to-RAS matrix."""
-    lpsToRasMatrix = np.diag([-1.0, -1.0, 1.0])
-    m = np.eye(4)
-    m[:3, :3] = lpsToRasMatrix @ np.asarray(direction, dtype=float).reshape(3, 3) @ np.diag(np.asarray(spacing, dtype=float))
-    m[:3, 3] = lpsToRasMatrix @ np.asarray(origin, dtype=float)
-    return m
-
-
-def missingPackages() -> List[str]:
-    """Import names from REQUIREMENTS that cannot be found (found is not imported: torch is slow to import)."""
-    return [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
-
-
-def pipRequirements(missing: Sequence[str]) -> List[str]:
+def pipRequirements(missing: Sequence[str], requirements: Optional[Dict[str, str]] = None) -> List[str]:
     """pip arguments that install ``missing`` (import names) while holding Slicer's own packages fixed."""
     import importlib.metadata
 
-    args = [REQUIREMENTS[name] for name in missing]
+    requirements = {**REQUIREMENTS, **DEMO_REQUIREMENTS, **(requirements or {})}
+    args = [requirements[name] for name in missing]
     for dist in SLICER_OWNED_DISTRIBUTIONS:
         try:
             args.append(f"{dist}=={importlib.metadata.version(dist)}")
@@ -132,13 +110,40 @@ class SegmentationDeepEdit(ScriptedLoadableModule):
         self.parent.helpText = _("""
 Click six extreme points of a tumour or organ (its left, right, anterior, posterior, superior and
 inferior extremes) and get a 3D segment from a deep network, on the CPU in about a second.
-Move a point and the segment is computed again. The result is an ordinary segment: edit it in
-Segment Editor.
+Move a point, or add a + click inside what is missing or a - click on what is wrongly included,
+and the segment is computed again. The result is an ordinary segment: edit it with the Segment
+Editor below. No data at hand? Load the generated demo case (button here, or Sample Data).
 """)
         self.parent.acknowledgementText = _("""
-The method follows Deep Extreme Cut (DExtr3D) with a SegResNet network (Myronenko 2018), built on
-MONAI and PyTorch.
+The method follows Deep Extreme Cut (DExtr3D) and DeepEdit, with a SegResNet network
+(Myronenko 2018), built on MONAI and PyTorch.
 """)
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Sample data: a generated case, made by the core's synthetic generator in the worker
+#
+
+
+def registerSampleData():
+    """Add "DeepEditSyntheticGlioma" to the Sample Data module; its button generates the case."""
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="SegmentationDeepEdit",
+        sampleName=DEMO_SAMPLE_NAME,
+        uris=[],  # nothing to download: customDownloader generates the files
+        fileNames=[],
+        thumbnailFileName=os.path.join(_MODULE_DIR, "Resources", "Icons", "SegmentationDeepEdit.png"),
+        customDownloader=_generateDemoCase,
+    )
+
+
+def _generateDemoCase(source=None):
+    """Sample Data button callback (it passes the data source)."""
+    with slicer.util.tryWithErrorDisplay(_("Could not generate the demo case."), waitCursor=True):
+        SegmentationDeepEditLogic().loadDemoCase()
 
 
 #
@@ -150,24 +155,36 @@ MONAI and PyTorch.
 class SegmentationDeepEditParameterNode:
     """State of the module, saved with the scene.
 
-    inputVolume - the image to segment.
-    extremePoints - six control points on the object's extremes (any coordinate system; world positions are used).
+    inputVolume - the image to segment (the first input of the annotation model).
+    extremePoints - six control points on the object's extremes (world positions are used).
+    positivePoints - corrective clicks inside what the result misses.
+    negativePoints - corrective clicks on what the result wrongly includes.
     outputSegmentation - where the result goes; created on first run if not set.
     segmentId - the segment the result replaces; empty: a new segment is added.
     modelId - id of the annotation model bundle; empty: the core's default.
     device - "auto" (CUDA when present, else CPU), "cpu" or "cuda".
     tta - average the prediction over flips (slower, slightly smoother).
-    autoUpdate - run when the sixth point is placed and whenever a point is moved.
+    autoUpdate - run when the sixth point is placed and whenever a point is moved or added.
+    autoModelId, autoOutputSegmentation, autoDevice, autoTta, autoFast - the Auto-segment tab.
+    (The extra input volumes of multi-input models are node references of the parameter node,
+    roles "annotateInput.<name>" and "autoInput.<name>".)
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     extremePoints: vtkMRMLMarkupsFiducialNode
+    positivePoints: vtkMRMLMarkupsFiducialNode
+    negativePoints: vtkMRMLMarkupsFiducialNode
     outputSegmentation: vtkMRMLSegmentationNode
     segmentId: str = ""
     modelId: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     tta: bool = False
     autoUpdate: bool = True
+    autoModelId: str = ""
+    autoOutputSegmentation: vtkMRMLSegmentationNode
+    autoDevice: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    autoTta: bool = False
+    autoFast: bool = False
 
 
 #
@@ -184,9 +201,18 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._observedPointsNode = None
-        self._running = False
+        self._observedPointNodes = []
         self._autoUpdateTimer = None
+        self._pollTimer = None
+        self._pending = {}  # request id -> what to do with its answer
+        self._rerunRequested = False
+        self._restoringPoints = False
+        self._lastAnnotateFields = None
+        self._dependenciesDeclined = False
+        self._models = {}  # bundle id -> bundle (both tabs)
+        self._inputSelectors = {"annotate": {}, "auto": {}}  # tab -> input name -> qMRMLNodeComboBox
+        self._inputWidgets = {"annotate": None, "auto": None}
+        self.segmentEditorWidget = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -198,20 +224,41 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
         self.logic = SegmentationDeepEditLogic()
 
-        self.ui.pointsPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
-        self.ui.pointsPlaceWidget.buttonsVisible = True
+        for placeWidget in (self.ui.pointsPlaceWidget, self.ui.positivePlaceWidget, self.ui.negativePlaceWidget):
+            placeWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+            placeWidget.buttonsVisible = True
+        self.ui.progressBar.setVisible(False)
+        self.ui.cancelButton.enabled = False
 
         # A new markups node made from the selector gets the six-point limit at once
         self.ui.pointsSelector.connect("nodeAddedByUser(vtkMRMLNode*)", self.logic.configurePointsNode)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentSelected)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.autoModelComboBox.connect("currentIndexChanged(int)", self.onAutoModelSelected)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.newSegmentButton.connect("clicked(bool)", self.onNewSegmentButton)
+        self.ui.autoApplyButton.connect("clicked(bool)", self.onAutoApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.loadDemoButton.connect("clicked(bool)", self.onLoadDemoButton)
 
         # One single-shot timer: every point event restarts it, so a drag runs once it pauses
         self._autoUpdateTimer = qt.QTimer()
         self._autoUpdateTimer.setSingleShot(True)
         self._autoUpdateTimer.setInterval(AUTO_UPDATE_DELAY_MS)
         self._autoUpdateTimer.connect("timeout()", self.onAutoUpdateTimeout)
+        # Reads the worker's queue while a request is in flight
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(WORKER_POLL_MS)
+        self._pollTimer.connect("timeout()", self.onPollWorker)
+
+        # Segment Editor inside the module: correcting a result is one click away
+        self.segmentEditorWidget = slicer.qMRMLSegmentEditorWidget()
+        self.segmentEditorWidget.setMaximumNumberOfUndoStates(10)
+        self.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        self.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
+        self.segmentEditorWidget.segmentationNodeSelectorVisible = False
+        self.segmentEditorWidget.sourceVolumeNodeSelectorVisible = False
+        self.ui.segmentEditorCollapsibleButton.layout().addWidget(self.segmentEditorWidget)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -220,16 +267,30 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._autoUpdateTimer:
-            self._autoUpdateTimer.stop()
+        for timer in (self._autoUpdateTimer, self._pollTimer):
+            if timer:
+                timer.stop()
+        if self.segmentEditorWidget:
+            self.segmentEditorWidget.setActiveEffect(None)
+            self.segmentEditorWidget.removeViewObservations()
         self.removeObservers()
+        if self.logic:
+            self.logic.stopWorker()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        self.segmentEditorWidget.updateWidgetFromMRML()
+        # Start the worker and load the model while the user clicks, if nothing must be installed
+        if not self.logic.missingDependencies():
+            self._warmUp()
 
     def exit(self) -> None:
         # Points moved while another module is shown do not re-run; the GUI is refreshed on enter
-        self._observePointsNode(None)
+        self._observePointNodes([])
+        self._autoUpdateTimer.stop()
+        self.segmentEditorWidget.setActiveEffect(None)
+        self.segmentEditorWidget.removeViewObservations()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -238,28 +299,47 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     def onReload(self) -> None:
         """Reload the module and the core package (forgotten here, re-imported on next use)."""
+        if self.logic:
+            self.logic.stopWorker()
         for name in [n for n in sys.modules if n == "SegmentationDeepEditLib" or n.startswith("SegmentationDeepEditLib.")]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # Answers still on their way are for nodes about to disappear: forget them (the worker stays)
+        self._pending = {}
+        self._rerunRequested = False
+        self._lastAnnotateFields = None
+        self._setIdle()
         self.setParameterNode(None)
+        self.segmentEditorWidget.setSegmentationNode(None)
+        self.segmentEditorWidget.removeViewObservations()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
+            self.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+
+    # Parameter node
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
+        p = self._parameterNode
+        if not p.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-                self._parameterNode.inputVolume = firstVolumeNode
-        if not self._parameterNode.extremePoints:
-            # Ready to click: the user only has to press "place"
-            self._parameterNode.extremePoints = self.logic.createPointsNode()
-        if not self._parameterNode.modelId and self.ui.modelComboBox.enabled:
+                p.inputVolume = firstVolumeNode
+        # Ready to click: the user only has to press "place"
+        if not p.extremePoints:
+            p.extremePoints = self.logic.createPointsNode("ExtremePoints", "extreme")
+        if not p.positivePoints:
+            p.positivePoints = self.logic.createPointsNode("AddClicks", "positive")
+        if not p.negativePoints:
+            p.negativePoints = self.logic.createPointsNode("RemoveClicks", "negative")
+        if not p.modelId and self.ui.modelComboBox.enabled:
             self.onModelSelected(self.ui.modelComboBox.currentIndex)
+        if not p.autoModelId and self.ui.autoModelComboBox.enabled:
+            self.onAutoModelSelected(self.ui.autoModelComboBox.currentIndex)
 
     def setParameterNode(self, inputParameterNode: Optional[SegmentationDeepEditParameterNode]) -> None:
         if self._parameterNode:
@@ -274,101 +354,229 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
-        """Sync the widgets that are not bound by connectGui, and the point observations."""
+        """Sync the widgets that connectGui does not bind, and the point observations."""
         p = self._parameterNode
-        pointsNode = p.extremePoints if p else None
-        self._observePointsNode(pointsNode)
-        self.ui.pointsPlaceWidget.setCurrentNode(pointsNode)
+        nodes = [p.extremePoints, p.positivePoints, p.negativePoints] if p else [None, None, None]
+        self._observePointNodes([n for n in nodes if n])
+        for placeWidget, node in zip((self.ui.pointsPlaceWidget, self.ui.positivePlaceWidget, self.ui.negativePlaceWidget), nodes):
+            placeWidget.setCurrentNode(node)
 
         segmentationNode = p.outputSegmentation if p else None
         wasBlocked = self.ui.segmentSelector.blockSignals(True)
         self.ui.segmentSelector.setCurrentNode(segmentationNode)
         self.ui.segmentSelector.setCurrentSegmentID(p.segmentId if p else "")
         self.ui.segmentSelector.blockSignals(wasBlocked)
+        if self.segmentEditorWidget:
+            self.segmentEditorWidget.setSegmentationNode(segmentationNode)
+            self.segmentEditorWidget.setSourceVolumeNode(p.inputVolume if p else None)
+            if p and p.segmentId:
+                self.segmentEditorWidget.setCurrentSegmentID(p.segmentId)
 
         if p:
-            index = self.ui.modelComboBox.findData(p.modelId) if p.modelId else -1
-            if index >= 0 and index != self.ui.modelComboBox.currentIndex:
-                wasBlocked = self.ui.modelComboBox.blockSignals(True)
-                self.ui.modelComboBox.currentIndex = index
-                self.ui.modelComboBox.blockSignals(wasBlocked)
+            for combo, modelId in ((self.ui.modelComboBox, p.modelId), (self.ui.autoModelComboBox, p.autoModelId)):
+                index = combo.findData(modelId) if modelId else -1
+                if index >= 0 and index != combo.currentIndex:
+                    wasBlocked = combo.blockSignals(True)
+                    combo.currentIndex = index
+                    combo.blockSignals(wasBlocked)
+        self._updateHint()
         self._checkCanApply()
 
-    def _observePointsNode(self, pointsNode) -> None:
-        if pointsNode is self._observedPointsNode:
+    # Points
+
+    def _observePointNodes(self, pointNodes) -> None:
+        if [n.GetID() for n in pointNodes] == [n.GetID() for n in self._observedPointNodes]:
             return
-        if self._observedPointsNode:
-            for event in (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
-                          slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
-                          slicer.vtkMRMLMarkupsNode.PointRemovedEvent):
-                self.removeObserver(self._observedPointsNode, event, self.onPointsModified)
-        self._observedPointsNode = pointsNode
-        if pointsNode:
-            self.logic.configurePointsNode(pointsNode)
+        events = (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+                  slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
+                  slicer.vtkMRMLMarkupsNode.PointRemovedEvent)
+        for node in self._observedPointNodes:
+            for event in events:
+                self.removeObserver(node, event, self.onPointsModified)
+        self._observedPointNodes = list(pointNodes)
+        for node in self._observedPointNodes:
             # PointPositionDefinedEvent: a point was placed (the sixth one starts a run);
             # PointModifiedEvent: a point moved (also fires, with preview status, while placing).
-            for event in (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
-                          slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
-                          slicer.vtkMRMLMarkupsNode.PointRemovedEvent):
-                self.addObserver(pointsNode, event, self.onPointsModified)
+            for event in events:
+                self.addObserver(node, event, self.onPointsModified)
 
     def onPointsModified(self, caller=None, event=None) -> None:
-        self._checkCanApply()
         p = self._parameterNode
-        if not p or not p.autoUpdate or self._running:
+        if p and caller is not None and p.extremePoints and caller.GetID() == p.extremePoints.GetID():
+            self.logic.labelExtremePoints(p.extremePoints)
+        self._updateHint()
+        self._checkCanApply()
+        if not p or not p.autoUpdate or self._restoringPoints:
             return
-        if self.logic.numberOfDefinedPoints(p.extremePoints) == NUMBER_OF_EXTREME_POINTS and p.inputVolume:
+        if self._canApply():
             self._autoUpdateTimer.start()
 
     def onAutoUpdateTimeout(self) -> None:
         p = self._parameterNode
         if not p or not p.autoUpdate or not self._canApply():
             return
-        self.runAnnotation()
+        self.startAnnotation(showErrors=False)
+
+    def _updateHint(self) -> None:
+        p = self._parameterNode
+        node = p.extremePoints if p else None
+        if node is None:
+            self.ui.pointsHintLabel.text = ""
+            return
+        from SegmentationDeepEditLib.slicer_bridge import next_extreme_hint
+
+        self.ui.pointsHintLabel.text = next_extreme_hint(
+            self.logic.numberOfDefinedPoints(node), node.GetNumberOfControlPoints())
 
     def onSegmentSelected(self, segmentId) -> None:
-        if self._parameterNode:
-            self._parameterNode.segmentId = segmentId or ""
+        p = self._parameterNode
+        if not p:
+            return
+        p.segmentId = segmentId or ""
+        if not segmentId or not p.outputSegmentation:
+            return
+        # A segment made here remembers its clicks: bring them back, without re-running
+        stored = self.logic.pointsOfSegment(p.outputSegmentation, segmentId)
+        if stored is None:
+            return
+        self._restoringPoints = True
+        try:
+            self.logic.setPointsLps(p.extremePoints, stored.extreme)
+            self.logic.setPointsLps(p.positivePoints, stored.positive)
+            self.logic.setPointsLps(p.negativePoints, stored.negative)
+            self.logic.labelExtremePoints(p.extremePoints)
+        finally:
+            self._restoringPoints = False
+        self._autoUpdateTimer.stop()
+        self._lastAnnotateFields = None
+        self._updateHint()
 
-    def onModelSelected(self, index) -> None:
-        if self._parameterNode and index >= 0:
-            self._parameterNode.modelId = self.ui.modelComboBox.itemData(index) or ""
+    def onNewSegmentButton(self) -> None:
+        """Start a new object: forget the clicks, and make the next result a new segment."""
+        p = self._parameterNode
+        if not p:
+            return
+        self._restoringPoints = True
+        try:
+            for node in (p.extremePoints, p.positivePoints, p.negativePoints):
+                if node:
+                    node.RemoveAllControlPoints()
+            p.segmentId = ""
+        finally:
+            self._restoringPoints = False
+        self._autoUpdateTimer.stop()
+        self._lastAnnotateFields = None
+        self.ui.pointsPlaceWidget.setPlaceModeEnabled(True)
+
+    # Models and their inputs
 
     def populateModels(self) -> None:
-        """Fill the model selector from the annotation bundles the core finds."""
-        combo = self.ui.modelComboBox
-        wasBlocked = combo.blockSignals(True)
-        combo.clear()
+        """Fill both model selectors from the bundles the core finds."""
         try:
-            bundles = self.logic.annotationModels()
+            annotation = self.logic.models("annotation")
+            automatic = self.logic.models("segmentation")
         except ImportError as e:
             # The core reads bundle metadata with jsonschema, which may not be installed yet
             logging.info(f"SegmentationDeepEdit: models not listed yet ({e})")
-            bundles = None
+            annotation = automatic = None
         except Exception as e:
             logging.warning(f"SegmentationDeepEdit: could not list the models: {e}")
-            bundles = []
-        if bundles is None:
-            combo.addItem(_("(press Segment to install the required Python packages)"), "")
-            combo.enabled = False
-        elif not bundles:
-            combo.addItem(_("(no annotation model found)"), "")
-            combo.enabled = False
-        else:
-            for b in bundles:
-                combo.addItem(b.name, b.id)
-                combo.setItemData(combo.count - 1, b.description, qt.Qt.ToolTipRole)
-            combo.enabled = True
-        combo.blockSignals(wasBlocked)
-        if self._parameterNode:
-            index = combo.findData(self._parameterNode.modelId) if self._parameterNode.modelId else -1
-            combo.currentIndex = max(index, 0)
-            self.onModelSelected(combo.currentIndex)
+            annotation = automatic = []
+        self._models = {b.id: b for b in (annotation or []) + (automatic or [])}
+        for combo, bundles, none in ((self.ui.modelComboBox, annotation, _("(no annotation model found)")),
+                                     (self.ui.autoModelComboBox, automatic, _("(no automatic model installed yet)"))):
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            if bundles is None:
+                combo.addItem(_("(press Segment to install the required Python packages)"), "")
+                combo.enabled = False
+            elif not bundles:
+                combo.addItem(none, "")
+                combo.enabled = False
+            else:
+                for b in bundles:
+                    combo.addItem(b.name, b.id)
+                    combo.setItemData(combo.count - 1, b.description, qt.Qt.ToolTipRole)
+                combo.enabled = True
+            combo.blockSignals(wasBlocked)
+        p = self._parameterNode
+        if p:
+            for combo, modelId, handler in ((self.ui.modelComboBox, p.modelId, self.onModelSelected),
+                                            (self.ui.autoModelComboBox, p.autoModelId, self.onAutoModelSelected)):
+                index = combo.findData(modelId) if modelId else -1
+                wasBlocked = combo.blockSignals(True)
+                combo.currentIndex = max(index, 0)
+                combo.blockSignals(wasBlocked)
+                handler(combo.currentIndex)
+        self.ui.autoApplyButton.enabled = bool(automatic)
+
+    def onModelSelected(self, index) -> None:
+        p = self._parameterNode
+        if not p or index < 0:
+            return
+        p.modelId = self.ui.modelComboBox.itemData(index) or ""
+        bundle = self._models.get(p.modelId)
+        channels = bundle.meta.get("guidance", {}).get("channels", []) if bundle else []
+        for widget, channel in ((self.ui.positivePlaceWidget, "positive"), (self.ui.negativePlaceWidget, "negative")):
+            widget.enabled = channel in channels
+            widget.toolTip = "" if channel in channels else _("The selected model takes no corrective clicks.")
+        self.ui.modelDescriptionLabel.text = bundle.description if bundle else ""
+        # The first input is "Input volume"; multi-input models get a selector per further input
+        self._buildInputSelectors("annotate", bundle.meta["inputs"][1:] if bundle else [], self.ui.annotateInputsFrame)
+        self._lastAnnotateFields = None
+        if self.logic.workerRunning():
+            self._warmUp()
+
+    def onAutoModelSelected(self, index) -> None:
+        p = self._parameterNode
+        if not p or index < 0:
+            return
+        p.autoModelId = self.ui.autoModelComboBox.itemData(index) or ""
+        bundle = self._models.get(p.autoModelId)
+        self.ui.autoModelDescriptionLabel.text = bundle.description if bundle else ""
+        self._buildInputSelectors("auto", bundle.meta["inputs"] if bundle else [], self.ui.autoInputsFrame)
+
+    def _buildInputSelectors(self, tab: str, inputs: list, frame) -> None:
+        """One volume selector per declared input, pre-set from the parameter node or guessed from names."""
+        old = self._inputWidgets[tab]
+        if old is not None:
+            old.deleteLater()
+        self._inputSelectors[tab] = {}
+        container = qt.QWidget()
+        form = qt.QFormLayout(container)
+        form.setContentsMargins(0, 0, 0, 0)
+        frame.layout().addWidget(container)
+        self._inputWidgets[tab] = container
+        frame.setVisible(bool(inputs))
+        if not inputs:
+            return
+        p = self._parameterNode
+        guessed = self.logic.guessInputVolumes(inputs)
+        for spec, guess in zip(inputs, guessed):
+            selector = slicer.qMRMLNodeComboBox()
+            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            selector.showChildNodeTypes = False
+            selector.noneEnabled = True
+            selector.addEnabled = False
+            selector.removeEnabled = False
+            selector.setMRMLScene(slicer.mrmlScene)
+            selector.toolTip = _("Volume for the model's input '{name}' ({modality}).").format(
+                name=spec["name"], modality=spec.get("modality", "any"))
+            stored = self.logic.inputVolumeOf(p, tab, spec["name"]) if p else None
+            selector.setCurrentNode(stored or guess)
+            selector.connect("currentNodeChanged(vtkMRMLNode*)",
+                             lambda node, t=tab, n=spec["name"]: self.logic.setInputVolumeOf(self._parameterNode, t, n, node))
+            self.logic.setInputVolumeOf(p, tab, spec["name"], selector.currentNode())
+            form.addRow(f"{spec['name']}:", selector)
+            self._inputSelectors[tab][spec["name"]] = selector
+
+    # Apply, progress, cancel
 
     def _canApply(self) -> bool:
         p = self._parameterNode
         return bool(p and p.inputVolume and p.extremePoints
-                    and self.logic.numberOfDefinedPoints(p.extremePoints) == NUMBER_OF_EXTREME_POINTS)
+                    and self.logic.numberOfDefinedPoints(p.extremePoints) == NUMBER_OF_EXTREME_POINTS
+                    and p.extremePoints.GetNumberOfControlPoints() == NUMBER_OF_EXTREME_POINTS)
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -381,41 +589,181 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self.ui.segmentButton.enabled = False
 
     def onSegmentButton(self) -> None:
-        self.runAnnotation(showErrorDialog=True)
+        self.startAnnotation(showErrors=True, force=True)
 
-    def runAnnotation(self, showErrorDialog: bool = False) -> None:
-        """Run the model on the current points and show how it went in the status label.
+    def _ensureDependencies(self, showErrors: bool) -> bool:
+        """True when the packages are there; asks once, and only once per session for automatic runs."""
+        if self._dependenciesDeclined and not showErrors:
+            return False
+        try:
+            ok = self.logic.ensureDependencies(askConfirmation=True)
+        except Exception as e:
+            self._reportError(_("Installing the Python packages failed."), str(e), showErrors)
+            return False
+        if not ok:
+            self._dependenciesDeclined = True
+            self.ui.statusLabel.text = _("The required Python packages are not installed.")
+            return False
+        if not self.ui.modelComboBox.enabled or not self._models:
+            self.populateModels()  # packages may have just been installed
+        return True
+
+    def startAnnotation(self, showErrors: bool = False, force: bool = False) -> None:
+        """Send the current points to the worker; the answer is handled in :meth:`onPollWorker`.
 
         Errors from the button open a dialog; errors from an automatic update (while the user
         drags points) go to the status label only, so that a drag does not raise a dialog storm.
         """
-        if self._running:
+        if any(ctx["kind"] == "annotate" for ctx in self._pending.values()):
+            self._rerunRequested = True  # run once more with the newest points when this one is done
             return
         p = self._parameterNode
-        self._running = True
-        self.ui.statusLabel.text = _("Segmenting...")
-        slicer.app.processEvents()
+        if not p or not self._canApply() or not self._ensureDependencies(showErrors):
+            return
         try:
-            with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), show=showErrorDialog, waitCursor=True):
-                if not self.logic.ensureDependencies():
-                    self.ui.statusLabel.text = _("The required Python packages are not installed.")
-                    return
-                if not self.ui.modelComboBox.enabled:
-                    self.populateModels()  # packages may have just been installed
-                if not p.outputSegmentation:
-                    p.outputSegmentation = self.logic.createSegmentationNode(p.inputVolume)
-                outcome = self.logic.process(
-                    p.inputVolume, p.extremePoints, p.outputSegmentation, segmentId=p.segmentId,
-                    modelId=p.modelId, device=p.device, tta=p.tta)
-                p.segmentId = outcome.segmentId
-                self.ui.statusLabel.text = outcome.summary()
+            if not p.outputSegmentation:
+                p.outputSegmentation = self.logic.createSegmentationNode(p.inputVolume)
+            fields = self.logic.annotationFields(
+                p.inputVolume, p.extremePoints, p.positivePoints, p.negativePoints, modelId=p.modelId,
+                device=p.device, tta=p.tta, extraInputs=self._inputVolumes("annotate"))
+            if not force and fields == self._lastAnnotateFields:
+                return  # e.g. a preview point moved: nothing that matters changed
+            rid = self.logic.sendRequest("annotate", fields)
         except Exception as e:
-            self.ui.statusLabel.text = _("Failed: {message}").format(message=str(e))
-            if showErrorDialog:
-                raise
-            logging.error(f"SegmentationDeepEdit automatic update failed: {e}")
-        finally:
-            self._running = False
+            self._reportError(_("Segmentation failed."), str(e), showErrors)
+            return
+        self._lastAnnotateFields = fields
+        self._pending[rid] = {
+            "kind": "annotate", "showErrors": showErrors, "volumeNode": p.inputVolume,
+            "segmentationNode": p.outputSegmentation, "segmentId": p.segmentId, "fields": fields}
+        self._setBusy(_("Segmenting..."))
+
+    def onAutoApplyButton(self) -> None:
+        p = self._parameterNode
+        if not p or not p.autoModelId or not self._ensureDependencies(True):
+            return
+        inputs = self._inputVolumes("auto")
+        try:
+            fields = self.logic.segmentFields(p.autoModelId, inputs, device=p.autoDevice, tta=p.autoTta, fast=p.autoFast)
+            rid = self.logic.sendRequest("segment", fields)
+        except Exception as e:
+            self._reportError(_("Automatic segmentation failed."), str(e), True)
+            return
+        referenceVolume = next((node for node in inputs.values() if node), None)
+        self._pending[rid] = {"kind": "segment", "showErrors": True, "volumeNode": referenceVolume,
+                              "segmentationNode": p.autoOutputSegmentation, "modelId": p.autoModelId}
+        self._setBusy(_("Segmenting automatically..."))
+
+    def onLoadDemoButton(self) -> None:
+        _generateDemoCase()
+
+    def _warmUp(self) -> None:
+        """Start the worker and load the selected model, so that the first click is fast."""
+        p = self._parameterNode
+        try:
+            rid = self.logic.sendRequest("load", {"model": (p.modelId if p else "") or None,
+                                                  "device": p.device if p else "auto"})
+        except Exception as e:
+            logging.info(f"SegmentationDeepEdit: worker not started ({e})")
+            return
+        self._pending[rid] = {"kind": "load", "showErrors": False}
+        self._pollTimer.start()
+
+    def _inputVolumes(self, tab: str) -> dict:
+        return {name: selector.currentNode() for name, selector in self._inputSelectors[tab].items()}
+
+    def _setBusy(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.setVisible(True)
+        self.ui.cancelButton.enabled = True
+        self._pollTimer.start()
+
+    def _setIdle(self) -> None:
+        if any(ctx["kind"] != "load" for ctx in self._pending.values()):
+            return
+        self.ui.progressBar.setVisible(False)
+        self.ui.cancelButton.enabled = False
+        if not self._pending:
+            self._pollTimer.stop()
+
+    def onCancelButton(self) -> None:
+        """Kill the worker: the request in flight is abandoned (the next run starts a new worker)."""
+        if not self._pending:
+            return
+        cancelled = any(ctx["kind"] != "load" for ctx in self._pending.values())
+        self._pending = {}
+        self._rerunRequested = False
+        self._lastAnnotateFields = None
+        self.logic.stopWorker(kill=True)
+        self._setIdle()
+        if cancelled:
+            self.ui.statusLabel.text = _("Cancelled.")
+
+    def onPollWorker(self) -> None:
+        for message in self.logic.pollWorker():
+            if "log" in message:
+                logging.info(f"SegmentationDeepEdit worker: {message['log']}")
+                continue
+            if "exited" in message:
+                if self._pending:
+                    lost = self._pending
+                    self._pending = {}
+                    for ctx in lost.values():
+                        self._reportError(_("The inference worker stopped."), _(
+                            "It exited with code {code} before answering; the application log has its messages.").format(
+                            code=message["exited"]), ctx["showErrors"])
+                continue
+            ctx = self._pending.get(message.get("id"))
+            if ctx is None:
+                continue  # ready message, or an answer to a cancelled request
+            if "progress" in message:
+                if ctx["kind"] != "load":
+                    self.ui.progressBar.value = int(round(100 * float(message["progress"])))
+                    self.ui.progressBar.format = f"%p% {message.get('stage', '')}"
+                continue
+            del self._pending[message["id"]]
+            if "error" in message:
+                if ctx["kind"] == "load":
+                    logging.warning(f"SegmentationDeepEdit: could not preload the model: {message['error']}")
+                else:
+                    self._reportError(_("Segmentation failed."), message["error"], ctx["showErrors"])
+            elif "result" in message:
+                self._onResult(ctx, message["result"])
+        self._setIdle()
+        if self._rerunRequested and not any(c["kind"] == "annotate" for c in self._pending.values()):
+            self._rerunRequested = False
+            self.startAnnotation(showErrors=False)
+
+    def _onResult(self, ctx: dict, result: dict) -> None:
+        p = self._parameterNode
+        if ctx["kind"] == "load":
+            logging.info(f"SegmentationDeepEdit: model {result['model_id']} ready on {result['device']}")
+            return
+        try:
+            if ctx["kind"] == "annotate":
+                segmentId = self.logic.applyAnnotationResult(
+                    result, ctx["volumeNode"], ctx["segmentationNode"], ctx["segmentId"], ctx["fields"],
+                    segmentEditorWidget=self.segmentEditorWidget)
+                if p and p.outputSegmentation is ctx["segmentationNode"] and p.segmentId == ctx["segmentId"]:
+                    p.segmentId = segmentId
+                self.ui.statusLabel.text = AnnotationOutcome(segmentId, result).summary()
+            else:
+                segmentationNode = self.logic.applySegmentationResult(result, ctx["volumeNode"], ctx["segmentationNode"])
+                if p:
+                    p.autoOutputSegmentation = segmentationNode
+                self.ui.statusLabel.text = _("{count} segments in {seconds:.1f} s on {device}").format(
+                    count=len(result.get("labels", [])), seconds=float(result.get("seconds", {}).get("request", 0)),
+                    device=str(result.get("device", "")).upper())
+        except Exception as e:
+            self._reportError(_("The result could not be written into the segmentation."), str(e), ctx["showErrors"])
+
+    def _reportError(self, title: str, message: str, showDialog: bool) -> None:
+        """Status label always; a dialog with the core's message for actions the user started."""
+        self.ui.statusLabel.text = _("Failed: {message}").format(message=message)
+        logging.error(f"SegmentationDeepEdit: {title} {message}")
+        if showDialog:
+            slicer.util.errorDisplay(f"{title}\n\n{message}", windowTitle=_("Segmentation DeepEdit"))
 
 
 #
@@ -428,34 +776,41 @@ class AnnotationOutcome:
 
     Attributes:
         segmentId: the segment that holds the result.
-        result: the core's AnnotationResult (mask, device, seconds, segment_name, color, warnings).
+        result: the worker's reply (mask path, segment_name, color, device, seconds, warnings, ...).
     """
 
-    def __init__(self, segmentId: str, result) -> None:
+    def __init__(self, segmentId: str, result: dict) -> None:
         self.segmentId = segmentId
         self.result = result
 
     @property
     def seconds(self) -> float:
-        s = self.result.seconds
-        return float(s.get("total", sum(s.values()))) if isinstance(s, dict) else float(s)
+        s = self.result.get("seconds", {})
+        return float(s.get("request", s.get("total", 0.0)))
 
     def summary(self) -> str:
         r = self.result
-        volume = getattr(r, "volume_ml", None)
-        text = _("{name}: {volume} in {seconds:.2f} s on {device}").format(
-            name=r.segment_name,
-            volume=(f"{volume:.1f} ml" if volume is not None else "done"),
-            seconds=self.seconds,
-            device=str(r.device).upper())
-        warnings = list(getattr(r, "warnings", []) or [])
+        text = _("{name}: {volume:.1f} ml in {seconds:.2f} s on {device}").format(
+            name=r.get("segment_name", ""), volume=float(r.get("volume_ml", 0.0)), seconds=self.seconds,
+            device=str(r.get("device", "")).upper())
+        if r.get("model_loaded"):
+            text += " " + _("(including loading the model)")
+        warnings = list(r.get("warnings") or [])
         if warnings:
             text += "\n" + "\n".join(warnings)
         return text
 
 
 class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
-    """MRML nodes to core objects and back. Can be used without the GUI widget."""
+    """MRML nodes to core objects and back, and the worker. Can be used without the GUI widget."""
+
+    # One worker per Slicer session, shared by every logic instance (the module's widget, the
+    # Sample Data callback, the self-test), so that a model is loaded once.
+    _client = None
+    _exchangeFiles = {}  # volume node ID -> (content key, file written for the worker)
+    _exchangeCount = 0
+    _blocking = False  # a blocking request() is reading the worker's messages
+    _deferred = []  # messages a blocking request() read that belong to someone else
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -466,26 +821,33 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
 
     # Dependencies
 
-    def ensureDependencies(self, askConfirmation: bool = True) -> bool:
+    @staticmethod
+    def missingDependencies(requirements: Optional[Dict[str, str]] = None) -> List[str]:
+        return missingPackages(requirements)
+
+    def ensureDependencies(self, askConfirmation: bool = True, requirements: Optional[Dict[str, str]] = None) -> bool:
         """Make sure the core's Python packages are importable; install them after asking.
 
         Returns:
             True when everything is there, False when the user declined.
         """
-        if self._dependenciesChecked:
+        if self._dependenciesChecked and requirements is None:
             return True
-        missing = missingPackages()
+        missing = missingPackages(requirements)
         if missing:
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                     _("SegmentationDeepEdit needs these Python packages, which are not installed yet: {packages}.\n\n"
-                      "Download and install them now? This may take several minutes.").format(packages=", ".join(missing)),
+                      "Download and install them now? This may take several minutes. Without an internet "
+                      "connection, install them from wheel files with pip in Slicer's Python console.").format(
+                        packages=", ".join(missing)),
                     windowTitle=_("Install Python packages")):
                 return False
             self.installDependencies(missing)
-            still = missingPackages()
+            still = missingPackages(requirements)
             if still:
                 raise RuntimeError(f"these Python packages could not be installed: {', '.join(still)}")
-        self._dependenciesChecked = True
+        if requirements is None:
+            self._dependenciesChecked = True
         return True
 
     @staticmethod
@@ -513,31 +875,146 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
     # Models
 
     @staticmethod
-    def annotationModels() -> list:
-        """Annotation bundles (objects with .id, .name, .description, .task) the core finds, its default first."""
+    def models(task: str) -> list:
+        """Bundles of one task ("annotation" or "segmentation") the core finds; the default annotation model first."""
         from SegmentationDeepEditLib import bundle
 
-        default = getattr(bundle, "DEFAULT_ANNOTATION_MODEL", None)
-        models = [b for b in bundle.list_bundles() if b.task == "annotation"]
-        return sorted(models, key=lambda b: b.id != default)  # stable: the rest keep the core's order
+        found = [b for b in bundle.list_bundles() if b.task == task]
+        return sorted(found, key=lambda b: b.id != bundle.DEFAULT_ANNOTATION_MODEL)  # stable: the rest keep their order
+
+    def guessInputVolumes(self, inputs: list) -> list:
+        """For each declared input, the scalar volume whose name suggests it (or None)."""
+        from SegmentationDeepEditLib.slicer_bridge import guess_input_volumes
+
+        volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+        return [volumes[i] if i is not None else None for i in guess_input_volumes(inputs, [v.GetName() for v in volumes])]
+
+    @staticmethod
+    def inputVolumeOf(parameterNode, tab: str, name: str):
+        return parameterNode.parameterNode.GetNodeReference(f"{tab}Input.{name}") if parameterNode else None
+
+    @staticmethod
+    def setInputVolumeOf(parameterNode, tab: str, name: str, volumeNode) -> None:
+        if parameterNode:
+            parameterNode.parameterNode.SetNodeReferenceID(f"{tab}Input.{name}", volumeNode.GetID() if volumeNode else None)
+
+    # The worker
+
+    @staticmethod
+    def workerCommand() -> List[str]:
+        """PythonSlicer (Slicer's own Python, on PATH inside Slicer) running the worker module."""
+        import shutil
+
+        python = shutil.which("PythonSlicer")
+        if not python:
+            python = os.path.join(os.path.dirname(sys.executable), "PythonSlicer" + (".exe" if os.name == "nt" else ""))
+        if not os.path.isfile(python):
+            raise RuntimeError(f"Slicer's Python executable (PythonSlicer) was not found (looked for {python})")
+        return [python, "-m", WORKER_MODULE]
+
+    @classmethod
+    def worker(cls):
+        """The running worker client, started if needed."""
+        from SegmentationDeepEditLib.worker import WorkerClient
+
+        client = SegmentationDeepEditLogic._client
+        if client is None:
+            # cwd: "python -m" finds SegmentationDeepEditLib next to this file
+            client = WorkerClient(cls.workerCommand(), cwd=_MODULE_DIR, scratch_parent=slicer.app.temporaryPath)
+            SegmentationDeepEditLogic._client = client
+        if not client.running:
+            SegmentationDeepEditLogic._exchangeFiles = {}  # a new scratch folder
+            client.start()
+        return client
+
+    @staticmethod
+    def workerRunning() -> bool:
+        client = SegmentationDeepEditLogic._client
+        return bool(client is not None and client.running)
+
+    @staticmethod
+    def stopWorker(kill: bool = False) -> None:
+        """Stop the worker (kill: at once, for Cancel) and delete its exchange files."""
+        client = SegmentationDeepEditLogic._client
+        if client is None:
+            return
+        if kill:
+            client.kill()
+        client.close()
+        SegmentationDeepEditLogic._exchangeFiles = {}
+
+    def sendRequest(self, op: str, fields: dict) -> int:
+        return self.worker().send(op, **fields)
+
+    @staticmethod
+    def pollWorker() -> list:
+        """Messages and log lines from the worker since the last call (nothing while a blocking request reads them)."""
+        if SegmentationDeepEditLogic._blocking:
+            return []
+        client = SegmentationDeepEditLogic._client
+        deferred, SegmentationDeepEditLogic._deferred = SegmentationDeepEditLogic._deferred, []
+        return deferred + (client.poll() if client is not None else [])
+
+    def request(self, op: str, fields: dict, progress=None) -> dict:
+        """Blocking request (scripts, self-test, Sample Data): Slicer keeps processing events meanwhile.
+
+        Raises:
+            RuntimeError: the worker's error message.
+        """
+        from SegmentationDeepEditLib.worker import WorkerError
+
+        client = self.worker()
+
+        def onMessage(message):
+            if message.get("id") == rid and "progress" in message:
+                if progress:
+                    progress(message.get("stage", ""), float(message["progress"]))
+            else:
+                SegmentationDeepEditLogic._deferred.append(message)  # the widget's, read by pollWorker later
+
+        SegmentationDeepEditLogic._blocking = True
+        try:
+            rid = client.send(op, **fields)
+            reply = client.wait(rid, timeout=REQUEST_TIMEOUT_S, on_message=onMessage, idle=slicer.app.processEvents)
+        except WorkerError as e:
+            SegmentationDeepEditLogic._deferred.append({"exited": None})  # the widget's requests are lost too
+            raise RuntimeError(str(e)) from None
+        finally:
+            SegmentationDeepEditLogic._blocking = False
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply["result"]
 
     # Node helpers
 
     @staticmethod
-    def configurePointsNode(pointsNode) -> None:
-        """Limit a point list to six points, so placement stops after the sixth."""
-        if pointsNode is None:
+    def configurePointsNode(pointsNode, role: str = "extreme") -> None:
+        """Limit an extreme-point list to six points, so placement stops after the sixth."""
+        if pointsNode is None or role != "extreme":
             return
         if pointsNode.GetMaximumNumberOfControlPoints() != NUMBER_OF_EXTREME_POINTS:
             pointsNode.SetMaximumNumberOfControlPoints(NUMBER_OF_EXTREME_POINTS)
         if pointsNode.GetRequiredNumberOfControlPoints() != NUMBER_OF_EXTREME_POINTS:
             pointsNode.SetRequiredNumberOfControlPoints(NUMBER_OF_EXTREME_POINTS)
 
-    def createPointsNode(self, name: str = "ExtremePoints"):
+    def createPointsNode(self, name: str = "ExtremePoints", role: str = "extreme"):
+        """A point list for extreme points (yellow, at most six), + clicks (green) or - clicks (red)."""
         pointsNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)  # made unique by the scene
         pointsNode.CreateDefaultDisplayNodes()
-        self.configurePointsNode(pointsNode)
+        color = {"extreme": (1.0, 0.85, 0.1), "positive": (0.1, 0.85, 0.2), "negative": (0.95, 0.2, 0.2)}[role]
+        pointsNode.GetDisplayNode().SetSelectedColor(*color)
+        self.configurePointsNode(pointsNode, role)
         return pointsNode
+
+    @staticmethod
+    def labelExtremePoints(pointsNode) -> None:
+        """Name the points R, L, A, P, S, I in the order they were placed (the order the hint asks for)."""
+        from SegmentationDeepEditLib.slicer_bridge import extreme_point_label
+
+        for i in range(pointsNode.GetNumberOfControlPoints()):
+            label = extreme_point_label(i)
+            if pointsNode.GetNthControlPointLabel(i) != label:
+                pointsNode.SetNthControlPointLabel(i, label)
 
     @staticmethod
     def createSegmentationNode(referenceVolumeNode=None):
@@ -548,6 +1025,17 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
         return segmentationNode
 
     @staticmethod
+    def segmentEditorNode():
+        """This module's own Segment Editor parameter node (a singleton, apart from the Segment Editor module's)."""
+        node = slicer.mrmlScene.GetSingletonNode(SEGMENT_EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
+        if node is None:
+            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            node.UnRegister(None)
+            node.SetSingletonTag(SEGMENT_EDITOR_SINGLETON_TAG)
+            node = slicer.mrmlScene.AddNode(node)
+        return node
+
+    @staticmethod
     def numberOfDefinedPoints(pointsNode) -> int:
         """Points whose position is set (a point being placed, still following the mouse, is not)."""
         return pointsNode.GetNumberOfDefinedControlPoints() if pointsNode else 0
@@ -555,11 +1043,11 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
     # MRML -> core
 
     @staticmethod
-    def checkNotTransformed(volumeNode) -> None:
-        if volumeNode.GetParentTransformNode() is not None:
+    def checkNotTransformed(node) -> None:
+        if node is not None and node.GetParentTransformNode() is not None:
             raise ValueError(
-                f"The volume '{volumeNode.GetName()}' is under a transform. Harden the transform first "
-                "(Data module: right-click the volume, 'Harden transform'), so that the segment lands where the image is.")
+                f"'{node.GetName()}' is under a transform. Harden the transform first "
+                "(Data module: right-click it, 'Harden transform'), so that the segment lands where the image is.")
 
     @classmethod
     def volumeNodeToImage(cls, volumeNode):
@@ -568,73 +1056,210 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
         Raises:
             ValueError: no image data, or the volume is under a transform.
         """
-        import SimpleITK as sitk
+        from SegmentationDeepEditLib.slicer_bridge import image_from_volume_array
 
         if volumeNode is None or volumeNode.GetImageData() is None:
             raise ValueError("the input volume has no image data")
         cls.checkNotTransformed(volumeNode)
-        array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)  # [k, j, i]
-        ijkToRas = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(ijkToRas)
-        spacing, origin, direction = lpsGeometryFromIJKToRAS(slicer.util.arrayFromVTKMatrix(ijkToRas))
-        image = sitk.GetImageFromArray(array)
-        image.SetSpacing(spacing)
-        image.SetOrigin(origin)
-        image.SetDirection(direction)
-        return image
+        return image_from_volume_array(slicer.util.arrayFromVolume(volumeNode), cls.ijkToRas(volumeNode))
+
+    @staticmethod
+    def ijkToRas(volumeNode) -> np.ndarray:
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        return slicer.util.arrayFromVTKMatrix(matrix)
 
     @staticmethod
     def imageToVolumeNode(image, name: str = "Volume"):
         """A SimpleITK image (LPS) as a new scalar volume node (pixels copied)."""
         import SimpleITK as sitk
+        from SegmentationDeepEditLib.slicer_bridge import ijk_to_ras_from_lps_geometry
 
-        ijkToRas = ijkToRASFromLpsGeometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+        ijkToRas = ijk_to_ras_from_lps_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
         return slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image), ijkToRas, name)
 
-    @staticmethod
-    def controlPointsLps(pointsNode) -> np.ndarray:
+    def exchangeFile(self, volumeNode) -> str:
+        """The volume written for the worker (MetaImage, LPS); rewritten only when its voxels or geometry change."""
+        from SegmentationDeepEditLib.worker import EXCHANGE_SUFFIX, write_exchange_image
+
+        client = self.worker()
+        key = (volumeNode.GetImageData().GetMTime() if volumeNode.GetImageData() else None,
+               tuple(self.ijkToRas(volumeNode).ravel().tolist()))
+        known = SegmentationDeepEditLogic._exchangeFiles.get(volumeNode.GetID())
+        if known and known[0] == key and os.path.isfile(known[1]):
+            return known[1]
+        if known and os.path.isfile(known[1]):
+            try:
+                os.remove(known[1])
+            except OSError:
+                pass  # still open in the worker (Windows): removed with the scratch folder
+        # A new name for new content: the worker's image cache is keyed by file
+        SegmentationDeepEditLogic._exchangeCount += 1
+        path = os.path.join(str(client.scratch), f"volume-{SegmentationDeepEditLogic._exchangeCount}{EXCHANGE_SUFFIX}")
+        write_exchange_image(self.volumeNodeToImage(volumeNode), path)
+        SegmentationDeepEditLogic._exchangeFiles[volumeNode.GetID()] = (key, path)
+        return path
+
+    def pointsLps(self, pointsNode) -> np.ndarray:
         """World positions of the placed (defined) control points, converted RAS -> LPS: (N, 3) mm."""
         from SegmentationDeepEditLib.geometry import ras_to_lps
 
+        if pointsNode is None:
+            return np.zeros((0, 3))
         pointsRas = slicer.util.arrayFromMarkupsControlPoints(pointsNode, world=True)
         defined = [i for i in range(pointsNode.GetNumberOfControlPoints())
                    if pointsNode.GetNthControlPointPositionStatus(i) == slicer.vtkMRMLMarkupsNode.PositionDefined]
         return ras_to_lps(pointsRas[defined])
 
+    @staticmethod
+    def setPointsLps(pointsNode, pointsLps) -> None:
+        """Replace a point list's points with LPS points (world coordinates)."""
+        from SegmentationDeepEditLib.geometry import lps_to_ras
+
+        if pointsNode is None:
+            return
+        pts = np.asarray(pointsLps, dtype=float).reshape(-1, 3)
+        if len(pts) == 0:
+            pointsNode.RemoveAllControlPoints()
+        else:
+            slicer.util.updateMarkupsControlPointsFromArray(pointsNode, lps_to_ras(pts), world=True)
+
+    def annotationFields(self, volumeNode, pointsNode, positiveNode=None, negativeNode=None, modelId: str = "",
+                         device: str = "auto", tta: bool = False, extraInputs: Optional[dict] = None) -> dict:
+        """The worker's "annotate" request for these nodes (writes the volumes for the worker if needed)."""
+        volumes = [volumeNode] + list((extraInputs or {}).values())
+        missing = [name for name, node in (extraInputs or {}).items() if node is None]
+        if missing:
+            raise ValueError(f"select a volume for the model's input(s): {', '.join(missing)}")
+        return {
+            "images": [self.exchangeFile(v) for v in volumes],
+            "points": self.pointsLps(pointsNode).tolist(),
+            "positive": self.pointsLps(positiveNode).tolist(),
+            "negative": self.pointsLps(negativeNode).tolist(),
+            "model": modelId or None, "device": device, "tta": bool(tta),
+        }
+
+    def segmentFields(self, modelId: str, inputs: dict, device: str = "auto", tta: bool = False, fast: bool = False) -> dict:
+        """The worker's "segment" request: one volume per declared input name."""
+        missing = [name for name, node in inputs.items() if node is None]
+        if missing:
+            raise ValueError(f"select a volume for the model's input(s): {', '.join(missing)}")
+        return {"model": modelId, "inputs": {name: self.exchangeFile(node) for name, node in inputs.items()},
+                "device": device, "tta": bool(tta), "fast": bool(fast)}
+
     # core -> MRML
+
+    def readMaskFor(self, path: str, volumeNode) -> np.ndarray:
+        """A mask file from the worker as uint8 [k, j, i], checked to lie on the volume's grid."""
+        import SimpleITK as sitk
+        from SegmentationDeepEditLib.slicer_bridge import check_mask_fits_volume
+
+        mask = sitk.ReadImage(path)
+        shape = slicer.util.arrayFromVolume(volumeNode).shape
+        return check_mask_fits_volume(mask, self.ijkToRas(volumeNode), shape)
 
     @staticmethod
     def writeMaskToSegment(maskArray: np.ndarray, segmentationNode, segmentId: str, referenceVolumeNode,
-                           name: str = "Segment", color: Sequence[float] = (1.0, 1.0, 0.0)) -> str:
+                           name: str = "Segment", color: Sequence[float] = (1.0, 1.0, 0.0),
+                           terminology: Optional[str] = None, segmentEditorWidget=None) -> str:
         """Replace the segment's voxels with a 0/1 mask on the reference volume's grid.
 
         Args:
             maskArray: uint8 [k, j, i] on the grid of ``referenceVolumeNode``.
             segmentId: segment to overwrite; if empty or missing, a new segment named ``name``
-                with ``color`` (RGB 0..1) is added.
+                with ``color`` (RGB 0..1) and ``terminology`` (Slicer terminology string) is added.
+            segmentEditorWidget: a Segment Editor showing this segmentation saves an undo state first.
 
         Returns:
             The id of the segment written.
         """
+        SegmentationDeepEditLogic.checkNotTransformed(segmentationNode)
         segmentation = segmentationNode.GetSegmentation()
         if segmentation.GetNumberOfSegments() == 0:
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
         if not segmentId or segmentation.GetSegment(segmentId) is None:
             segmentId = segmentation.AddEmptySegment("", name)
-            segmentation.GetSegment(segmentId).SetColor(*[float(c) for c in color[:3]])
-        # Segment Editor's undo works on the segmentation it shows: save a state there when
-        # it shows this one, so Ctrl+Z in Segment Editor brings back the previous result.
-        segmentEditorWidget = getattr(slicer.modules, "SegmentEditorWidget", None)
-        editor = getattr(segmentEditorWidget, "editor", None)
-        shownNode = editor.segmentationNode() if editor is not None else None
-        if shownNode is not None and shownNode.GetID() == segmentationNode.GetID():
-            editor.saveStateForUndo()
+            segment = segmentation.GetSegment(segmentId)
+            segment.SetColor(*[float(c) for c in color[:3]])
+            if terminology:
+                segment.SetTag(segment.GetTerminologyEntryTagName(), terminology)
+        # Undo works on the segmentation a Segment Editor shows: save a state there first, so
+        # that Ctrl+Z in the editor brings back the previous result.
+        for editor in (segmentEditorWidget, getattr(getattr(slicer.modules, "SegmentEditorWidget", None), "editor", None)):
+            shownNode = editor.segmentationNode() if editor is not None else None
+            if shownNode is not None and shownNode.GetID() == segmentationNode.GetID():
+                editor.saveStateForUndo()
         slicer.util.updateSegmentBinaryLabelmapFromArray(maskArray, segmentationNode, segmentId, referenceVolumeNode)
         return segmentId
 
+    def applyAnnotationResult(self, result: dict, volumeNode, segmentationNode, segmentId: str, fields: dict,
+                              segmentEditorWidget=None) -> str:
+        """Write the worker's mask into the segment and keep the clicks with it; returns the segment id."""
+        try:
+            mask = self.readMaskFor(result["mask"], volumeNode)
+        finally:
+            if os.path.isfile(result["mask"]):
+                os.remove(result["mask"])
+        segmentId = self.writeMaskToSegment(
+            mask, segmentationNode, segmentId, volumeNode, name=result["segment_name"], color=result["color"],
+            terminology=result.get("terminology"), segmentEditorWidget=segmentEditorWidget)
+        self.storePointsInSegment(segmentationNode, segmentId, fields["points"], fields.get("positive"),
+                                  fields.get("negative"), result.get("model_id", ""))
+        return segmentId
+
+    def applySegmentationResult(self, result: dict, referenceVolumeNode, segmentationNode=None):
+        """Write an automatic model's label map ({"label": path, "labels": [...]}) as named segments.
+
+        The segmentation goes into the input's study in the subject hierarchy.
+        """
+        label = self.readMaskFor(result["label"], referenceVolumeNode)
+        if segmentationNode is None:
+            segmentationNode = self.createSegmentationNode(referenceVolumeNode)
+            segmentationNode.SetName(slicer.mrmlScene.GenerateUniqueName(f"{referenceVolumeNode.GetName()} {result.get('model_id', '')}".strip()))
+        segmentation = segmentationNode.GetSegmentation()
+        for spec in result.get("labels", []):
+            segmentId = segmentation.GetSegmentIdBySegmentName(spec["name"])
+            self.writeMaskToSegment((label == int(spec["value"])).astype(np.uint8), segmentationNode, segmentId,
+                                    referenceVolumeNode, name=spec["name"], color=spec["color"],
+                                    terminology=spec.get("terminology"))
+        shNode = slicer.mrmlScene.GetSubjectHierarchyNode()
+        studyItem = shNode.GetItemParent(shNode.GetItemByDataNode(referenceVolumeNode))
+        shNode.SetItemParent(shNode.GetItemByDataNode(segmentationNode), studyItem)
+        return segmentationNode
+
+    # Points kept with segments
+
+    @staticmethod
+    def storePointsInSegment(segmentationNode, segmentId: str, extreme, positive=None, negative=None, modelId: str = "") -> None:
+        """Keep the clicks (LPS) in a segment tag, so that a saved scene can re-run from them."""
+        from SegmentationDeepEditLib.slicer_bridge import POINTS_TAG, points_tag_value
+
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        segment.SetTag(POINTS_TAG, points_tag_value(np.asarray(extreme), positive, negative, modelId))
+
+    @staticmethod
+    def pointsOfSegment(segmentationNode, segmentId: str):
+        """The clicks kept with a segment (SegmentPoints, LPS), or None when it has none or they are unreadable."""
+        from SegmentationDeepEditLib.errors import InputError
+        from SegmentationDeepEditLib.slicer_bridge import POINTS_TAG, parse_points_tag
+
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId) if segmentationNode else None
+        if segment is None:
+            return None
+        value = vtk.reference("")
+        if not segment.GetTag(POINTS_TAG, value):
+            return None
+        try:
+            return parse_points_tag(value.get())
+        except InputError as e:
+            logging.warning(f"SegmentationDeepEdit: segment {segmentId}: {e}")
+            return None
+
+    # Blocking use (scripts, self-test)
+
     def process(self, volumeNode, pointsNode, segmentationNode, segmentId: str = "", modelId: str = "",
-                device: str = "auto", tta: bool = False) -> AnnotationOutcome:
-        """Segment the object the six points enclose and write it into a segment.
+                device: str = "auto", tta: bool = False, positiveNode=None, negativeNode=None) -> AnnotationOutcome:
+        """Segment the object the six points enclose and write it into a segment (waits for the worker).
 
         Args:
             volumeNode: scalar volume, not under a transform.
@@ -644,25 +1269,43 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
             modelId: annotation bundle id; empty: the core's default.
             device: "auto", "cpu" or "cuda".
             tta: test-time augmentation (flips).
+            positiveNode, negativeNode: corrective clicks, for models that take them.
 
         Returns:
             :class:`AnnotationOutcome`.
         """
-        import SimpleITK as sitk
-        from SegmentationDeepEditLib.annotate import annotate
-
         if not volumeNode or not pointsNode or not segmentationNode:
             raise ValueError("input volume, extreme points and output segmentation are all required")
-        image = self.volumeNodeToImage(volumeNode)
-        pointsLps = self.controlPointsLps(pointsNode)
-        start = time.perf_counter()
-        result = annotate(image, pointsLps, model=modelId or None, device=device, tta=tta)
-        mask = sitk.GetArrayFromImage(result.mask).astype(np.uint8)
-        segmentId = self.writeMaskToSegment(
-            mask, segmentationNode, segmentId, volumeNode, name=result.segment_name, color=result.color)
-        logging.info(f"SegmentationDeepEdit: {result.segment_name} on {result.device} "
-                     f"in {time.perf_counter() - start:.2f} s (including writing the segment)")
-        return AnnotationOutcome(segmentId, result)
+        fields = self.annotationFields(volumeNode, pointsNode, positiveNode, negativeNode, modelId=modelId,
+                                       device=device, tta=tta)
+        result = self.request("annotate", fields)
+        segmentId = self.applyAnnotationResult(result, volumeNode, segmentationNode, segmentId, fields)
+        outcome = AnnotationOutcome(segmentId, result)
+        logging.info(f"SegmentationDeepEdit: {outcome.summary()}")
+        return outcome
+
+    def loadDemoCase(self, seed: int = 7) -> dict:
+        """Generate the synthetic glioma case (T1, T1c, T2, FLAIR) in the worker and load its volumes.
+
+        Returns:
+            {"volumes": {sequence: volume node}, "main": the T1c node, "truth": path of the tumour-core
+            truth (MetaImage), "truthPointsLps": its six extreme points}.
+        """
+        if not self.ensureDependencies():
+            raise RuntimeError("the required Python packages are not installed")
+        if not self.ensureDependencies(requirements=DEMO_REQUIREMENTS):
+            raise RuntimeError("the demo case needs nilearn (its MNI152 brain template), which is not installed")
+        folder = os.path.join(slicer.app.temporaryPath, "SegmentationDeepEdit-demo")
+        os.makedirs(folder, exist_ok=True)
+        result = self.request("demo", {"kind": "brain", "seed": int(seed), "output_dir": folder})
+        volumes = {}
+        for sequence, path in result["images"].items():
+            volumes[sequence] = slicer.util.loadVolume(path, {"name": f"Demo{seed} {sequence.upper()}", "show": False})
+        main = volumes[result["main"]]
+        slicer.util.setSliceViewerLayers(background=main, fit=True)
+        self.getParameterNode().inputVolume = main
+        return {"volumes": volumes, "main": main, "truth": result["truth"],
+                "truthPointsLps": np.asarray(result["truth_extreme_points"])}
 
 
 #
@@ -671,10 +1314,14 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
 
 
 class SegmentationDeepEditTest(ScriptedLoadableModuleTest):
-    """Self-test: a generated brain case, six points taken from its truth, the real model."""
+    """Self-test: real logic, real worker, a generated brain case and six points from its truth."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
+
+    @classmethod
+    def tearDownClass(cls):
+        SegmentationDeepEditLogic.stopWorker()
 
     def runTest(self):
         self.setUp()
@@ -683,6 +1330,9 @@ class SegmentationDeepEditTest(ScriptedLoadableModuleTest):
         self.test_TransformedVolumeIsRefused()
         self.setUp()
         self.test_AnnotateSyntheticCase()
+        self.setUp()
+        self.test_AutomaticModelRequest()
+        SegmentationDeepEditLogic.stopWorker()
 
     def test_VolumeConversionRoundTrip(self):
         """A volume node read back through the conversion keeps pixels and LPS geometry."""
@@ -721,40 +1371,52 @@ class SegmentationDeepEditTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Test passed")
 
     def test_AnnotateSyntheticCase(self):
-        """Six points from a generated tumour's truth give a segment with Dice > 0.8."""
-        self.delayDisplay("Annotating a synthetic brain case")
+        """Six points from a generated tumour's truth give a segment with Dice > 0.8; tags keep the points."""
+        import SimpleITK as sitk
+        from SegmentationDeepEditLib.metrics import dice
+
+        self.delayDisplay("Annotating a synthetic brain case (demo case, worker process, CPU)")
         logic = SegmentationDeepEditLogic()
         self.assertTrue(logic.ensureDependencies(askConfirmation=False))
-        if importlib.util.find_spec("nilearn") is None:
-            # Synthetic brain cases start from the MNI152 template that ships inside nilearn's wheel
-            slicer.util.pip_install(["nilearn>=0.10"] + pipRequirements([]))
-            importlib.invalidate_caches()
-
-        from SegmentationDeepEditLib import synthetic
-        from SegmentationDeepEditLib.geometry import lps_to_ras
-        from SegmentationDeepEditLib.metrics import dice
-        from SegmentationDeepEditLib.points import extreme_points_from_mask
-        import SimpleITK as sitk
-
-        case = synthetic.make_brain_case(7)
-        image = case.images["t1c"]
-        truth = synthetic.tumour_core_mask(case.label, "brain")
-        volumeNode = logic.imageToVolumeNode(image, "SyntheticT1c")
-        slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+        self.assertTrue(logic.ensureDependencies(askConfirmation=False, requirements=DEMO_REQUIREMENTS))
+        demo = logic.loadDemoCase(seed=7)
+        volumeNode = demo["main"]
+        truth = sitk.ReadImage(demo["truth"])
 
         pointsNode = logic.createPointsNode()
-        slicer.util.updateMarkupsControlPointsFromArray(pointsNode, lps_to_ras(extreme_points_from_mask(truth)))
+        logic.setPointsLps(pointsNode, demo["truthPointsLps"])
         self.assertEqual(logic.numberOfDefinedPoints(pointsNode), NUMBER_OF_EXTREME_POINTS)
         segmentationNode = logic.createSegmentationNode(volumeNode)
 
-        outcome = logic.process(volumeNode, pointsNode, segmentationNode, device="auto")
+        outcome = logic.process(volumeNode, pointsNode, segmentationNode, device="cpu")
         segmentArray = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, outcome.segmentId, volumeNode)
         score = dice(segmentArray, sitk.GetArrayFromImage(truth))
         self.delayDisplay(f"Dice {score:.3f}; {outcome.summary()}")
         self.assertGreater(score, 0.8)
 
-        # A second run with a point moved overwrites the same segment rather than adding one
-        outcome2 = logic.process(volumeNode, pointsNode, segmentationNode, segmentId=outcome.segmentId)
+        # The points are kept with the segment, in LPS
+        stored = logic.pointsOfSegment(segmentationNode, outcome.segmentId)
+        np.testing.assert_allclose(stored.extreme, demo["truthPointsLps"], atol=1e-3)
+
+        # A second run (warm) overwrites the same segment rather than adding one
+        outcome2 = logic.process(volumeNode, pointsNode, segmentationNode, segmentId=outcome.segmentId, device="cpu")
         self.assertEqual(outcome2.segmentId, outcome.segmentId)
         self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 1)
+        self.assertFalse(outcome2.result["model_loaded"])
+        self.delayDisplay(f"Warm run: {outcome2.summary()}")
+        self.delayDisplay("Test passed")
+
+    def test_AutomaticModelRequest(self):
+        """The Auto-segment path reaches the worker; this version answers that it cannot run automatic models."""
+        self.delayDisplay("Automatic model request")
+        logic = SegmentationDeepEditLogic()
+        self.assertTrue(logic.ensureDependencies(askConfirmation=False))
+        volumeNode = slicer.util.addVolumeFromArray(np.zeros((8, 9, 10), np.int16), name="T1c")
+        models = logic.models("segmentation")
+        modelId = models[0].id if models else "no-automatic-model-installed"
+        inputs = {spec["name"]: volumeNode for spec in (models[0].meta["inputs"] if models else [{"name": "t1c"}])}
+        with self.assertRaises(RuntimeError) as raised:
+            logic.request("segment", logic.segmentFields(modelId, inputs, device="cpu"))
+        expected = "cannot run automatic models yet" if models else "unknown model"
+        self.assertIn(expected, str(raised.exception))
         self.delayDisplay("Test passed")

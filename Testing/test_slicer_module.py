@@ -1,18 +1,26 @@
 """Checks of the Slicer layer that run without Slicer.
 
-There is no Slicer binary on our machines, so the module file is checked statically (grammar of
-the Pythons Slicer ships, imports, the .ui names it uses, the CMake lists) and, with small stand-ins
-for slicer/qt/vtk/ctk, imported to test its pure RAS <-> LPS geometry conversions against SimpleITK.
+There is no Slicer binary on our machines, so the module file is checked statically: grammar of
+the Pythons Slicer ships, imports, the .ui names it uses, the CMake lists, and every Slicer, Qt,
+CTK, VTK and MRML name it uses against the list of names verified in Slicer's source
+(``SegmentationDeepEdit/Resources/SlicerAPIs.txt``). With small stand-ins for slicer/qt/vtk/ctk
+it is also imported, to prove that loading it needs neither torch nor the core. The conversions
+the module relies on (RAS/LPS, geometry, points tags) are tested in test_slicer_bridge.py.
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
+import dataclasses
+import importlib
 import importlib.util
+import inspect
 import re
 import struct
 import sys
 import types
+import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -25,6 +33,8 @@ MODULE_FILE = MODULE_DIR / "SegmentationDeepEdit.py"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "SegmentationDeepEdit.ui"
 CORE_DIR = MODULE_DIR / "SegmentationDeepEditLib"
+API_LIST = MODULE_DIR / "Resources" / "SlicerAPIs.txt"
+TESTING_CMAKE = MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt"
 ICONS = [MODULE_DIR / "Resources" / "Icons" / "SegmentationDeepEdit.png", ROOT / "Resources" / "Icons" / "SegmentationDeepEdit.png"]
 
 GUI_PACKAGES = {"slicer", "qt", "ctk", "vtk", "vtkmodules", "PythonQt", "SlicerPythonQt", "mrml"}
@@ -248,6 +258,7 @@ def _stub_modules() -> dict:
     for name in ("vtkMRMLScalarVolumeNode", "vtkMRMLMarkupsFiducialNode", "vtkMRMLSegmentationNode",
                  "vtkMRMLMarkupsNode", "qSlicerMarkupsPlaceWidget"):
         setattr(slicer, name, type(name, (), {}))
+    slicer.app = types.SimpleNamespace(connect=lambda *args: None)
     i18n = types.ModuleType("slicer.i18n")
     i18n.tr = lambda text: text
     i18n.translate = lambda context, text: text
@@ -293,49 +304,6 @@ def test_module_imports_without_slicer_torch_or_core(slicer_module):
         assert hasattr(slicer_module, cls)
 
 
-def _oblique_image():
-    import SimpleITK as sitk
-
-    image = sitk.Image(7, 5, 4, sitk.sitkInt16)
-    image.SetSpacing((0.7, 1.3, 3.0))
-    image.SetOrigin((12.5, -40.0, 7.25))
-    rotation = sitk.VersorTransform((0.3, -0.5, 0.8), 0.6).GetMatrix()  # a proper rotation, all axes oblique
-    image.SetDirection(rotation)
-    return image
-
-
-def test_ijk_to_ras_matches_simpleitk(slicer_module):
-    """Slicer's IJK->RAS built from the ITK geometry puts every voxel where ITK does (x, y negated)."""
-    image = _oblique_image()
-    m = slicer_module.ijkToRASFromLpsGeometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    for index in [(0, 0, 0), (6, 0, 0), (0, 4, 0), (0, 0, 3), (6, 4, 3), (3, 2, 1)]:
-        ras = (m @ np.array([*index, 1.0]))[:3]
-        lps = np.array(image.TransformIndexToPhysicalPoint(index))
-        np.testing.assert_allclose(ras, lps * [-1, -1, 1], atol=1e-9)
-
-
-def test_lps_geometry_round_trip(slicer_module):
-    image = _oblique_image()
-    m = slicer_module.ijkToRASFromLpsGeometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    spacing, origin, direction = slicer_module.lpsGeometryFromIJKToRAS(m)
-    np.testing.assert_allclose(spacing, image.GetSpacing(), atol=1e-9)
-    np.testing.assert_allclose(origin, image.GetOrigin(), atol=1e-9)
-    np.testing.assert_allclose(direction, image.GetDirection(), atol=1e-9)
-
-
-def test_slicer_default_volume_is_lps_flipped(slicer_module):
-    """Slicer's default IJK->RAS for a DICOM-like axial volume is diag(-s, -s, s): identity direction in LPS."""
-    spacing, origin, direction = slicer_module.lpsGeometryFromIJKToRAS(np.diag([-0.5, -0.5, 2.0, 1.0]))
-    np.testing.assert_allclose(spacing, (0.5, 0.5, 2.0))
-    np.testing.assert_allclose(direction, np.eye(3).reshape(-1))
-    np.testing.assert_allclose(origin, (0.0, 0.0, 0.0), atol=0)
-
-
-def test_zero_spacing_is_refused(slicer_module):
-    with pytest.raises(ValueError, match="zero spacing"):
-        slicer_module.lpsGeometryFromIJKToRAS(np.diag([1.0, 0.0, 1.0, 1.0]))
-
-
 def test_pip_requirements_pin_slicer_owned_packages(slicer_module):
     """Installing the core's packages never moves numpy or SimpleITK: they are pinned as installed."""
     import importlib.metadata
@@ -345,3 +313,273 @@ def test_pip_requirements_pin_slicer_owned_packages(slicer_module):
     assert f"numpy=={importlib.metadata.version('numpy')}" in args
     assert not any(a.split("=")[0].split(">")[0].lower() in ("vtk",) for a in args)
     assert set(slicer_module.REQUIREMENTS) == {"torch", "monai", "safetensors", "jsonschema", "slicerio"}
+
+
+# --- self-test registration ----------------------------------------------------------------------
+
+
+def test_self_test_is_registered_with_ctest():
+    """slicer_add_python_unittest for the module file, reached from the module's CMake under BUILD_TESTING."""
+    module_cmake = MODULE_CMAKE.read_text(encoding="utf-8")
+    guarded = re.search(r"if\s*\(\s*BUILD_TESTING\s*\)(.*?)endif\s*\(", module_cmake, re.S)
+    assert guarded and "add_subdirectory(Testing)" in guarded.group(1)
+    assert "add_subdirectory(Python)" in (MODULE_DIR / "Testing" / "CMakeLists.txt").read_text(encoding="utf-8")
+    text = TESTING_CMAKE.read_text(encoding="utf-8")
+    m = re.search(r"^\s*slicer_add_python_unittest\(\s*SCRIPT\s+(\S+)\s*\)", text, re.M)
+    assert m, "no active slicer_add_python_unittest(SCRIPT ...) line"
+    script = m.group(1).replace("${CMAKE_CURRENT_SOURCE_DIR}", str(TESTING_CMAKE.parent)).replace("${MODULE_NAME}", MODULE_FILE.stem)
+    assert Path(script).resolve() == MODULE_FILE.resolve()
+    assert len(re.findall(r"slicer_add_python_unittest", module_cmake + text)) == 1, "registered twice: duplicate ctest name"
+
+
+def test_self_test_runs_the_logic_and_an_automatic_model():
+    tree = ast.parse(_module_source())
+    test_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SegmentationDeepEditTest")
+    methods = {f.name: ast.unparse(f) for f in test_class.body if isinstance(f, ast.FunctionDef)}
+    run = methods["runTest"]
+    for name in [m for m in methods if m.startswith("test_")]:
+        assert f"self.{name}()" in run, f"runTest does not run {name}"
+    assert "logic.process(" in methods["test_AnnotateSyntheticCase"] and "dice(" in methods["test_AnnotateSyntheticCase"]
+    assert "assertGreater(score" in methods["test_AnnotateSyntheticCase"]
+    assert re.search(r"[\"']segment[\"']", methods["test_AutomaticModelRequest"])
+
+
+# --- wiring that must not regress ----------------------------------------------------------------
+
+
+def test_module_runs_inference_in_the_worker_not_in_slicer():
+    """The module never imports the inference code (torch) itself: it talks to the worker."""
+    roots = set()
+    for node in ast.walk(ast.parse(_module_source())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("SegmentationDeepEditLib"):
+            roots.add(node.module)
+    assert "SegmentationDeepEditLib.annotate" not in roots and "SegmentationDeepEditLib.device" not in roots
+    assert "SegmentationDeepEditLib.worker" in roots
+    assert '"SegmentationDeepEditLib.worker"' in _module_source()
+
+
+def test_module_decides_nothing_the_core_could():
+    """No numpy arithmetic on geometry in the module: RAS/LPS, IJK-to-RAS splits, tags live in slicer_bridge."""
+    source = _module_source()
+    for pattern in (r"np\.diag\(", r"np\.linalg", r"json\.dumps", r"json\.loads", r"\* *-1", r"\[-1, *-1, *1\]"):
+        assert not re.search(pattern, source), f"the module computes something ({pattern}); move it to the core"
+
+
+# --- Slicer API names ----------------------------------------------------------------------------
+
+# Roots whose attributes are Slicer (or Qt/CTK/VTK through Slicer's Python, or Slicer modules) API
+SLICER_ROOTS = {"slicer", "qt", "ctk", "vtk", "SampleData", "PyTorchUtils"}
+
+
+def _attribute_chain(node):
+    """["a", "b", "c"] for the expression a.b.c (None when it does not start at a name)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return [node.id] + parts[::-1]
+    return None
+
+
+def _imports(tree):
+    """Local name -> dotted origin for every import in the module (star imports aside)."""
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                names[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                if a.name != "*":
+                    names[a.asname or a.name] = f"{node.module}.{a.name}"
+    return names
+
+
+def _bound_names(tree):
+    """Every name the module binds anywhere (functions, classes, variables, parameters)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+    return names
+
+
+def _own_names(tree):
+    """Attribute names the module itself defines: functions and classes, names assigned in a class
+    body or at module level, and attributes it assigns on self or its classes. Local variables do not
+    count: an attribute named like a local variable is still checked."""
+    classes = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                and isinstance(node.value, ast.Name) and node.value.id in {"self", "cls"} | classes:
+            # only self.x = ... defines a name; widget.x = ... sets a (checked) Qt property
+            names.add(node.attr)
+    for scope in [tree] + [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]:
+        for stmt in scope.body:
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def _library_names():
+    """Attributes of Python's own types, numpy arrays, SimpleITK images and unittest's TestCase."""
+    import SimpleITK as sitk
+
+    names = set(dir(builtins))
+    for t in (str, bytes, list, dict, set, tuple, object, int, float, Exception, np.ndarray, np.generic,
+              sitk.Image, unittest.TestCase):
+        names |= set(dir(t))
+    names.add("exception")  # set on assertRaises' context manager when the block raises
+    return names
+
+
+def _core_names(tree):
+    """Everything the core modules the module imports define, including dataclass fields and
+    attributes their classes set on self."""
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "SegmentationDeepEditLib":
+            if node.module == "SegmentationDeepEditLib":
+                modules |= {f"SegmentationDeepEditLib.{a.name}" for a in node.names}
+            else:
+                modules.add(node.module)
+    names = set()
+    for name in modules:
+        module = importlib.import_module(name)
+        names |= set(dir(module))
+        for obj in vars(module).values():
+            if inspect.isclass(obj) and obj.__module__ == name:  # its own classes, not ones it imports
+                names |= set(dir(obj))
+                if dataclasses.is_dataclass(obj):
+                    names |= {f.name for f in dataclasses.fields(obj)}
+        for node in ast.walk(ast.parse(Path(module.__file__).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+    return names
+
+
+def _slicer_api_usage(tree):
+    """The Slicer-side names the module uses.
+
+    Returns:
+        (dotted names rooted at slicer/qt/ctk/vtk/SampleData/PyTorchUtils, including names imported
+        from them and ``name(keyword=)`` for keyword arguments of their functions;
+        attribute names used on other objects; attribute names used on widgets; Qt signal signatures).
+    """
+    imports = _imports(tree)
+    own = _bound_names(tree)
+    star_names = {n for n in dir(builtins)}  # names neither imported, defined nor builtin: the star import
+    dotted, attributes, widget_attributes, signals = set(), set(), set(), set()
+    inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)}
+
+    def resolve(chain):
+        root = imports.get(chain[0])
+        if root is None and chain[0] not in own and chain[0] not in star_names and chain[0][0].isupper():
+            root = f"slicer.ScriptedLoadableModule.{chain[0]}"  # from slicer.ScriptedLoadableModule import *
+        return (root.split(".") + chain[1:]) if root else chain
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            full = resolve([node.id])
+            if full[0] in SLICER_ROOTS and len(full) > 1:
+                dotted.add(".".join(full))
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Attribute) and f.attr in ("connect", "disconnect") and node.args \
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                signals.add(node.args[0].value)
+            chain = _attribute_chain(f)
+            full = resolve(chain) if chain else None
+            if full and full[0] in SLICER_ROOTS:
+                dotted.update(f"{'.'.join(full)}({k.arg}=)" for k in node.keywords if k.arg)
+            if isinstance(f, ast.Name) and f.id == "getattr" and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+                target = _attribute_chain(node.args[0])
+                full = resolve(target) if target else None
+                if full and full[0] in SLICER_ROOTS:
+                    dotted.add(".".join(full + [node.args[1].value]))
+                else:
+                    attributes.add(node.args[1].value)
+        if not isinstance(node, ast.Attribute) or id(node) in inner:
+            continue
+        chain = _attribute_chain(node)
+        if chain is None:  # attributes of a call's or subscript's result
+            while isinstance(node, ast.Attribute):
+                attributes.add(node.attr)
+                node = node.value
+            continue
+        full = resolve(chain)
+        if full[0] in SLICER_ROOTS:
+            dotted.add(".".join(full))
+        elif chain[0] in imports:
+            continue  # numpy, os, SimpleITK, the core...: not Slicer
+        elif chain[:2] == ["self", "ui"]:
+            widget_attributes.update(chain[3:])  # chain[2] is a widget name: checked against the .ui file
+        elif chain[:2] in (["self", "segmentEditorWidget"], ["self", "parent"], ["self", "layout"]) and len(chain) > 2:
+            widget_attributes.update(chain[1 if chain[1] in ("parent", "layout") else 2:])  # Qt objects, even for names str has
+        else:
+            attributes.update(chain[1:])
+    return dotted, attributes, widget_attributes, signals
+
+
+def _api_list():
+    """Entries of the verified-API list: name -> (owner, where verified)."""
+    entries = {}
+    for n, line in enumerate(API_LIST.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        assert len(parts) >= 3, f"{API_LIST.name}:{n}: expected 'name owner where-verified', got {line!r}"
+        name, where = parts[0], parts[-1]
+        assert re.match(r"^(v5\.\d+\.\d+|HEAD|[\w.-]+/[\w.-]+@[0-9a-f]{7,40}):[\w./+-]+:\d+$", where) \
+            or where.startswith("https://"), \
+            f"{API_LIST.name}:{n}: where-verified must be tag:path:line, owner/repo@commit:path:line or a URL: {where!r}"
+        assert name not in entries, f"{API_LIST.name}:{n}: {name} listed twice"
+        entries[name] = (" ".join(parts[1:-1]), where)
+    return entries
+
+
+def _needed_api_names():
+    tree = ast.parse(_module_source())
+    dotted, attributes, widget_attributes, signals = _slicer_api_usage(tree)
+    explained = _own_names(tree) | _library_names() | _core_names(tree)
+    needed = set(dotted)
+    needed |= {f".{a}" for a in attributes - explained}
+    needed |= {f".{a}" for a in widget_attributes}
+    needed |= {f"signal:{s}" for s in signals}
+    return needed
+
+
+def test_every_slicer_api_name_is_verified():
+    """A name the module uses from Slicer, Qt, CTK, VTK or MRML that is not in the list of names
+    verified in Slicer's source (a misspelling, or a new name nobody checked) fails here."""
+    listed = _api_list()
+    needed = _needed_api_names()
+    unverified = sorted(needed - set(listed))
+    assert not unverified, (
+        f"names used in {MODULE_FILE.name} but not in {API_LIST.relative_to(ROOT)} (misspelt, or not verified "
+        f"in Slicer's source yet): {unverified}")
+
+
+def test_api_list_has_no_stale_entries():
+    """The list says exactly what the module uses, so that it stays worth reading."""
+    stale = sorted(set(_api_list()) - _needed_api_names())
+    assert not stale, f"{API_LIST.relative_to(ROOT)} lists names the module no longer uses: {stale}"
+
+
+def test_api_check_catches_a_misspelling(monkeypatch):
+    """The check itself works: a misspelt MRML method and a misspelt slicer.util function are caught."""
+    source = _module_source()
+    for wrong in ("GetSegmentaton()", "slicer.util.arrayFromVolum("):
+        right = wrong.replace("Segmentaton", "Segmentation").replace("Volum(", "Volume(")
+        assert right in source
+        monkeypatch.setattr(sys.modules[__name__], "_module_source", lambda w=wrong, r=right: source.replace(r, w, 1))
+        assert _needed_api_names() - set(_api_list()), f"{wrong} was not caught"

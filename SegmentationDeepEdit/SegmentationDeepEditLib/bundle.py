@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from .errors import ModelError
+from .jsonfile import read_json
 
 __all__ = [
     "Bundle", "models_dirs", "list_bundles", "load_bundle", "verify_bundle", "build_network",
@@ -81,12 +82,7 @@ def _read_meta(folder: Path) -> Dict[str, Any]:
     import jsonschema
 
     meta_path = folder / "metadata.json"
-    if not meta_path.is_file():
-        raise ModelError("no metadata.json in the model bundle", folder)
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelError(f"not valid JSON ({e})", meta_path) from None
+    meta = read_json(meta_path, "model bundle metadata.json", ModelError)
     try:
         jsonschema.validate(meta, _schema())
     except jsonschema.ValidationError as e:

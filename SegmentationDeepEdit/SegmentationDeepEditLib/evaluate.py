@@ -28,6 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .jsonfile import read_json
 
 __all__ = ["EvalCase", "load_cases", "evaluate", "summarise", "format_table", "write_results"]
 
@@ -49,12 +50,7 @@ def load_cases(path: Path, data_root: Path) -> List[EvalCase]:
     Relative paths are taken relative to ``data_root``.
     """
     p = Path(path)
-    if not p.is_file():
-        raise InputError("cases file not found", p)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"not valid JSON ({e})", p) from None
+    doc = read_json(p, "cases file")
     out = []
     for n, c in enumerate(doc.get("cases", []), start=1):
         missing = [k for k in ("image", "label", "convention", "regions") if k not in c]
@@ -141,7 +137,6 @@ def summarise(rows: List[dict]) -> List[dict]:
 
     A case that stopped early (no error left to click) keeps its last Dice for later counts.
     """
-    by: Dict[tuple, Dict[str, float]] = {}
     max_k = max(r["clicks"] for r in rows)
     last: Dict[tuple, float] = {}
     for r in rows:

@@ -880,7 +880,6 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
              int(math.ceil((2 * b_body + 2 * margin_air) / s)) + 1,
              int(math.ceil((2 * a_body + 2 * margin_air) / s)) + 1)
     grid = _Grid(origin=origin, spacing=s, shape=shape)
-    nz = shape[0]
     X, Y, Z = grid.axes()
     x2, y2 = X[0], Y[0]  # (1, nx), (ny, 1)
     zz = Z[:, 0, 0]

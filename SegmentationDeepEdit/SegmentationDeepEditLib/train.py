@@ -25,7 +25,6 @@ bundle (``bundle/``) when the run completes.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from .bundle import build_network, save_bundle
 from .errors import InputError
 from .geometry import resample_to_grid
 from .imageio import read_image
+from .jsonfile import read_json
 from .metrics import dice
 from .points import extreme_points_from_mask
 
@@ -56,13 +56,7 @@ class TrainCase:
 
 def load_config(path: Path) -> dict:
     """Read a training config (JSON)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("training config not found", p)
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"not valid JSON ({e})", p) from None
+    return read_json(path, "training config")
 
 
 def _mask(label: sitk.Image, values) -> sitk.Image:
@@ -156,8 +150,6 @@ def make_sample(case: TrainCase, meta: dict, rng: np.random.Generator, cfg: dict
 
 
 def _validate(net, cases: List[TrainCase], meta: dict, device, seed: int) -> float:
-    import torch
-
     from .annotate import predict
 
     if not cases:

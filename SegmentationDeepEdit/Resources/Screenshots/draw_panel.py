@@ -1,0 +1,120 @@
+"""Draw the SegmentationDeepEdit panel as a labelled picture (a drawing, not a screenshot).
+
+There is no 3D Slicer on the machines this project is built on, so the README shows this drawing
+of the layout in Resources/UI/SegmentationDeepEdit.ui instead of a screenshot. Regenerate it after
+changing the .ui file:
+
+    python SegmentationDeepEdit/Resources/Screenshots/draw_panel.py
+"""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import FancyBboxPatch, Rectangle  # noqa: E402
+
+OUT = Path(__file__).with_name("panel-drawing.png")
+W, H = 520, 930
+FONT = "DejaVu Sans"
+
+
+def box(ax, x, y, w, h, text="", fc="#ffffff", ec="#9aa3ad", size=9, color="#1d2733", bold=False, align="left", rounded=False):
+    patch = (FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0,rounding_size=4", fc=fc, ec=ec, lw=1)
+             if rounded else Rectangle((x, y), w, h, fc=fc, ec=ec, lw=1))
+    ax.add_patch(patch)
+    if text:
+        tx = x + 6 if align == "left" else x + w / 2
+        ax.text(tx, y + h / 2, text, va="center", ha="left" if align == "left" else "center", fontsize=size,
+                color=color, family=FONT, weight="bold" if bold else "normal")
+
+
+def label(ax, x, y, text, size=9, color="#1d2733", style="normal", weight="normal"):
+    ax.text(x, y, text, va="center", ha="left", fontsize=size, color=color, family=FONT, style=style, weight=weight)
+
+
+def combo(ax, x, y, w, text):
+    box(ax, x, y, w, 22, text)
+    ax.text(x + w - 10, y + 11, "\u25be", va="center", ha="center", fontsize=9, color="#55606b")
+
+
+def place(ax, x, y, color):
+    box(ax, x, y, 26, 22, fc="#f4f6f8")
+    ax.plot([x + 13], [y + 11], marker="o", ms=6, color=color, mec="#333333")
+    box(ax, x + 28, y, 14, 22, fc="#f4f6f8")
+    ax.text(x + 35, y + 11, "\u25be", va="center", ha="center", fontsize=7, color="#55606b")
+
+
+def row(ax, y, name, draw):
+    label(ax, 22, y + 11, name)
+    draw(y)
+
+
+def main() -> None:
+    fig = plt.figure(figsize=(W / 100, H / 100), dpi=100)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    ax.axis("off")
+    ax.add_patch(Rectangle((0, 0), W, H, fc="#eef1f4", ec="none"))
+
+    label(ax, 12, 16, "Drawing of the module panel (not a screenshot)", size=10, color="#b03030", weight="bold")
+    label(ax, 12, 34, "Layout of Resources/UI/SegmentationDeepEdit.ui; names and numbers are illustrative", size=8, color="#55606b")
+
+    # tabs
+    box(ax, 12, 50, 90, 24, "Annotate", fc="#ffffff", bold=True, align="center")
+    box(ax, 102, 50, 110, 24, "Auto-segment", fc="#dde2e7", align="center")
+    box(ax, 12, 74, W - 24, 470, fc="#ffffff")
+
+    x1, w1 = 150, W - 150 - 26
+    row(ax, 86, "Input volume:", lambda y: combo(ax, x1, y, w1, "Demo7 T1C"))
+    row(ax, 114, "Model:", lambda y: combo(ax, x1, y, w1, "DeepEdit extreme points"))
+    label(ax, 22, 146, "Class-agnostic six-extreme-point segmentation (SegResNet) ...", size=8, color="#55606b", style="italic")
+    row(ax, 162, "Extreme points:", lambda y: (combo(ax, x1, y, w1 - 50, "ExtremePoints"), place(ax, x1 + w1 - 44, y, "#f2c21b")))
+    box(ax, 22, 192, W - 48, 34, fc="#fff8dc", ec="#e0c060")
+    label(ax, 30, 203, "Point 4 of 6: click the most posterior (back) edge", size=8.5)
+    label(ax, 30, 217, "of the object (any order works).", size=8.5)
+    row(ax, 236, "Corrections:", lambda y: (label(ax, x1, y + 11, "Add (+):", size=8.5), place(ax, x1 + 54, y, "#22c03a"),
+                                          label(ax, x1 + 112, y + 11, "Remove (-):", size=8.5), place(ax, x1 + 186, y, "#e83a3a")))
+    row(ax, 266, "Segmentation:", lambda y: combo(ax, x1, y, w1, "Segmentation"))
+    row(ax, 294, "Segment:", lambda y: (combo(ax, x1, y, w1 - 90, "Tumour"), box(ax, x1 + w1 - 84, y, 84, 22, "New object", fc="#f4f6f8", align="center", size=8.5)))
+    box(ax, 22, 326, W - 48, 92, fc="#fafbfc")
+    label(ax, 30, 338, "\u25be Options", size=9, weight="bold")
+    row(ax, 350, "   Device:", lambda y: combo(ax, x1, y, 120, "auto"))
+    row(ax, 374, "   Test-time augmentation:", lambda y: box(ax, x1 + 60, y + 4, 14, 14))
+    row(ax, 394, "   Update automatically:", lambda y: (box(ax, x1 + 60, y + 4, 14, 14), label(ax, x1 + 62, y + 11, "\u2713", size=9)))
+    box(ax, 22, 430, 300, 28, "Segment", fc="#d7e6fb", ec="#6b9be0", bold=True, align="center", rounded=True)
+    box(ax, 330, 430, W - 330 - 26, 28, "Load demo case", fc="#f4f6f8", align="center", rounded=True)
+    label(ax, 22, 480, "Auto-segment tab: model, one volume selector per model input", size=8, color="#55606b", style="italic")
+    label(ax, 22, 496, "(guessed from volume names), output segmentation, device, TTA,", size=8, color="#55606b", style="italic")
+    label(ax, 22, 512, "fast mode, Apply.", size=8, color="#55606b", style="italic")
+
+    # progress, cancel, status
+    box(ax, 12, 556, W - 110, 22, fc="#ffffff")
+    ax.add_patch(Rectangle((13, 557), (W - 112) * 0.62, 20, fc="#8fc1f2", ec="none"))
+    ax.text(12 + (W - 110) / 2, 567, "62% inference", va="center", ha="center", fontsize=8.5, family=FONT)
+    box(ax, W - 92, 556, 80, 22, "Cancel", fc="#f4f6f8", align="center", rounded=True)
+    label(ax, 14, 594, "Tumour: 14.2 ml in 0.74 s on CPU", size=9)
+
+    # segment editor
+    box(ax, 12, 612, W - 24, 24, "\u25be Segment Editor", fc="#e4e8ec", bold=True)
+    box(ax, 12, 636, W - 24, 282, fc="#ffffff")
+    box(ax, 22, 646, W - 44, 24, "  Add   Remove   Show 3D", fc="#f4f6f8", size=8.5)
+    box(ax, 22, 676, W - 44, 84, fc="#ffffff")
+    for i, (name, color) in enumerate([("Tumour", "#f0a030"), ("Tumour 2", "#50a0e0")]):
+        ax.add_patch(Rectangle((30, 684 + 24 * i), 14, 14, fc=color, ec="#333333"))
+        label(ax, 52, 691 + 24 * i, name, size=9)
+    for i, effect in enumerate(["Paint", "Draw", "Erase", "Level tracing", "Grow from seeds", "Islands", "Scissors", "Smoothing"]):
+        cx, cy = 22 + (i % 4) * ((W - 44) / 4), 772 + (i // 4) * 30
+        box(ax, cx + 2, cy, (W - 44) / 4 - 4, 26, effect, fc="#f4f6f8", size=8, align="center", rounded=True)
+    box(ax, 22, 840, W - 44, 70, fc="#fafbfc")
+    label(ax, 30, 856, "Effect options (e.g. Paint: brush diameter, sphere brush)", size=8, color="#55606b", style="italic")
+    label(ax, 30, 874, "Undo / redo covers the results written by the model too.", size=8, color="#55606b", style="italic")
+
+    fig.savefig(OUT, dpi=100)
+    print(OUT)
+
+
+if __name__ == "__main__":
+    main()

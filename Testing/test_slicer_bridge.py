@@ -1,0 +1,186 @@
+"""The decisions the Slicer module delegates to the core: geometry, points tags, hints, input guesses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SegmentationDeepEditLib import slicer_bridge as SB
+from SegmentationDeepEditLib.errors import InputError
+
+
+def _oblique_image():
+    image = sitk.Image(7, 5, 4, sitk.sitkInt16)
+    image.SetSpacing((0.7, 1.3, 3.0))
+    image.SetOrigin((12.5, -40.0, 7.25))
+    image.SetDirection(sitk.VersorTransform((0.3, -0.5, 0.8), 0.6).GetMatrix())  # all axes oblique
+    return image
+
+
+# --- geometry ------------------------------------------------------------------------------------
+
+
+def test_ijk_to_ras_puts_every_voxel_where_itk_does():
+    image = _oblique_image()
+    m = SB.ijk_to_ras_from_lps_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    for index in [(0, 0, 0), (6, 0, 0), (0, 4, 0), (0, 0, 3), (6, 4, 3), (3, 2, 1)]:
+        ras = (m @ np.array([*index, 1.0]))[:3]
+        lps = np.array(image.TransformIndexToPhysicalPoint(index))
+        np.testing.assert_allclose(ras, lps * [-1, -1, 1], atol=1e-9)
+
+
+def test_lps_geometry_round_trip():
+    image = _oblique_image()
+    m = SB.ijk_to_ras_from_lps_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    spacing, origin, direction = SB.lps_geometry_from_ijk_to_ras(m)
+    np.testing.assert_allclose(spacing, image.GetSpacing(), atol=1e-12)
+    np.testing.assert_allclose(origin, image.GetOrigin(), atol=1e-12)
+    np.testing.assert_allclose(direction, image.GetDirection(), atol=1e-12)
+
+
+def test_slicer_default_axial_volume_is_identity_in_lps():
+    """Slicer's IJK->RAS for a DICOM-like axial volume is diag(-s, -s, s): identity direction in LPS."""
+    spacing, origin, direction = SB.lps_geometry_from_ijk_to_ras(np.diag([-0.5, -0.5, 2.0, 1.0]))
+    np.testing.assert_allclose(spacing, (0.5, 0.5, 2.0))
+    np.testing.assert_allclose(direction, np.eye(3).reshape(-1))
+    np.testing.assert_allclose(origin, (0.0, 0.0, 0.0), atol=0)
+
+
+@pytest.mark.parametrize("matrix, message", [
+    (np.diag([1.0, 0.0, 1.0, 1.0]), "zero or invalid spacing"),
+    (np.array([[1, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float), "sheared"),
+])
+def test_bad_matrices_are_refused(matrix, message):
+    with pytest.raises(InputError, match=message):
+        SB.lps_geometry_from_ijk_to_ras(matrix)
+
+
+def test_volume_array_becomes_an_image_with_lps_geometry():
+    image = _oblique_image()
+    arr = np.arange(4 * 5 * 7, dtype=np.int16).reshape(4, 5, 7)  # [k, j, i]
+    m = SB.ijk_to_ras_from_lps_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    out = SB.image_from_volume_array(arr, m)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), arr)
+    assert out.GetSize() == (7, 5, 4)
+    ras = (m @ np.array([6, 4, 3, 1.0]))[:3]
+    np.testing.assert_allclose(out.TransformIndexToPhysicalPoint((6, 4, 3)), ras * [-1, -1, 1], atol=1e-9)
+    arr[0, 0, 0] = 999
+    assert sitk.GetArrayViewFromImage(out)[0, 0, 0] != 999, "the pixels must be copied"
+    with pytest.raises(InputError, match="3D scalar"):
+        SB.image_from_volume_array(np.zeros((2, 3, 4, 3)), m)
+
+
+def test_mask_must_lie_on_the_volume_grid():
+    image = _oblique_image()
+    m = SB.ijk_to_ras_from_lps_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    mask = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(image)
+    mask[3, 2, 1] = 1
+    arr = SB.check_mask_fits_volume(mask, m, (4, 5, 7))
+    assert arr.dtype == np.uint8 and arr.shape == (4, 5, 7) and arr[1, 2, 3] == 1
+    moved = sitk.Image(mask)
+    moved.SetOrigin((12.5, -40.0, 8.25))
+    with pytest.raises(InputError, match="does not lie on the volume's voxel grid"):
+        SB.check_mask_fits_volume(moved, m, (4, 5, 7))
+    with pytest.raises(InputError, match="voxel grid"):
+        SB.check_mask_fits_volume(mask, m, (4, 5, 8))
+
+
+# --- points kept with a segment ------------------------------------------------------------------
+
+
+def test_points_tag_round_trip():
+    rng = np.random.default_rng(1)
+    extreme, positive = rng.normal(0, 50, (6, 3)), rng.normal(0, 50, (2, 3))
+    text = SB.points_tag_value(extreme, positive, None, "deepedit-extreme-points")
+    data = json.loads(text)
+    assert data["coordinateSystem"] == "LPS" and data["format"] == SB.POINTS_FORMAT and data["negative"] == []
+    back = SB.parse_points_tag(text)
+    np.testing.assert_allclose(back.extreme, extreme, atol=1e-4)
+    np.testing.assert_allclose(back.positive, positive, atol=1e-4)
+    assert back.negative.shape == (0, 3) and back.model_id == "deepedit-extreme-points"
+
+
+def test_points_tag_survives_the_seg_nrrd_tag_format():
+    """.seg.nrrd stores tags as "key:value|key:value|" on one header line: no "|", no line break."""
+    text = SB.points_tag_value(np.zeros((6, 3)), model_id="odd|model\nname")
+    assert "|" not in text and "\n" not in text and ":" not in SB.POINTS_TAG
+    assert SB.parse_points_tag(text).model_id == "odd|model\nname"
+
+
+def test_points_tag_in_ras_is_converted():
+    text = json.dumps({"format": SB.POINTS_FORMAT, "coordinateSystem": "RAS", "extreme": [[1, 2, 3]] * 6})
+    np.testing.assert_allclose(SB.parse_points_tag(text).extreme, [[-1, -2, 3]] * 6)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"format": "other/1"}), "format"),
+    (json.dumps({"format": SB.POINTS_FORMAT, "extreme": [[1, 2]]}), "finite"),
+    (json.dumps({"format": SB.POINTS_FORMAT, "extreme": [["a", 2, 3]]}), "not numbers"),
+    (json.dumps({"format": SB.POINTS_FORMAT, "coordinateSystem": "XYZ", "extreme": []}), "coordinateSystem"),
+])
+def test_malformed_points_tags_are_errors(text, message):
+    with pytest.raises(InputError, match=message):
+        SB.parse_points_tag(text)
+
+
+# --- hints ---------------------------------------------------------------------------------------
+
+
+def test_hint_names_the_next_extreme_then_says_what_to_do():
+    assert "Point 1 of 6" in SB.next_extreme_hint(0) and "right-most" in SB.next_extreme_hint(0)
+    assert "Point 4 of 6" in SB.next_extreme_hint(3) and "posterior" in SB.next_extreme_hint(3)
+    assert "inferior" in SB.next_extreme_hint(5)
+    assert "All six" in SB.next_extreme_hint(6)
+    assert "delete 1" in SB.next_extreme_hint(7)
+    assert [SB.extreme_point_label(i) for i in range(7)] == ["R", "L", "A", "P", "S", "I", "7"]
+
+
+# --- guessing inputs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("T1", "t1"), ("t1_mprage", "t1"), ("T1 post Gd", "t1c"), ("T1c", "t1c"), ("BraTS_t1ce", "t1c"),
+    ("t1_vibe_KM", "t1c"), ("T1+C", "t1c"), ("T2", "t2"), ("t2_tse_tra", "t2"), ("FLAIR", "flair"),
+    ("t2_flair_tra", "flair"), ("case01_t2f", "flair"), ("CT abdomen", "ct"), ("ct_portal", "ct"),
+    ("MRHead", None), ("sequence 5", None),
+])
+def test_sequence_of_name(name, kind):
+    assert SB.sequence_of_name(name) == kind
+
+
+def test_guess_glioma_inputs_from_names():
+    inputs = [{"name": "t1c", "modality": "MR"}, {"name": "t2", "modality": "MR"}, {"name": "flair", "modality": "MR"}]
+    names = ["T1 native", "T1 post Gd", "T2 TSE", "FLAIR axial"]
+    assert SB.guess_input_volumes(inputs, names) == [1, 2, 3]
+    # reordered volumes, a missing one: the rest still found, the missing one left to the user
+    assert SB.guess_input_volumes(inputs, ["flair", "t1ce"]) == [1, None, 0]
+
+
+def test_native_t1_is_not_taken_for_contrast_t1():
+    inputs = [{"name": "t1", "modality": "MR"}]
+    assert SB.guess_input_volumes(inputs, ["T1 post contrast"]) == [None]
+    assert SB.guess_input_volumes(inputs, ["T1 post contrast", "T1 native"]) == [1]
+
+
+def test_single_input_models_take_the_only_volume():
+    assert SB.guess_input_volumes([{"name": "image", "modality": "any"}], ["MRHead"]) == [0]
+    assert SB.guess_input_volumes([{"name": "ct", "modality": "CT"}], ["Abdomen CT", "Mask"]) == [0]
+    assert SB.guess_input_volumes([{"name": "image", "modality": "any"}], []) == [None]
+
+
+# --- terminology ---------------------------------------------------------------------------------
+
+TUMOUR = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically Altered Structure"
+          "~SCT^4147007^Mass~^^~Anatomic codes - DICOM master list~^^~^^")
+
+
+def test_terminology_of_label():
+    assert SB.terminology_of_label({"terminology": TUMOUR}) == TUMOUR
+    assert SB.terminology_of_label({"name": "x"}) is None
+    assert SB.terminology_of_label({"terminology": "Tumour"}) is None
+    assert SB.terminology_of_label({"terminology": TUMOUR.replace("~^^~^^", "")}) is None
