@@ -91,7 +91,7 @@ def test_real_brain_tumour_core_geometry_and_dice(shared_data):
     _assert_same_geometry(r.mask, img)
     score = dice(r.mask, truth)
     print(f"brats2013-pat0004 (held out) tumour core: Dice {score:.3f}, {r.seconds['total']:.2f} s")
-    assert score >= 0.6
+    assert score >= 0.80  # 0.872 with model 0.1.0
 
 
 def test_real_ct_liver_with_ras_direction(shared_data):
@@ -103,7 +103,7 @@ def test_real_ct_liver_with_ras_direction(shared_data):
     _assert_same_geometry(r.mask, img)
     score = dice(r.mask, truth)
     print(f"totalseg-example liver: Dice {score:.3f}")
-    assert score >= 0.7
+    assert score >= 0.65  # 0.712 with model 0.1.0
 
 
 def test_demo_command_end_to_end(tmp_path):

@@ -30,7 +30,8 @@ from .geometry import Grid, bounding_box_grid, grid_of, image_on_grid, physical_
 from .heatmap import gaussian_heatmap
 from .points import validate_extreme_points
 
-__all__ = ["ModelInput", "AnnotationResult", "prepare_input", "predict", "annotate", "keep_enclosed_component"]
+__all__ = ["ModelInput", "AnnotationResult", "prepare_input", "guidance_sigma_mm", "predict", "annotate",
+           "keep_enclosed_component"]
 
 Progress = Optional[Callable[[str, float], None]]
 
@@ -135,8 +136,23 @@ def prepare_input(
     for name in guidance["channels"]:
         pts = clicks[name]
         pts = np.zeros((0, 3)) if pts is None else np.asarray(pts, dtype=float).reshape(-1, 3)
-        channels.append(gaussian_heatmap(pts, grid, guidance["sigma_mm"]))
+        channels.append(gaussian_heatmap(pts, grid, guidance_sigma_mm(meta, grid)))
     return ModelInput(grid, np.stack(channels).astype(np.float32), inside)
+
+
+def guidance_sigma_mm(meta: dict, grid: Grid) -> float:
+    """Gaussian sigma (mm) of the guidance heatmaps on a model grid.
+
+    ``guidance.sigma_mm`` holds at the model's own spacing. With ``guidance.sigma_scaling`` set
+    to ``"grid"``, it grows with the grid when a large object made the crop coarser, so a click
+    keeps the same size in voxels (a 3 mm Gaussian on a 3.7 mm liver grid would be a single
+    voxel the network barely sees). Without it (bundles up to 0.1.x) sigma is fixed in mm.
+    """
+    g = meta["guidance"]
+    sigma = float(g["sigma_mm"])
+    if g.get("sigma_scaling") == "grid":
+        sigma *= float(np.max(np.asarray(grid.spacing) / np.asarray(meta["spacing_mm"], dtype=float)))
+    return sigma
 
 
 _FLIPS = ((), (2,), (3,), (4,))  # identity and one flip per spatial axis of an NCDHW tensor

@@ -8,7 +8,10 @@ A run is fully described by its JSON config (kept in the repository) and its see
 - ``validation``: sources of the same form, scored with Dice on the model grid every
   ``val_every`` steps;
 - ``bundle``: the metadata of the bundle to write (network, inputs, guidance, spacing, ...);
-- ``steps``, ``batch_size``, ``lr``, ``jitter_mm``, ``intensity_scale``, ``intensity_shift``.
+- ``steps``, ``batch_size``, ``lr``, ``schedule`` ("onecycle" or constant), ``loss`` ("dice_ce" or
+  Dice), ``jitter_mm``, ``intensity_scale``, ``intensity_shift``, ``click_prob``, ``max_clicks``,
+  ``cpu_bf16`` (bf16 autocast on CPUs with native bf16);
+- ``init_from``: optional bundle (id or folder) whose weights start the run (fine-tuning).
 
 Every sample: pick a case and one of its objects, take its six extreme points from the label
 (random ties) moved by Gaussian noise of ``jitter_mm``, build the input with
@@ -33,7 +36,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .annotate import prepare_input
+from .annotate import guidance_sigma_mm, prepare_input
 from .bundle import build_network, save_bundle
 from .errors import InputError
 from .geometry import resample_to_grid
@@ -136,7 +139,7 @@ def make_sample(case: TrainCase, meta: dict, rng: np.random.Generator, cfg: dict
             for key in ("positive", "negative"):
                 if key in channels:
                     x[channels.index(key) - len(channels)] = gaussian_heatmap(
-                        np.asarray(clicks[key]).reshape(-1, 3), mi.grid, meta["guidance"]["sigma_mm"])
+                        np.asarray(clicks[key]).reshape(-1, 3), mi.grid, guidance_sigma_mm(meta, mi.grid))
     if augment:
         n_img = len(meta["inputs"])
         scale = 1.0 + rng.uniform(-1, 1) * float(cfg.get("intensity_scale", 0.1))
@@ -201,6 +204,11 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
     if not cases:
         raise InputError("the training config yields no cases with objects")
     net = build_network(meta).to(dev)
+    if config.get("init_from") and not resume:
+        # fine-tune: start from a bundle's weights (hash-checked like any load)
+        from .bundle import load_network
+
+        net.load_state_dict(load_network(config["init_from"], "cpu").state_dict())
     opt = torch.optim.Adam(net.parameters(), lr=float(config.get("lr", 1e-4)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(config.get("lr", 1e-4)), total_steps=total,
                                                 pct_start=0.05) if config.get("schedule") == "onecycle" else None
