@@ -103,6 +103,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     d.add_argument("--tta", action="store_true")
     d.add_argument("--overwrite", action="store_true")
+
+    b = sub.add_parser("batch", parents=[common], formatter_class=fmt,
+                       help="register, segment and report every study of a folder (resumable; workers or Dask)",
+                       description="Find the studies (DICOM or NIfTI) of INPUT_DIR, identify their sequences, register them "
+                                   "to the reference, segment, and write per study registered volumes, transforms, a QC "
+                                   "picture and report.json, plus summary.csv and errors.csv. Exit codes: 0 every study "
+                                   "done, 4 some failed, 5 nothing done.",
+                       epilog=_examples("deepedit batch studies/ -o labelled/ --dry-run",
+                                        "deepedit batch studies/ -o labelled/ --workers 2",
+                                        "deepedit batch studies/ -o labelled/ --resume",
+                                        "deepedit batch studies/ -o labelled/ --scheduler tcp://scheduler:8786"))
+    b.add_argument("input", metavar="INPUT_DIR", help="folder of studies (read only)")
+    b.add_argument("-o", "--output", required=True, help="output folder (not inside the input folder)")
+    b.add_argument("--model", default=None, help="automatic model id, or 'none' to register and report only "
+                                                 "(default: the installed brain model, if any)")
+    b.add_argument("--workers", type=int, default=1, help="studies processed at once in worker processes (default 1)")
+    b.add_argument("--scheduler", default=None, metavar="ADDRESS", help="Dask scheduler to submit the studies to "
+                                                                      "(e.g. tcp://host:8786); folders must be shared")
+    b.add_argument("--reference", default="t1c", help="reference sequence, or several in order of preference "
+                                                      "(e.g. t1c,t1; default t1c)")
+    b.add_argument("--spacing", type=float, default=1.0, help="voxel size of the registered volumes in mm (default 1)")
+    b.add_argument("--mapping", default=None, metavar="FILE", help="JSON file naming the sequence of series "
+                                                                  "(overrides identification)")
+    b.add_argument("--resume", action="store_true", help="continue the run recorded in the output folder")
+    b.add_argument("--dry-run", action="store_true", help="print the studies and sequences found, and stop")
     return p
 
 
@@ -215,8 +240,29 @@ def _cmd_evaluate(args) -> dict:
     return {"summary": summary, "rows": rows, "output": str(args.output)}
 
 
+def _cmd_batch(args) -> dict:
+    from .batch.report import format_plans, format_result
+    from .batch.run import EXIT_OK, BatchOptions, run_batch
+    from .progress import StageProgress
+
+    options = BatchOptions(reference=tuple(r.strip().lower() for r in args.reference.split(",") if r.strip()),
+                           model=args.model, spacing_mm=args.spacing)
+    with StageProgress("batch", enabled=not args.json and not args.dry_run) as bar:
+        result = run_batch(Path(args.input), Path(args.output), options=options, workers=args.workers,
+                           scheduler=args.scheduler, resume=args.resume, dry_run=args.dry_run,
+                           mapping_file=Path(args.mapping) if args.mapping else None, progress=bar)
+    summary = result.to_dict()
+    if not args.json:
+        print(format_plans(result.plans) if args.dry_run else format_result(result))
+    if result.exit_code != EXIT_OK:  # "some failed" / "nothing done" are results, with their own exit codes
+        if args.json:
+            print(json.dumps(dict(summary, command="batch"), indent=2, default=str))
+        raise SystemExit(result.exit_code)
+    return summary
+
+
 _COMMANDS = {"annotate": _cmd_annotate, "segment": _cmd_segment, "models": _cmd_models, "train": _cmd_train, "demo": _cmd_demo,
-             "evaluate": _cmd_evaluate}
+             "evaluate": _cmd_evaluate, "batch": _cmd_batch}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

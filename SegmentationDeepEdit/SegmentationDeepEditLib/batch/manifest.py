@@ -1,0 +1,224 @@
+"""The state of a batch run, kept in ``OUTPUT_DIR/manifest.json`` so that a killed run can resume.
+
+A study is *done* only when its whole output folder was built in a temporary folder, moved
+into place in one rename, and then recorded here with the size and SHA-256 of every file. On
+``--resume``:
+
+- temporary study folders left by a killed run (``.deepedit-tmp-*``) are deleted;
+- a study recorded as done is kept only if its input fingerprint is unchanged and every output
+  file is still there with its recorded size; otherwise it is redone;
+- an output folder of a study that is not recorded as done (killed between the rename and the
+  manifest update, or left from another run) is deleted and the study redone, so no
+  half-checked output survives;
+- failed and unfinished studies are redone.
+
+Only the driver process writes the manifest (workers return their results to it), and every
+write replaces the file atomically. A lock file (``.deepedit-batch.lock``: process id and host)
+keeps a second run out of a folder that a live run is writing; a killed run's lock is taken over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List
+
+from ..errors import InputError
+from .report import write_json
+
+__all__ = ["Manifest", "MANIFEST_NAME", "TMP_PREFIX", "LOCK_NAME", "FORMAT", "study_fingerprint", "remove_tree"]
+
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".deepedit-batch.lock"
+TMP_PREFIX = ".deepedit-tmp-"
+FORMAT = "deepedit-batch-manifest"
+_VERSION = 1
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def study_fingerprint(files: Iterable[str], decisions: Any) -> str:
+    """A cheap fingerprint of a study's inputs and plan: file paths, sizes and mtimes, plus the plan's choices."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        try:
+            st = os.stat(f)
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f}\0missing\n".encode())
+    h.update(json.dumps(decisions, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder we own: first renamed aside (so a half-deleted folder never keeps its name)."""
+    p = Path(path)
+    if not p.exists():
+        return
+    aside = p.with_name(f"{TMP_PREFIX}old-{p.name}-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.rename(p, aside)
+    except OSError:
+        aside = p
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+class Manifest:
+    """The manifest of one output folder.
+
+    Attributes:
+        path: ``OUTPUT_DIR/manifest.json``.
+        data: the JSON content (``studies``: name -> state record).
+    """
+
+    def __init__(self, path: Path, data: Dict[str, Any]):
+        self.path = Path(path)
+        self.data = data
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, output_dir: Path, *, input_dir: Path, options: Dict[str, Any], resume: bool) -> "Manifest":
+        """Open the manifest of ``output_dir`` for a run (creating the folder when needed).
+
+        Raises:
+            InputError: the folder holds something and ``resume`` is False; ``resume`` with
+                a manifest made from another input folder or with other options; an
+                unreadable manifest.
+        """
+        out = Path(output_dir)
+        path = out / MANIFEST_NAME
+        if out.exists() and not out.is_dir():
+            raise InputError("the output path exists and is not a folder", out)
+        if not resume:
+            if out.is_dir() and any(not p.name.startswith(TMP_PREFIX) and p.name != LOCK_NAME for p in out.iterdir()):
+                what = "a batch run (manifest.json); use --resume to continue it" if path.exists() else "files"
+                raise InputError(f"the output folder already holds {what}, or choose an empty folder", out)
+        if not out.parent.is_dir():
+            raise InputError("the folder that should hold the output folder does not exist", out.parent)
+        out.mkdir(exist_ok=True)
+        if path.exists():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise InputError(f"the manifest cannot be read ({e}); move it away to start over", path) from None
+            if data.get("format") != FORMAT:
+                raise InputError("not a deepedit batch manifest", path)
+            if data.get("input") != str(input_dir):
+                raise InputError(f"the run in this folder was made from another input folder ({data.get('input')})", out)
+            old = data.get("options", {})
+            diff = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
+            if diff:
+                details = "; ".join(f"{k}: {old.get(k)!r} then, {options.get(k)!r} now" for k in diff)
+                raise InputError(f"the run in this folder was made with other options ({details}); resume with the "
+                                 "same options or use a new output folder", out)
+            data["resumed"] = data.get("resumed", 0) + 1
+        else:
+            data = {"format": FORMAT, "version": _VERSION, "input": str(input_dir), "options": options,
+                    "created": _now(), "studies": {}}
+        m = cls(path, data)
+        m._lock()
+        m.clean_temporary()
+        return m
+
+    # ------------------------------------------------------------------ one run per folder
+
+    def _lock(self) -> None:
+        """Take the folder's lock file; refuse when a live run on this machine holds it."""
+        lock = self.path.parent / LOCK_NAME
+        me = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid_text, host = lock.read_text().split()[:2]
+                    pid = int(pid_text)
+                except (OSError, ValueError):
+                    pid, host = -1, ""
+                alive = host != socket.gethostname()  # another machine's run: assume alive
+                if host == socket.gethostname() and pid > 0:
+                    try:
+                        os.kill(pid, 0)
+                        alive = True
+                    except ProcessLookupError:
+                        alive = False
+                    except PermissionError:
+                        alive = True
+                if alive:
+                    raise InputError(f"another batch run (process {pid} on {host}) is writing this folder; wait for it, "
+                                     f"or delete {LOCK_NAME} if it is gone", self.path.parent) from None
+                lock.unlink(missing_ok=True)  # left by a killed run
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me + "\n")
+            self._locked = True
+            return
+
+    def close(self) -> None:
+        """Release the folder's lock."""
+        if getattr(self, "_locked", False):
+            (self.path.parent / LOCK_NAME).unlink(missing_ok=True)
+            self._locked = False
+
+    def clean_temporary(self) -> List[str]:
+        """Delete temporary study folders and files left by a killed run; returns their names."""
+        removed = []
+        for p in sorted(self.path.parent.iterdir()):
+            if p.name.startswith(TMP_PREFIX) or (p.name.startswith(".") and ".tmp" in p.name and p.is_file()):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p.name)
+        return removed
+
+    # ------------------------------------------------------------------ states
+
+    @property
+    def studies(self) -> Dict[str, Dict[str, Any]]:
+        return self.data.setdefault("studies", {})
+
+    def state(self, name: str) -> str:
+        return self.studies.get(name, {}).get("state", "pending")
+
+    def is_done(self, name: str, fingerprint: str) -> bool:
+        """True when the study is recorded as done for these inputs and all its outputs are intact."""
+        rec = self.studies.get(name)
+        if not rec or rec.get("state") != "done" or rec.get("fingerprint") != fingerprint:
+            return False
+        folder = self.path.parent / name
+        for rel, info in rec.get("outputs", {}).items():
+            p = folder / rel
+            if not p.is_file() or p.stat().st_size != info.get("bytes"):
+                return False
+        return True
+
+    def mark_running(self, name: str, fingerprint: str) -> None:
+        rec = self.studies.setdefault(name, {})
+        rec.update(state="running", fingerprint=fingerprint, started=_now(), attempts=rec.get("attempts", 0) + 1)
+        rec.pop("error", None)
+
+    def record(self, name: str, fingerprint: str, result: Dict[str, Any]) -> None:
+        """Record a finished study (``result`` is :meth:`StudyResult.to_manifest`)."""
+        rec = self.studies.setdefault(name, {})
+        rec.update(result)
+        rec["fingerprint"] = fingerprint
+        rec["finished"] = _now()
+
+    def reset_unfinished(self) -> None:
+        """Studies left "running" (interrupted) go back to "pending"."""
+        for rec in self.studies.values():
+            if rec.get("state") == "running":
+                rec["state"] = "pending"
+
+    def save(self) -> None:
+        self.data["updated"] = _now()
+        write_json(self.data, self.path, overwrite=True)

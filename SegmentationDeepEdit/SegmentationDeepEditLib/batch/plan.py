@@ -1,0 +1,151 @@
+"""What will be done with each series of a study: identification, choice between repeats, reference.
+
+The plan is what ``deepedit batch --dry-run`` prints and what the study task carries out. It is
+made from headers only, in the driver process, so that every worker gets the same decisions.
+
+Choice between series identified as the same sequence: the most confident wins; among equally
+confident ones the one acquired last (highest SeriesNumber) wins, since a sequence is usually
+repeated because the first run was spoiled (motion). Image files have no acquisition order:
+the first by name wins. Every series not used is reported with the reason, and a mapping file
+(:class:`.identify.Mapping`) can force any choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .discover import Series, Study
+from .identify import IGNORE, SEQUENCES, Identification, Mapping, identify
+
+__all__ = ["SeriesVerdict", "StudyPlan", "plan_study", "MIN_SLICES"]
+
+#: A DICOM series with fewer slices than this is not a volume (single-slice captures, scouts).
+MIN_SLICES = 3
+
+
+@dataclass(frozen=True)
+class SeriesVerdict:
+    """One series with its identification and what the study does with it.
+
+    Attributes:
+        series: the series.
+        identification: the verdict of :func:`.identify.identify` (or the mapping file).
+        role: "used", "not used" (another series was chosen), "ignored", "unknown" or "ambiguous".
+        note: why, in words.
+    """
+
+    series: Series
+    identification: Identification
+    role: str
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        s = self.series
+        return {"key": s.key, "kind": s.kind, "name": s.name, "protocol": s.protocol or None, "number": s.number,
+                "files": len(s.files), "identified": self.identification.to_dict(), "role": self.role,
+                "note": self.note}
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """The decisions for one study.
+
+    Attributes:
+        study: the study found by discovery.
+        verdicts: one per series, in the study's order.
+        chosen: (sequence, series key) pairs in :data:`SEQUENCES` order.
+        reference: the sequence registration aligns everything to; None when none of the
+            requested reference sequences was found (the study then fails).
+        problems: reasons the study cannot be processed (empty when it can).
+        warnings: things a reviewer should know (repeats, unknown series...).
+    """
+
+    study: Study
+    verdicts: Tuple[SeriesVerdict, ...]
+    chosen: Tuple[Tuple[str, str], ...]
+    reference: Optional[str]
+    problems: Tuple[str, ...] = ()
+    warnings: Tuple[str, ...] = ()
+
+    @property
+    def sequences(self) -> Dict[str, Series]:
+        by_key = {s.key: s for s in self.study.series}
+        return {seq: by_key[key] for seq, key in self.chosen}
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {"study": self.study.name, "folder": self.study.folder, "reference": self.reference,
+                "sequences": {seq: key for seq, key in self.chosen}, "problems": list(self.problems),
+                "warnings": list(self.warnings), "series": [v.to_dict() for v in self.verdicts],
+                "ignored_files": self.study.ignored_files}
+
+
+def _identify_series(study: Study, s: Series, mapping: Mapping) -> Identification:
+    rule = mapping.lookup(study.name, s.name, s.number)
+    if rule is not None:
+        return mapping.identification(rule)
+    if s.kind == "dicom":
+        return identify(s.name, protocol=s.protocol, header=s.header)
+    return identify(file_name=s.name)
+
+
+def plan_study(study: Study, *, reference: Sequence[str] = ("t1c",), mapping: Mapping = Mapping()) -> StudyPlan:
+    """Identify every series of ``study``, choose one per sequence and the reference.
+
+    Args:
+        study: from :func:`.discover.discover_studies`.
+        reference: acceptable reference sequences, in order of preference (default T1c only).
+        mapping: user overrides.
+
+    Returns:
+        The plan; ``plan.problems`` says why a study cannot be processed (no reference).
+    """
+    ids: List[Tuple[Series, Identification]] = [(s, _identify_series(study, s, mapping)) for s in study.series]
+    roles: Dict[str, Tuple[str, str]] = {}
+    candidates: Dict[str, List[Tuple[Series, Identification]]] = {}
+    warnings: List[str] = []
+    for s, ident in ids:
+        if ident.sequence == IGNORE:
+            why = next((r.split(": ", 1)[-1] for r in ident.reasons), "ignored")
+            roles[s.key] = ("ignored", why)
+        elif s.kind == "dicom" and len(s.files) < MIN_SLICES and ident.source != "mapping":
+            roles[s.key] = ("ignored", f"{len(s.files)} slice(s): not a volume")
+        elif ident.sequence is None and ident.ambiguous:
+            cands = " or ".join(ident.candidates[:3])
+            roles[s.key] = ("ambiguous", f"could be {cands}; name it in a mapping file")
+            warnings.append(f"series {s.describe()} is ambiguous ({cands}); not used")
+        elif ident.sequence is None:
+            best = ident.scores[0][0] if ident.scores else None
+            note = "not one of " + ", ".join(SEQUENCES) + (" (looks like T2* gradient echo)" if best == "other" else "")
+            roles[s.key] = ("unknown", note)
+            warnings.append(f"series {s.describe()} was not identified; not used")
+        else:
+            candidates.setdefault(ident.sequence, []).append((s, ident))
+    chosen: Dict[str, str] = {}
+    for seq, items in candidates.items():
+        order = sorted(items, key=lambda it: (-round(it[1].confidence, 3),
+                                              -(it[0].number if it[0].number is not None else -1), it[0].key))
+        best = order[0][0]
+        chosen[seq] = best.key
+        roles[best.key] = ("used", f"as {seq}")
+        for s, ident in order[1:]:
+            if s.kind == "dicom" and best.kind == "dicom" and round(ident.confidence, 3) == round(order[0][1].confidence, 3):
+                why = f"{seq} is taken from the later series {best.describe()} (a repeat is usually the better run)"
+            else:
+                why = f"{seq} is taken from {best.describe()} (identified with more confidence or first by name)"
+            roles[s.key] = ("not used", why)
+            warnings.append(f"two series identified as {seq}: used {best.describe()}, not {s.describe()}")
+    verdicts = tuple(SeriesVerdict(s, ident, *roles[s.key]) for s, ident in ids)
+    ref = next((r for r in reference if r in chosen), None)
+    problems: List[str] = []
+    if ref is None:
+        found = ", ".join(seq for seq in SEQUENCES if seq in chosen) or "none"
+        want = " or ".join(reference)
+        problems.append(f"no {want} series (the reference) was found (sequences found: {found}); name it in a mapping "
+                        f"file (--mapping) or choose another reference (--reference)")
+    ordered = tuple((seq, chosen[seq]) for seq in SEQUENCES if seq in chosen)
+    return StudyPlan(study, verdicts, ordered, ref, tuple(problems), tuple(warnings))

@@ -1,0 +1,658 @@
+"""The batch run: one task per study, run in this process, in worker processes, or on Dask.
+
+:func:`process_study` is the per-study task: read the chosen series, register each to the
+reference, resample onto the reference's box at 1 mm, segment, draw the QC picture and write
+``report.json``. It builds everything in a temporary folder inside the output folder and moves
+it into place with one rename, so a study folder is either complete or absent. It never
+raises for a bad study: it returns a failed :class:`StudyResult` with the reason.
+
+:func:`run_batch` is the driver: it finds the studies, plans them (:mod:`.plan`), skips those
+already done (``resume``), hands the rest to the chosen executor, and records each result in
+the manifest, ``summary.csv`` and ``errors.csv`` as it arrives. Only the driver writes those
+files.
+
+Output folder layout::
+
+    OUTPUT_DIR/manifest.json, summary.csv, errors.csv
+    OUTPUT_DIR/<study>/report.json, qc.png
+    OUTPUT_DIR/<study>/registered/<sequence>.nii.gz    (reference box, 1 mm voxels by default)
+    OUTPUT_DIR/<study>/transforms/<sequence>.tfm       (reference -> sequence, ITK/Slicer)
+    OUTPUT_DIR/<study>/segmentation.seg.nrrd, segmentation.nii.gz  (when a model ran)
+
+Exit codes of a run: :data:`EXIT_OK` (every study done), :data:`EXIT_SOME_FAILED`,
+:data:`EXIT_NOTHING_DONE` (no study found, or every study failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import SimpleITK as sitk
+
+from .. import __version__
+from ..errors import DeepEditError, InputError
+from ..imageio import read_dicom_series, read_image, write_image, write_segmentation
+from .discover import Series, discover_studies
+from .identify import SEQUENCES, Mapping, load_mapping
+from .manifest import TMP_PREFIX, Manifest, remove_tree, study_fingerprint
+from .plan import StudyPlan, plan_study
+from .register import (QualityThresholds, RegistrationSettings, footprint_on, head_mask, output_grid, register_rigid,
+                       registration_quality, resample_onto, transform_parameters, write_transform)
+from .report import ERROR_COLUMNS, SUMMARY_COLUMNS, file_record, render_qc, series_sha256, write_csv, write_json
+from .segment import Segmenter, SegmentStep, region_volumes_ml, resolve_segment_step
+
+__all__ = [
+    "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_NOTHING_DONE",
+    "BatchOptions", "StudyResult", "BatchResult", "process_study", "run_batch", "plan_batch", "check_folders",
+]
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 4
+EXIT_NOTHING_DONE = 5
+
+Progress = Optional[Callable[[str, float], None]]
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Options of a batch run that decide its outputs (all are recorded in the manifest).
+
+    Attributes:
+        reference: acceptable reference sequences in order of preference (default T1c).
+        model: ``--model``: None (installed brain model if any), "none", or a bundle id.
+        spacing_mm: voxel size of the registered volumes (None: the reference's own grid).
+        registration: registration settings.
+        thresholds: the registration verdict's limits.
+        device: device for the segmentation model.
+        threads: ITK threads per study (0: ITK's default; the driver sets 1 per worker when
+            several studies run at once).
+        segmenter: a Python segmenter (tests, scripts); overrides ``model``.
+    """
+
+    reference: Tuple[str, ...] = ("t1c",)
+    model: Optional[str] = None
+    spacing_mm: Optional[float] = 1.0
+    registration: RegistrationSettings = RegistrationSettings()
+    thresholds: QualityThresholds = QualityThresholds()
+    device: str = "auto"
+    threads: int = 0
+    segmenter: Optional[Segmenter] = None
+
+    def recorded(self, mapping: Mapping, mapping_sha256: Optional[str]) -> Dict[str, Any]:
+        """The options that change outputs, as recorded in the manifest (resume must match them)."""
+        seg = self.segmenter
+        return {"reference": list(self.reference), "model": self.model if seg is None else f"python:{seg.model_id}",
+                "spacing_mm": self.spacing_mm, "registration": self.registration.to_dict(),
+                "thresholds": vars(self.thresholds).copy(), "mapping_sha256": mapping_sha256}
+
+
+@dataclass
+class StudyResult:
+    """What one study task returns to the driver.
+
+    Attributes:
+        name: the study.
+        state: "done" or "failed".
+        error: why it failed (one line).
+        warnings: things to review.
+        errors: per-series problems ``{"series", "stage", "error"}`` (a done study can have some).
+        outputs: output files (relative to the study folder) -> ``{"bytes", "sha256"}``.
+        summary: the study's ``summary.csv`` row.
+        seconds: timings.
+    """
+
+    name: str
+    state: str
+    error: Optional[str] = None
+    warnings: List[str] = field(default_factory=list)
+    errors: List[Dict[str, str]] = field(default_factory=list)
+    outputs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    summary: Dict[str, Any] = field(default_factory=dict)
+    seconds: Dict[str, Any] = field(default_factory=dict)
+
+    def to_manifest(self) -> Dict[str, Any]:
+        return {"state": self.state, "error": self.error, "warnings": self.warnings, "errors": self.errors,
+                "outputs": self.outputs, "summary": self.summary, "seconds": self.seconds}
+
+
+@dataclass
+class BatchResult:
+    """The outcome of :func:`run_batch`.
+
+    Attributes:
+        exit_code: :data:`EXIT_OK`, :data:`EXIT_SOME_FAILED` or :data:`EXIT_NOTHING_DONE`.
+        studies: one dict per study of the input (name, state, seconds, error, skipped).
+        plans: the plans (always; the only output of a dry run).
+        output_dir: the output folder (None for a dry run).
+    """
+
+    exit_code: int
+    studies: List[Dict[str, Any]]
+    plans: List[StudyPlan]
+    output_dir: Optional[Path]
+    dry_run: bool = False
+
+    @property
+    def counts(self) -> Dict[str, int]:
+        c = {"done": 0, "failed": 0, "skipped": 0}
+        for s in self.studies:
+            c["skipped" if s.get("skipped") else s["state"]] = c.get("skipped" if s.get("skipped") else s["state"], 0) + 1
+        return c
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"exit_code": self.exit_code, "dry_run": self.dry_run, "counts": self.counts, "studies": self.studies,
+                "output": None if self.output_dir is None else str(self.output_dir),
+                "plans": [p.to_dict() for p in self.plans]}
+
+
+class _StudyFailed(Exception):
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+# ------------------------------------------------------------------------------ study task
+
+
+def _relative(text: str, root: Path) -> str:
+    """Error text with the input folder's absolute path removed."""
+    return str(text).replace(str(root) + os.sep, "").replace(str(root), ".")
+
+
+def _clean(text: str, root: Path, series: Any = ()) -> str:
+    """A message fit for reports: no input folder prefix, no DICOM UID (its hash instead).
+
+    ``series``: one :class:`Series` or several whose UIDs to hide.
+    """
+    text = _relative(text, root)
+    for s in ([series] if isinstance(series, Series) else series):
+        if s.series_uid:
+            text = text.replace(s.series_uid, f"uid-sha256:{s.uid_hash}")
+    return text
+
+
+def _read_series(s: Series) -> sitk.Image:
+    what = f"series {s.describe()}"
+    if s.kind == "dicom":
+        return read_dicom_series(s.path, s.series_uid, what=what)
+    return read_image(s.path, what=what)
+
+
+def _rounded(t: sitk.Euler3DTransform) -> sitk.Euler3DTransform:
+    """The transform with parameters rounded (1e-9 rad, 1e-6 mm).
+
+    The registration differs between runs in the last few digits (ITK's threaded metric
+    sums); rounding far below any physical meaning makes outputs byte-identical between
+    runs, processes and machines.
+    """
+    p = t.GetParameters()
+    out = sitk.Euler3DTransform()
+    out.SetCenter([round(float(v), 6) for v in t.GetCenter()])
+    out.SetParameters([round(float(v), 9) for v in p[:3]] + [round(float(v), 6) for v in p[3:]])
+    return out
+
+
+def _grid_dict(img: sitk.Image) -> Dict[str, Any]:
+    return {"size": list(img.GetSize()), "spacing_mm": [round(float(v), 6) for v in img.GetSpacing()],
+            "origin_mm": [round(float(v), 4) for v in img.GetOrigin()],
+            "direction": [round(float(v), 6) for v in img.GetDirection()]}
+
+
+def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: BatchOptions,
+                  step: Optional[SegmentStep] = None) -> StudyResult:
+    """Process one study; never raises for a bad study (returns a failed result).
+
+    Args:
+        plan: from :func:`.plan.plan_study`.
+        input_dir: the batch input folder (paths in messages are made relative to it).
+        output_dir: the batch output folder; the study's folder ``output_dir/<study>`` must not
+            exist (the driver removes stale ones).
+        options: run options.
+        step: the segmentation step (resolved by the driver; resolved here when None).
+
+    Returns:
+        The result; on success ``output_dir/<study>`` holds every output.
+    """
+    t_start = time.perf_counter()
+    name = plan.study.name
+    root = Path(input_dir)
+    out_root = Path(output_dir)
+    tmp = out_root / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:10]}"
+    errors: List[Dict[str, str]] = []
+    warnings: List[str] = list(plan.warnings)
+    seconds: Dict[str, Any] = {"read": 0.0, "register": {}, "segment": 0.0, "qc": 0.0}
+    old_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    if options.threads > 0:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(options.threads)
+    try:
+        if step is None:
+            step = resolve_segment_step(options.model, custom=options.segmenter, device=options.device)
+        if not plan.ok:
+            raise _StudyFailed("plan", plan.problems[0])
+        (tmp / "registered").mkdir(parents=True)
+        (tmp / "transforms").mkdir()
+        chosen = plan.sequences
+        ref_name = plan.reference
+        ref_series = chosen[ref_name]
+        t0 = time.perf_counter()
+        try:
+            ref_img = _read_series(ref_series)
+        except InputError as e:
+            raise _StudyFailed("read", f"the reference ({ref_name}) cannot be read: "
+                                       f"{_clean(str(e), root, ref_series)}") from None
+        seconds["read"] += time.perf_counter() - t0
+        ref_mask = head_mask(ref_img)  # once for all sequences
+        grid = output_grid(ref_img, options.spacing_mm)
+        ref_out = resample_onto(ref_img, grid, threads=options.threads)
+        write_image(ref_out, tmp / "registered" / f"{ref_name}.nii.gz")
+        volumes: Dict[str, sitk.Image] = {ref_name: ref_out}
+        hashes: Dict[str, str] = {}
+        seq_report: Dict[str, Any] = {ref_name: {"series": ref_series.key, "reference": True,
+                                                 "file": f"registered/{ref_name}.nii.gz",
+                                                 "input_grid": _grid_dict(ref_img), "status": "reference"}}
+        captions = {ref_name: "reference"}
+        counts = {"registered": 0, "flagged": 0, "refused": 0, "unreadable": 0}
+        reg_total = 0.0
+        for seq, series in chosen.items():
+            if seq == ref_name:
+                continue
+            entry: Dict[str, Any] = {"series": series.key}
+            seq_report[seq] = entry
+            t0 = time.perf_counter()
+            try:
+                img = _read_series(series)
+            except InputError as e:
+                msg = _clean(str(e), root, series)
+                errors.append({"series": series.describe(), "stage": "read", "error": msg})
+                entry.update(status="unreadable", error=msg)
+                counts["unreadable"] += 1
+                warnings.append(f"{seq} ({series.describe()}) cannot be read; left out")
+                continue
+            seconds["read"] += time.perf_counter() - t0
+            entry["input_grid"] = _grid_dict(img)
+            try:
+                settings = replace(options.registration, threads=options.threads)
+                r = register_rigid(ref_img, img, settings, fixed_mask=ref_mask)
+            except InputError as e:
+                msg = _clean(str(e), root, series)
+                errors.append({"series": series.describe(), "stage": "register", "error": msg})
+                entry.update(status="failed", error=msg)
+                counts["refused"] += 1
+                continue
+            tf = _rounded(r.transform)
+            reg = resample_onto(img, grid, tf, threads=options.threads)
+            fp = footprint_on(img, grid, tf)
+            q = registration_quality(ref_out, reg, fp, tf, options.thresholds)
+            reg_seconds = time.perf_counter() - t0
+            seconds["register"][seq] = round(r.seconds, 3)
+            reg_total += reg_seconds
+            write_transform(tf, tmp / "transforms" / f"{seq}.tfm")
+            entry.update(transform="transforms/" + f"{seq}.tfm", transform_parameters=transform_parameters(tf),
+                         quality=q.to_dict(), metric={"mattes_mi": round(r.metric, 4),
+                                                      "mattes_mi_initial": round(r.initial_metric, 4),
+                                                      "iterations_last_level": r.iterations},
+                         status=q.status)
+            captions[seq] = f"{q.status}: Dice {q.head_dice:.2f}, edges {q.edge_correlation:.2f}"
+            if q.status == "refused":
+                counts["refused"] += 1
+                msg = "registration refused: " + "; ".join(q.reasons)
+                errors.append({"series": series.describe(), "stage": "register", "error": msg})
+                warnings.append(f"{seq}: {msg}; its registered volume is not written")
+                continue
+            if q.status == "flagged":
+                counts["flagged"] += 1
+                warnings.append(f"{seq}: registration flagged for review: " + "; ".join(q.reasons))
+            counts["registered"] += 1
+            write_image(reg, tmp / "registered" / f"{seq}.nii.gz")
+            entry["file"] = f"registered/{seq}.nii.gz"
+            volumes[seq] = reg
+
+        # segmentation
+        t0 = time.perf_counter()
+        seg_report: Dict[str, Any] = {"model": step.model_id, "version": step.model_version}
+        label, segments = None, []
+        if step.kind == "skip":
+            seg_report.update(status="not segmented", reason=step.reason)
+        elif step.missing(list(volumes)):
+            miss = step.missing(list(volumes))
+            seg_report.update(status="not segmented", reason=f"the model needs {', '.join(miss)}, which this study "
+                                                              "lacks (or could not be registered)")
+            warnings.append(f"not segmented: missing {', '.join(miss)}")
+        else:
+            try:
+                out = step.run(volumes)
+            except DeepEditError as e:
+                raise _StudyFailed("segment", f"segmentation failed: {e}") from None
+            label, segments = out.label, out.segments
+            write_segmentation(label, tmp / "segmentation.seg.nrrd", segments)
+            write_segmentation(label, tmp / "segmentation.nii.gz", segments)
+            seg_report.update(status="segmented", model=out.model_id, version=out.model_version,
+                              files=["segmentation.seg.nrrd", "segmentation.nii.gz"],
+                              segments=[{"value": int(s["value"]), "name": s["name"],
+                                         "color": [float(c) for c in s["color"]]} for s in segments],
+                              volumes_ml=region_volumes_ml(label, segments))
+        seconds["segment"] = round(time.perf_counter() - t0, 3)
+
+        # QC picture
+        t0 = time.perf_counter()
+        order = [ref_name] + [s for s in SEQUENCES if s in volumes and s != ref_name]
+        seg_line = seg_report["status"] + (f" ({seg_report.get('reason')})" if seg_report.get("reason") else
+                                           f" by {seg_report.get('model')} {seg_report.get('version')}")
+        render_qc(tmp / "qc.png", {s: volumes[s] for s in order}, label=label, segments=segments,
+                  captions=captions, title=f"{name}: {seg_line}")
+        seconds["qc"] = round(time.perf_counter() - t0, 3)
+
+        # report.json, written last
+        t0 = time.perf_counter()
+        for seq, series in chosen.items():
+            hashes[series.key] = series_sha256(series.files)
+        series_list = []
+        for v in plan.verdicts:
+            d = v.to_dict()
+            d["sha256"] = hashes.get(v.series.key) or series_sha256(v.series.files)
+            d["series_uid_sha256"] = v.series.uid_hash or None
+            d["folder"] = _relative(str(Path(v.series.path).parent if v.series.kind == "file" else v.series.path), root)
+            series_list.append(d)
+        seconds["register_total"] = round(reg_total, 3)
+        seconds["read"] = round(seconds["read"], 3)
+        needs_review = bool(counts["flagged"] or counts["refused"] or counts["unreadable"])
+        report = {
+            "format": "deepedit-batch-report", "version": 1, "study": name, "folder": plan.study.folder,
+            "software": {"deepedit": __version__, "SimpleITK": sitk.Version.VersionString()},
+            "options": {"reference": list(options.reference), "spacing_mm": options.spacing_mm,
+                        "registration": options.registration.to_dict()},
+            "reference": {"sequence": ref_name, "series": ref_series.key, "registered_grid": _grid_dict(ref_out)},
+            "series": series_list, "ignored_files": plan.study.ignored_files,
+            "sequences": seq_report, "segmentation": seg_report, "needs_review": needs_review,
+            "warnings": warnings, "errors": errors,
+        }
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + ["report.json"]
+        report["files"] = files
+        seconds["total"] = round(time.perf_counter() - t_start, 3)
+        report["seconds"] = seconds
+        write_json(report, tmp / "report.json")
+        outputs = {rel: file_record(tmp / rel) for rel in files}
+        final = out_root / name
+        if final.exists():
+            remove_tree(final)
+        os.rename(tmp, final)
+        seconds["write_and_hash"] = round(time.perf_counter() - t0, 3)
+        vols = seg_report.get("volumes_ml") or {}
+        summary = {
+            "study": name, "status": "done", "needs_review": "yes" if needs_review else "no", "reference": ref_name,
+            "sequences": ";".join(s for s in SEQUENCES if s in chosen), "registered": counts["registered"],
+            "flagged": counts["flagged"], "refused": counts["refused"], "unreadable": counts["unreadable"],
+            "segmentation": seg_report["status"] + (f": {seg_report['reason']}" if seg_report.get("reason") else ""),
+            "volumes_ml": ";".join(f"{k}={v}" for k, v in vols.items()), "seconds_total": seconds["total"],
+            "seconds_registration": seconds["register_total"], "seconds_segmentation": seconds["segment"],
+            "report": f"{name}/report.json", "error": "",
+        }
+        return StudyResult(name, "done", None, warnings, errors, outputs, summary, seconds)
+    except _StudyFailed as e:
+        return _failed(name, plan, e.stage, str(e), warnings, errors, t_start)
+    except DeepEditError as e:
+        return _failed(name, plan, "study", _clean(str(e), root, plan.study.series), warnings, errors, t_start)
+    except Exception as e:  # noqa: BLE001 - one bad study never stops the run
+        log.debug("study %s failed", name, exc_info=True)
+        return _failed(name, plan, "study", f"internal error: {type(e).__name__}: {_clean(str(e), root, plan.study.series)}",
+                       warnings, errors, t_start)
+    finally:
+        if tmp.exists():
+            remove_tree(tmp)
+        if options.threads > 0:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old_threads)
+
+
+def _failed(name: str, plan: StudyPlan, stage: str, message: str, warnings: List[str], errors: List[Dict[str, str]],
+            t_start: float) -> StudyResult:
+    errors = list(errors) + [{"series": "", "stage": stage, "error": message}]
+    seconds = {"total": round(time.perf_counter() - t_start, 3)}
+    summary = {"study": name, "status": "failed", "needs_review": "yes", "reference": plan.reference or "",
+               "sequences": ";".join(seq for seq, _ in plan.chosen), "seconds_total": seconds["total"],
+               "error": message}
+    return StudyResult(name, "failed", message, warnings, errors, {}, summary, seconds)
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+def check_folders(input_dir: Path, output_dir: Optional[Path]) -> Tuple[Path, Optional[Path]]:
+    """Resolve the folders and refuse an output folder equal to, inside, or containing the input folder."""
+    inp = Path(input_dir).expanduser()
+    if not inp.is_dir():
+        raise InputError("the input folder does not exist" if not inp.exists() else "the input is not a folder", inp)
+    inp = inp.resolve()
+    if output_dir is None:
+        return inp, None
+    out = Path(output_dir).expanduser().absolute()
+    out = out.parent.resolve() / out.name if out.parent.exists() else out
+    if out == inp:
+        raise InputError("the output folder is the input folder; inputs are read-only, choose another folder", out)
+    if inp in out.parents:
+        raise InputError(f"the output folder is inside the input folder {inp}; inputs are read-only, choose a folder "
+                         "outside it", out)
+    if out in inp.parents:
+        raise InputError(f"the output folder contains the input folder {inp}; choose a folder beside it", out)
+    return inp, out
+
+
+def plan_batch(input_dir: Path, *, reference: Sequence[str] = ("t1c",), mapping: Mapping = Mapping()) -> List[StudyPlan]:
+    """Discover and plan every study of an input folder (what ``--dry-run`` shows)."""
+    return [plan_study(s, reference=reference, mapping=mapping) for s in discover_studies(input_dir)]
+
+
+def _decisions(plan: StudyPlan) -> Dict[str, Any]:
+    return {"chosen": list(plan.chosen), "reference": plan.reference, "problems": list(plan.problems)}
+
+
+def _rows(manifest: Manifest) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    summary, errors = [], []
+    for name in sorted(manifest.studies):
+        rec = manifest.studies[name]
+        if rec.get("state") not in ("done", "failed"):
+            continue
+        summary.append(rec.get("summary") or {"study": name, "status": rec.get("state")})
+        for e in rec.get("errors", []):
+            errors.append({"study": name, **e})
+    return summary, errors
+
+
+def _write_tables(manifest: Manifest) -> None:
+    summary, errors = _rows(manifest)
+    out = manifest.path.parent
+    write_csv(summary, SUMMARY_COLUMNS, out / "summary.csv")
+    write_csv(errors, ERROR_COLUMNS, out / "errors.csv")
+
+
+def run_batch(input_dir: Path, output_dir: Optional[Path], *, options: BatchOptions = BatchOptions(), workers: int = 1,
+              scheduler: Optional[str] = None, resume: bool = False, dry_run: bool = False,
+              mapping_file: Optional[Path] = None, progress: Progress = None) -> BatchResult:
+    """Run (or plan) a batch.
+
+    Args:
+        input_dir: folder of studies (read only).
+        output_dir: output folder (must not be inside or equal to the input folder).
+        options: see :class:`BatchOptions`.
+        workers: studies processed at once in worker processes on this machine (1: in this process).
+        scheduler: address of a Dask distributed scheduler (``tcp://host:8786``) to submit the
+            studies to, or a ``distributed.Client``; input and output folders must be visible
+            to the workers at the same paths.
+        resume: continue the run recorded in the output folder.
+        dry_run: only discover and plan; nothing is written.
+        mapping_file: JSON mapping file overriding identification.
+        progress: ``progress(stage, fraction)`` callback (e.g. :class:`progress.StageProgress`).
+
+    Returns:
+        The outcome (exit code, per-study states, plans).
+
+    Raises:
+        InputError, ModelError: bad folders, options, mapping file or model, before any study runs.
+    """
+    report = progress or (lambda stage, frac: None)
+    if workers < 1:
+        raise InputError(f"--workers must be 1 or more, not {workers}")
+    if scheduler is not None and workers > 1:
+        raise InputError("use either --workers or --scheduler, not both")
+    bad = [r for r in options.reference if r not in SEQUENCES]
+    if bad or not options.reference:
+        raise InputError(f"unknown reference sequence {', '.join(bad) or '(none)'}; use one of {', '.join(SEQUENCES)}")
+    inp, out = check_folders(input_dir, None if dry_run and output_dir is None else output_dir)
+    mapping = load_mapping(mapping_file)
+    report("finding studies", 0.0)
+    plans = plan_batch(inp, reference=options.reference, mapping=mapping)
+    if dry_run:
+        rows = [{"study": p.study.name, "state": "planned" if p.ok else "would fail",
+                 "error": p.problems[0] if p.problems else None} for p in plans]
+        ready = [p.ok for p in plans]
+        code = EXIT_OK if ready and all(ready) else EXIT_SOME_FAILED if any(ready) else EXIT_NOTHING_DONE
+        return BatchResult(code, rows, plans, None, dry_run=True)
+    assert out is not None
+    step = resolve_segment_step(options.model, custom=options.segmenter, device=options.device)
+    mapping_sha = None
+    if mapping_file is not None:
+        from ..bundle import sha256_of
+
+        mapping_sha = sha256_of(Path(mapping_file))
+    manifest = Manifest.open(out, input_dir=inp, options=options.recorded(mapping, mapping_sha), resume=resume)
+    try:
+        return _drive(plans, inp, out, manifest, options, step, workers, scheduler, report)
+    finally:
+        manifest.close()
+
+
+def _drive(plans: List[StudyPlan], inp: Path, out: Path, manifest: Manifest, options: BatchOptions, step: SegmentStep,
+           workers: int, scheduler: Any, report: Callable[[str, float], None]) -> BatchResult:
+    manifest.reset_unfinished()
+
+    todo: List[Tuple[StudyPlan, str]] = []
+    rows: Dict[str, Dict[str, Any]] = {}
+    for p in plans:
+        fp = study_fingerprint([f for s in p.study.series for f in s.files], _decisions(p))
+        name = p.study.name
+        if manifest.is_done(name, fp):
+            rec = manifest.studies[name]
+            rows[name] = {"study": name, "state": "done", "skipped": True, "seconds": rec.get("seconds", {}).get("total")}
+            continue
+        if (out / name).exists():
+            log.info("removing the unrecorded output folder of %s", name)
+            remove_tree(out / name)
+        manifest.mark_running(name, fp)
+        todo.append((p, fp))
+    manifest.save()
+    _write_tables(manifest)
+
+    total = len(todo)
+    finished = 0
+
+    def record(plan: StudyPlan, fp: str, res: StudyResult) -> None:
+        nonlocal finished
+        finished += 1
+        manifest.record(plan.study.name, fp, res.to_manifest())
+        manifest.save()
+        _write_tables(manifest)
+        rows[plan.study.name] = {"study": plan.study.name, "state": res.state, "skipped": False,
+                                 "seconds": res.seconds.get("total"), "error": res.error,
+                                 "needs_review": res.summary.get("needs_review"), "warnings": res.warnings}
+        report(f"{finished}/{total} studies ({plan.study.name}: {res.state})", finished / max(total, 1))
+
+    try:
+        if total:
+            report(f"0/{total} studies", 0.0)
+        if scheduler is not None:
+            _run_dask(todo, inp, out, options, step, scheduler, record)
+        elif workers > 1 and total > 1:
+            _run_processes(todo, inp, out, options, step, min(workers, total), record)
+        else:
+            for plan, fp in todo:
+                record(plan, fp, process_study(plan, str(inp), str(out), options, step))
+    except BaseException:
+        manifest.reset_unfinished()
+        manifest.save()
+        raise
+
+    studies = [rows[p.study.name] for p in plans if p.study.name in rows]
+    states = [s["state"] for s in studies]
+    if not states or all(s == "failed" for s in states):
+        code = EXIT_NOTHING_DONE
+    elif any(s == "failed" for s in states):
+        code = EXIT_SOME_FAILED
+    else:
+        code = EXIT_OK
+    return BatchResult(code, studies, plans, out)
+
+
+def _per_worker_threads(options: BatchOptions, workers: int) -> BatchOptions:
+    if options.threads > 0:
+        return options
+    return replace(options, threads=max(1, (os.cpu_count() or 1) // workers))
+
+
+def _run_processes(todo, inp: Path, out: Path, options: BatchOptions, step: SegmentStep, workers: int, record) -> None:
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    opts = _per_worker_threads(options, workers)
+    ctx = mp.get_context("spawn")  # fresh interpreters: forking a process with live thread pools can deadlock
+    pending = list(todo)
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(process_study, plan, str(inp), str(out), opts, step): (plan, fp) for plan, fp in pending}
+        try:
+            for fut in cf.as_completed(futures):
+                plan, fp = futures[fut]
+                try:
+                    res = fut.result()
+                except cf.process.BrokenProcessPool:
+                    res = _failed(plan.study.name, plan, "study", "the worker process died (out of memory?); "
+                                  "run again with --resume", [], [], time.perf_counter())
+                except Exception as e:  # noqa: BLE001
+                    res = _failed(plan.study.name, plan, "study", f"internal error: {type(e).__name__}: {e}", [], [],
+                                  time.perf_counter())
+                record(plan, fp, res)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _run_dask(todo, inp: Path, out: Path, options: BatchOptions, step: SegmentStep, scheduler, record) -> None:
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise InputError("--scheduler needs dask.distributed (pip install 'dask[distributed]')") from None
+    own = not isinstance(scheduler, Client)
+    try:
+        client = Client(scheduler, timeout="30s") if own else scheduler
+    except (OSError, TimeoutError, ValueError) as e:
+        raise InputError(f"cannot reach the Dask scheduler {scheduler}: {e}") from None
+    try:
+        nthreads = client.nthreads() or {}
+        opts = options if options.threads > 0 else replace(options, threads=1 if len(nthreads) > 0 and
+                                                           min(nthreads.values()) > 1 else 0)
+        futures = {}
+        for plan, fp in todo:
+            f = client.submit(process_study, plan, str(inp), str(out), opts, step, pure=False,
+                              key=f"deepedit-batch-{plan.study.name}-{uuid.uuid4().hex[:8]}", retries=0)
+            futures[f] = (plan, fp)
+        try:
+            for f in as_completed(list(futures)):
+                plan, fp = futures[f]
+                try:
+                    res = f.result()
+                except Exception as e:  # noqa: BLE001 - a lost worker, a pickling problem...
+                    res = _failed(plan.study.name, plan, "study", f"Dask task failed: {type(e).__name__}: {e}", [], [],
+                                  time.perf_counter())
+                record(plan, fp, res)
+        except BaseException:
+            client.cancel(list(futures))
+            raise
+    finally:
+        if own:
+            client.close()

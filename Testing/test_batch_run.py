@@ -1,0 +1,319 @@
+"""Tests of the batch run: outputs, no patient data, kill + resume, bad studies, workers, Dask, CLI.
+
+Input studies are built from real pixels (``brain-tumor/tcga-du-7294`` at 2 mm, protocol slice
+thicknesses, in-plane voxels doubled to stay small) with known head motions: a DICOM study with a
+localizer, an ADC map, a DICOMDIR and a text file, and a NIfTI study with a sagittal T1 and a label
+map. Every run here uses ``--spacing 2`` and ``--model none`` (or a stand-in threshold model).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fixtures_batch as fb
+from SegmentationDeepEditLib import cli
+from SegmentationDeepEditLib.batch import segment as segment_mod
+from SegmentationDeepEditLib.batch.register import read_transform
+from SegmentationDeepEditLib.batch.run import (EXIT_NOTHING_DONE, EXIT_OK, EXIT_SOME_FAILED, BatchOptions, run_batch)
+from SegmentationDeepEditLib.batch.segment import NO_MODEL, Segmenter, resolve_segment_step
+from SegmentationDeepEditLib.errors import InputError, ModelError
+from SegmentationDeepEditLib.imageio import read_image
+
+pytestmark = pytest.mark.realdata
+
+CASE = "brain-tumor/tcga-du-7294"
+OPTIONS = BatchOptions(spacing_mm=2.0, model="none")
+CLI_OPTIONS = ["--spacing", "2", "--model", "none"]  # the same options on the command line
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _build(case, root: Path, name: str, **kw) -> fb.StudyTruth:
+    return fb.build_study(case, root, name, base_mm=2.0, inplane_factor=2.0, **kw)
+
+
+def _snapshot(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}|{oct(st.st_mode)}\n".encode())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def inputs(shared_data, tmp_path_factory):
+    """The main input folder (two studies) and an edge-case folder (corrupt series, no T1c, repeated series)."""
+    case = fb.load_case_cached(str(shared_data / CASE), 2.0)
+    root = tmp_path_factory.mktemp("batch")
+    main = root / "in"
+    truths = {
+        "case-a": _build(case, main, "case-a", sequences=("t1c", "t2", "flair"), fmt="dicom", seed=11),
+        "case-b": _build(case, main, "case-b", sequences=("t1c", "t1", "t2"), fmt="nifti", seed=12),
+    }
+    edge = root / "edge"
+    corrupt = _build(case, edge, "corrupt", sequences=("t1c", "t2", "flair"), fmt="dicom", seed=21, extras=False)
+    slices = sorted((corrupt.folder / Path(corrupt.files["flair"][0]).parent).iterdir())
+    data = slices[len(slices) // 2].read_bytes()
+    slices[len(slices) // 2].write_bytes(data[: len(data) // 2])  # a truncated slice file
+    _build(case, edge, "no-t1c", sequences=("t2", "flair"), fmt="nifti", seed=22, extras=False)
+    # the same T2 description twice: the later series (number 9) is the one to use
+    dup = _build(case, edge, "repeat", sequences=("t1c", "t2"), fmt="dicom", seed=23, extras=False)
+    rng = np.random.default_rng(24)
+    centre = fb.brain_centre(case)
+    motion = fb.random_motion(rng, centre)
+    again = fb.acquire(case.images["t2"], motion, [1.6, 1.2, 5.0], centre_mm=motion.TransformPoint(centre),
+                       fov_mm=[170, 200, 140], direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), rng=rng, base_mm=2.0)
+    p = fb.PROTOCOL["t2"]
+    fb.write_dicom_series(again, dup.folder / "S0090", study_uid=fb._uid("study", "repeat", 23),
+                          series_uid=fb._uid("again", "repeat"), description=p["description"], series_number=9,
+                          tags=p["tags"], rng=rng)
+    dup.transforms["t2-again"] = fb.euler_to_list(motion)
+    return {"root": root, "main": main, "edge": edge, "truths": truths, "repeat": dup, "case": case,
+            "snapshot": _snapshot(main)}
+
+
+@pytest.fixture(scope="module")
+def baseline(inputs):
+    """One uninterrupted single-process run of the main input."""
+    out = inputs["root"] / "baseline"
+    t0 = time.perf_counter()
+    result = run_batch(inputs["main"], out, options=OPTIONS)
+    print(f"\nbaseline batch: {len(result.studies)} studies in {time.perf_counter() - t0:.1f} s")
+    return out, result
+
+
+def _rows(path: Path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_outputs_of_a_run(inputs, baseline):
+    out, result = baseline
+    assert result.exit_code == EXIT_OK and [s["state"] for s in result.studies] == ["done", "done"]
+    assert _snapshot(inputs["main"]) == inputs["snapshot"], "the input folder was modified"
+    assert sorted(p.name for p in out.iterdir()) == ["case-a", "case-b", "errors.csv", "manifest.json", "summary.csv"]
+    expected = {"case-a": ["t1c", "t2", "flair"], "case-b": ["t1c", "t1", "t2"]}
+    print("\nregistration error of the 2 mm batch fixtures (from the written .tfm files):")
+    for name, seqs in expected.items():
+        folder = out / name
+        report = json.loads((folder / "report.json").read_text())
+        assert report["study"] == name and report["reference"]["sequence"] == "t1c"
+        assert sorted(report["files"]) == sorted(
+            ["qc.png", "report.json"] + [f"registered/{s}.nii.gz" for s in seqs]
+            + [f"transforms/{s}.tfm" for s in seqs if s != "t1c"])
+        assert report["segmentation"]["status"] == "not segmented"
+        ref = read_image(folder / "registered" / "t1c.nii.gz")
+        assert ref.GetSpacing() == (2.0, 2.0, 2.0)
+        for seq in seqs:
+            img = read_image(folder / "registered" / f"{seq}.nii.gz")
+            assert img.GetSize() == ref.GetSize() and np.allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+            if seq == "t1c":
+                continue
+            entry = report["sequences"][seq]
+            assert entry["status"] == "ok" and entry["quality"]["edge_correlation"] > 0.35
+            tf = read_transform(folder / "transforms" / f"{seq}.tfm")
+            mean, worst = fb.registration_error_mm(tf, inputs["truths"][name].transform(seq), inputs["case"].brain)
+            print(f"  {name} {seq:6s} {'x'.join(f'{v:g}' for v in inputs['truths'][name].spacing[seq]):12s} "
+                  f"mean {mean:.2f} mm, max {worst:.2f} mm, {report['seconds']['register'][seq]:.1f} s")
+            assert mean < 1.5
+        roles = {s["name"]: s["role"] for s in report["series"]}
+        for s in report["series"]:
+            assert len(s["sha256"]) == 64
+        if name == "case-a":
+            assert roles["AAHead_Scout_64ch-head-coil"] == "ignored"
+            assert roles["ep2d_diff_3scan_trace_p2_ADC"] == "ignored"
+            assert report["ignored_files"] == 2  # DICOMDIR, notes.txt
+        else:
+            assert roles["case-b-seg.nii.gz"] == "ignored" and roles["case-b-t1n.nii.gz"] == "used"
+    summary = _rows(out / "summary.csv")
+    assert [r["study"] for r in summary] == ["case-a", "case-b"]
+    assert all(r["status"] == "done" and r["needs_review"] == "no" and r["registered"] == "2" for r in summary)
+    assert _rows(out / "errors.csv") == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {k: v["state"] for k, v in manifest["studies"].items()} == {"case-a": "done", "case-b": "done"}
+
+
+def test_no_patient_data_or_uids_in_outputs(inputs, baseline):
+    out, _ = baseline
+    secrets = [fb.FAKE_PATIENT_NAME, fb.FAKE_PATIENT_ID, "Zyxwvut", fb._uid("study", "case-a", 11),
+               fb._uid("series", "case-a", "t2", 11)]
+    assert fb.files_containing(out, secrets) == []
+
+
+def _kill_when_busy(cmd, out: Path, timeout: float = 300.0) -> None:
+    """Start ``cmd``, SIGKILL it as soon as a study has written a registered volume into its temporary folder."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if out.is_dir() and any(out.glob(".deepedit-tmp-*/registered/*.nii.gz")):
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+                return
+            if proc.poll() is not None:
+                pytest.fail(f"the batch ended before it could be killed: {proc.stderr.read().decode()[-500:]}")
+            time.sleep(0.02)
+        pytest.fail("no study output appeared in time")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def test_sigkill_mid_study_then_resume_gives_the_uninterrupted_outputs(inputs, baseline, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "SegmentationDeepEditLib.cli", "batch", str(inputs["main"]), "-o", str(out), *CLI_OPTIONS]
+    _kill_when_busy(cmd, out)
+    leftovers = list(out.glob(".deepedit-tmp-*"))
+    assert leftovers, "the kill left no temporary study folder (it should have been mid-study)"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "running" in {v["state"] for v in manifest["studies"].values()}
+    with pytest.raises(InputError, match="use --resume"):
+        run_batch(inputs["main"], out, options=OPTIONS)
+    result = run_batch(inputs["main"], out, options=OPTIONS, resume=True)
+    assert result.exit_code == EXIT_OK
+    assert not list(out.glob(".deepedit-tmp-*")) and not list(out.rglob(".*.tmp*"))
+    assert fb.output_differences(baseline[0], out) == []
+
+
+def test_resume_skips_intact_studies_and_redoes_damaged_ones(inputs, baseline, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(baseline[0], out)
+    target = out / "case-b" / "registered" / "t2.nii.gz"
+    target.write_bytes(target.read_bytes()[:1000])  # a half-written file
+    before_a = (out / "case-a" / "report.json").stat().st_mtime_ns
+    with pytest.raises(InputError, match="other options.*spacing_mm"):
+        run_batch(inputs["main"], out, options=BatchOptions(spacing_mm=1.0, model="none"), resume=True)
+    lock = out / ".deepedit-batch.lock"
+    lock.write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live run holds the folder
+    with pytest.raises(InputError, match="another batch run"):
+        run_batch(inputs["main"], out, options=OPTIONS, resume=True)
+    lock.write_text("999999999 " + socket.gethostname() + "\n")  # a dead run's lock is taken over
+    result = run_batch(inputs["main"], out, options=OPTIONS, resume=True)
+    assert not lock.exists()
+    states = {s["study"]: (s["state"], s["skipped"]) for s in result.studies}
+    assert states == {"case-a": ("done", True), "case-b": ("done", False)}
+    assert (out / "case-a" / "report.json").stat().st_mtime_ns == before_a
+    assert fb.output_differences(baseline[0], out) == []
+    # a finished run resumed again does nothing and is still "all ok"
+    again = run_batch(inputs["main"], out, options=OPTIONS, resume=True)
+    assert again.exit_code == EXIT_OK and all(s["skipped"] for s in again.studies)
+
+
+def test_bad_studies_are_recorded_and_do_not_stop_the_run(inputs, tmp_path):
+    out = tmp_path / "out"
+    seg = Segmenter(fb.threshold_segmenter, ("t1c", "t2"), "threshold-test", "1.0.0")
+    result = run_batch(inputs["edge"], out, options=BatchOptions(spacing_mm=2.0, segmenter=seg))
+    assert result.exit_code == EXIT_SOME_FAILED
+    states = {s["study"]: s["state"] for s in result.studies}
+    assert states == {"corrupt": "done", "no-t1c": "failed", "repeat": "done"}
+    summary = {r["study"]: r for r in _rows(out / "summary.csv")}
+    errors = _rows(out / "errors.csv")
+    # a corrupt series: the study goes on without it, and says so
+    assert summary["corrupt"]["unreadable"] == "1" and summary["corrupt"]["needs_review"] == "yes"
+    corrupt_err = [e for e in errors if e["study"] == "corrupt"]
+    assert len(corrupt_err) == 1 and corrupt_err[0]["stage"] == "read"
+    assert "t2_tirm_tra_dark-fluid" in corrupt_err[0]["series"] and "cannot read" in corrupt_err[0]["error"]
+    assert "1.2.826" not in corrupt_err[0]["error"] and str(inputs["edge"]) not in corrupt_err[0]["error"]
+    assert (out / "corrupt" / "segmentation.seg.nrrd").is_file()  # T1c and T2 were fine
+    assert not (out / "corrupt" / "registered" / "flair.nii.gz").exists()
+    # a study without T1c: failed, with the reason, and no output folder
+    no_ref = [e for e in errors if e["study"] == "no-t1c"]
+    assert len(no_ref) == 1 and "no t1c series (the reference) was found" in no_ref[0]["error"]
+    assert summary["no-t1c"]["status"] == "failed" and not (out / "no-t1c").exists()
+    # two series with the same description: the later one is used, the earlier reported
+    report = json.loads((out / "repeat" / "report.json").read_text())
+    roles = {s["number"]: (s["role"], s["note"]) for s in report["series"]}
+    assert roles[9][0] == "used" and roles[3][0] == "not used" and "later series #9" in roles[3][1]
+    assert any("two series identified as t2" in w for w in report["warnings"])
+    tf = read_transform(out / "repeat" / "transforms" / "t2.tfm")
+    truth = fb.euler_from_list(inputs["repeat"].transforms["t2-again"])
+    assert fb.registration_error_mm(tf, truth, inputs["case"].brain)[0] < 1.5
+    # the stand-in model's outputs: label maps, volumes in mL, model id
+    seg_report = report["segmentation"]
+    assert seg_report["status"] == "segmented" and seg_report["model"] == "threshold-test"
+    assert set(seg_report["volumes_ml"]) == {"Bright on T2", "Bright on T1c"} and seg_report["volumes_ml"]["Bright on T2"] > 1
+    lab = read_image(out / "repeat" / "segmentation.nii.gz")
+    assert lab.GetSize() == read_image(out / "repeat" / "registered" / "t1c.nii.gz").GetSize()
+    assert "Bright on T2=" in summary["repeat"]["volumes_ml"]
+    # "nothing done": only failing studies
+    only_bad = tmp_path / "only-bad"
+    shutil.copytree(inputs["edge"] / "no-t1c", only_bad / "no-t1c")
+    assert run_batch(only_bad, tmp_path / "out2", options=OPTIONS).exit_code == EXIT_NOTHING_DONE
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_batch(empty, tmp_path / "out3", options=OPTIONS).exit_code == EXIT_NOTHING_DONE
+
+
+def test_output_folder_inside_or_equal_to_the_input_is_refused(inputs, tmp_path, capsys):
+    main = inputs["main"]
+    for bad in (main, main / "out", main / "case-a" / "out", inputs["root"]):
+        with pytest.raises(InputError, match="input folder"):
+            run_batch(main, bad, options=OPTIONS)
+    assert _snapshot(main) == inputs["snapshot"]
+    assert cli.main(["batch", str(main), "-o", str(main / "labels"), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "inside the input folder" in err and not (main / "labels").exists()
+
+
+def test_dask_local_cluster_with_two_workers_equals_the_single_process_run(inputs, baseline, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    out = tmp_path / "out"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=40) as cluster:
+        result = run_batch(inputs["main"], out, options=OPTIONS, scheduler=cluster.scheduler_address)
+    assert result.exit_code == EXIT_OK
+    assert fb.output_differences(baseline[0], out) == []
+
+
+def test_cli_dry_run_workers_and_json(inputs, baseline, tmp_path, capsys):
+    main = inputs["main"]
+    assert cli.main(["batch", str(main), "-o", str(tmp_path / "dry"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "case-a (dicom, 5 series, 2 other files): reference t1c" in text
+    assert "'t2_tirm_tra_dark-fluid'" in text and "flair" in text and "ignored: localizer" in text
+    assert not (tmp_path / "dry").exists()
+    with pytest.raises(SystemExit) as info:
+        cli.main(["batch", str(inputs["edge"]), "-o", str(tmp_path / "dry"), "--dry-run", "--json"])
+    assert info.value.code == EXIT_SOME_FAILED
+    dry = json.loads(capsys.readouterr().out)
+    assert {p["study"]: p["reference"] for p in dry["plans"]} == {"corrupt": "t1c", "no-t1c": None, "repeat": "t1c"}
+    out = tmp_path / "out"
+    assert cli.main(["batch", str(main), "-o", str(out), *CLI_OPTIONS, "--workers", "2", "--json"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed)
+    assert summary["counts"] == {"done": 2, "failed": 0, "skipped": 0} and summary["exit_code"] == 0
+    assert fb.FAKE_PATIENT_NAME not in printed
+    assert fb.output_differences(baseline[0], out) == []
+    assert cli.main(["batch", str(main), "-o", str(tmp_path / "o2"), "--model", "no-such-model"]) == 1
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_segmentation_step_resolution(monkeypatch):
+    monkeypatch.setattr("SegmentationDeepEditLib.bundle.models_dirs", lambda: [])
+    step = resolve_segment_step(None)
+    assert step.kind == "skip" and step.reason == NO_MODEL
+    assert resolve_segment_step("none").kind == "skip"
+    with pytest.raises(ModelError, match="unknown model"):
+        resolve_segment_step("no-such-model")
+    with pytest.raises(InputError, match="not MRI sequences"):
+        resolve_segment_step(None, custom=Segmenter(fb.threshold_segmenter, ("ct",), "x"))
+    # a brain model installed, but no runner in this version: reported per study, not a crash
+    fake = type("B", (), {"task": "segmentation", "id": "glioma-test", "version": "0.1.0",
+                          "meta": {"inputs": [{"name": "t1c"}, {"name": "t2"}, {"name": "flair"}]}})()
+    monkeypatch.setattr("SegmentationDeepEditLib.bundle.list_bundles", lambda: [fake])
+    monkeypatch.setattr(segment_mod, "_core_runner", lambda: None)
+    step = resolve_segment_step(None)
+    assert step.kind == "skip" and "cannot run automatic models yet" in step.reason
