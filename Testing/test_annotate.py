@@ -113,12 +113,12 @@ def test_demo_command_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["dice"] >= 0.90, summary
-    for f in ("image.nii.gz", "truth.seg.nrrd", "points.json", "segmentation.seg.nrrd", "overview.png", "result.json"):
+    for f in ("image.nrrd", "truth.seg.nrrd", "points.json", "segmentation.seg.nrrd", "overview.png", "result.json"):
         assert (out / f).is_file(), f
     assert (out / "overview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "result.json").read_text())["dice"] == summary["dice"]
     seg = read_image(out / "segmentation.seg.nrrd", what="segmentation")
-    assert same_geometry(seg, read_image(out / "image.nii.gz"))
+    assert same_geometry(seg, read_image(out / "image.nrrd"))
     # a second run refuses to overwrite
     again = subprocess.run([sys.executable, "-m", "SegmentationDeepEditLib.cli", "demo", "-o", str(out)],
                            capture_output=True, text=True, timeout=600)

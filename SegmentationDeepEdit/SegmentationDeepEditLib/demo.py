@@ -1,6 +1,7 @@
 """``deepedit demo``: the whole annotation workflow on a generated case, no data needed.
 
-Writes into the output folder: the generated image (``image.nii.gz``) and truth
+Writes into the output folder: the generated image (``image.nrrd``: NRRD keeps an oblique,
+mirrored direction exactly, where NIfTI's float32 qform would move it by a fraction of a mm) and truth
 (``truth.seg.nrrd``), the six points (``points.json``, LPS mm), the result
 (``segmentation.seg.nrrd``), a picture (``overview.png``: three orthogonal slices with the
 result and truth outlines) and ``result.json`` (Dice against the truth, timings, device).
@@ -25,7 +26,7 @@ from .errors import InputError
 
 __all__ = ["run_demo", "DEMO_FILES"]
 
-DEMO_FILES = ("image.nii.gz", "truth.seg.nrrd", "points.json", "segmentation.seg.nrrd", "overview.png", "result.json")
+DEMO_FILES = ("image.nrrd", "truth.seg.nrrd", "points.json", "segmentation.seg.nrrd", "overview.png", "result.json")
 
 
 def run_demo(out_dir: Path, *, seed: int = 7, kind: str = "brain", model: Optional[str] = None,
@@ -78,7 +79,7 @@ def run_demo(out_dir: Path, *, seed: int = 7, kind: str = "brain", model: Option
     report("writing", 0.8)
     tmp = Path(tempfile.mkdtemp(prefix=".deepedit-demo-", dir=out_dir.parent))
     try:
-        write_image(image, tmp / "image.nii.gz")
+        write_image(image, tmp / "image.nrrd")
         target = "Tumor core" if kind == "brain" else "Liver"
         write_segmentation(truth, tmp / "truth.seg.nrrd", [{"value": 1, "name": f"{target} (truth)", "color": (0.2, 0.9, 0.3)}])
         write_segmentation(result.mask, tmp / "segmentation.seg.nrrd",
