@@ -18,6 +18,7 @@ $(BIN)/deepedit: pyproject.toml
 install: $(BIN)/deepedit
 
 demo: install
+	mkdir -p out
 	$(BIN)/deepedit demo -o out/demo --overwrite
 
 test: install
