@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 
-__all__ = ["CONVENTIONS", "region_mask"]
+__all__ = ["CONVENTIONS", "region_mask", "values_mask"]
 
 CONVENTIONS: Dict[str, Dict[str, List[int]]] = {
     "brats2013": {"ET": [4], "TC": [1, 3, 4], "WT": [1, 2, 3, 4]},
@@ -42,7 +42,12 @@ def region_mask(label: sitk.Image, convention: str, region: str) -> sitk.Image:
     regions = CONVENTIONS[convention]
     if region not in regions:
         raise InputError(f"convention {convention!r} has no region {region!r} (it has {', '.join(regions)})")
+    return values_mask(label, regions[region])
+
+
+def values_mask(label: sitk.Image, values) -> sitk.Image:
+    """Binary uint8 mask (label's geometry) of the voxels whose rounded value is in ``values``."""
     arr = np.rint(sitk.GetArrayViewFromImage(label)).astype(np.int64)
-    m = sitk.GetImageFromArray(np.isin(arr, regions[region]).astype(np.uint8))
+    m = sitk.GetImageFromArray(np.isin(arr, list(values)).astype(np.uint8))
     m.CopyInformation(label)
     return m

@@ -42,6 +42,7 @@ from .errors import InputError
 from .geometry import resample_to_grid
 from .imageio import read_image
 from .jsonfile import read_json
+from .labels import values_mask
 from .metrics import dice
 from .points import extreme_points_from_mask
 
@@ -62,13 +63,6 @@ def load_config(path: Path) -> dict:
     return read_json(path, "training config")
 
 
-def _mask(label: sitk.Image, values) -> sitk.Image:
-    arr = sitk.GetArrayViewFromImage(label)
-    m = sitk.GetImageFromArray(np.isin(np.rint(arr).astype(np.int64), list(values)).astype(np.uint8))
-    m.CopyInformation(label)
-    return m
-
-
 def build_cases(sources: List[dict], data_root: Path, progress=None) -> List[TrainCase]:
     """Load or generate the cases a config lists."""
     from . import synthetic
@@ -82,7 +76,7 @@ def build_cases(sources: List[dict], data_root: Path, progress=None) -> List[Tra
                 c = make(s, **src.get("options", {}))
                 objs = {}
                 for obj, channel, values in src.get("objects", []):
-                    m = _mask(c.label, values)
+                    m = values_mask(c.label, values)
                     if sitk.GetArrayViewFromImage(m).any():
                         objs[f"{obj}@{channel}"] = (c.images[channel], m)
                 for key, (img, m) in objs.items():
@@ -93,7 +87,7 @@ def build_cases(sources: List[dict], data_root: Path, progress=None) -> List[Tra
             img = read_image(data_root / src["image"])
             label = read_image(data_root / src["label"], what="label")
             for obj, values in src["objects"].items():
-                m = _mask(label, values)
+                m = values_mask(label, values)
                 if sitk.GetArrayViewFromImage(m).any():
                     cases.append(TrainCase(f"{src['image']}:{obj}", [img], {obj: m}))
             if progress:
