@@ -3,7 +3,8 @@
 Prints:
 - warm: median seconds of `annotate()` with the model already loaded (points to mask in the
   full image geometry), over repeated runs with freshly perturbed points;
-- corrective re-run: median seconds when a point is moved (the same warm path);
+- moved point: median seconds when a point is moved (the same warm path);
+- corrective click: median seconds of a re-run with one click at the centre of the largest error;
 - cold: seconds from process start to a written result (`deepedit annotate` in a new process),
   median of a few runs.
 
@@ -56,6 +57,8 @@ def main() -> None:
     import torch
 
     from SegmentationDeepEditLib.annotate import annotate
+    from SegmentationDeepEditLib.clicks import next_click
+    from SegmentationDeepEditLib.geometry import index_to_physical
     from SegmentationDeepEditLib.metrics import dice
     from SegmentationDeepEditLib.points import extreme_points_from_mask
 
@@ -81,12 +84,27 @@ def main() -> None:
             t = time.perf_counter()
             annotate(img, moved, device="cpu", tta=args.tta)
             drag.append(time.perf_counter() - t)
+        # a corrective click where the result is most wrong (positive or negative), as in evaluation
+        click_t = []
+        first = annotate(img, pts0, device="cpu", tta=args.tta)
+        c = next_click(sitk.GetArrayViewFromImage(first.mask) > 0, sitk.GetArrayViewFromImage(truth) > 0,
+                       truth.GetSpacing()[::-1])
+        if c is not None:
+            p = index_to_physical(truth, c[0][::-1][None].astype(float))
+            kw = {"positive": p} if c[1] else {"negative": p}
+            for _ in range(5):
+                t = time.perf_counter()
+                annotate(img, pts0, device="cpu", tta=args.tta, **kw)
+                click_t.append(time.perf_counter() - t)
         med = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
         results[name] = {"warm_median_s": statistics.median(times), "warm_p90_s": float(np.percentile(times, 90)),
-                         "moved_point_median_s": statistics.median(drag), "stages_median_s": med,
+                         "moved_point_median_s": statistics.median(drag),
+                         "corrective_click_median_s": statistics.median(click_t) if click_t else None,
+                         "stages_median_s": med,
                          "dice_median": statistics.median(scores)}
         print(f"{name}: warm median {statistics.median(times):.3f} s (p90 {np.percentile(times, 90):.3f}); "
-              f"moved point {statistics.median(drag):.3f} s; stages " + ", ".join(f"{k} {v:.3f}" for k, v in med.items())
+              f"moved point {statistics.median(drag):.3f} s; "
+              + (f"corrective click {statistics.median(click_t):.3f} s; " if click_t else "") + "stages " + ", ".join(f"{k} {v:.3f}" for k, v in med.items())
               + f"; Dice median {statistics.median(scores):.3f}")
     # cold start: a new process that imports, loads the model, reads the image, annotates and writes
     from SegmentationDeepEditLib.imageio import write_image
