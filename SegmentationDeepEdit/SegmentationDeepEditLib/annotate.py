@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from .bundle import Bundle, get_network, load_bundle
 from .device import pick_device, run_with_fallback
 from .errors import InputError
-from .geometry import Grid, bounding_box_grid, grid_of, image_on_grid, physical_to_index, resample_to_grid
+from .geometry import Grid, bounding_box_grid, corners_lps, grid_of, image_on_grid, physical_to_index, resample_to_grid
 from .heatmap import gaussian_heatmap
 from .points import validate_extreme_points
 
@@ -198,10 +198,7 @@ def keep_enclosed_component(mask: np.ndarray, lower: np.ndarray, upper: np.ndarr
 
 def _grid_box_on_image(image_grid: Grid, model_grid: Grid) -> tuple:
     """Index box [lo, hi) of the image grid covering the model grid's corners (clipped)."""
-    size = np.asarray(model_grid.size) - 1
-    corners = np.array([[a, b, c] for a in (0, size[0]) for b in (0, size[1]) for c in (0, size[2])], float)
-    phys = corners * np.asarray(model_grid.spacing) @ model_grid.matrix.T + np.asarray(model_grid.origin)
-    idx = physical_to_index(image_grid, phys)
+    idx = physical_to_index(image_grid, corners_lps(model_grid))
     lo = np.clip(np.floor(idx.min(axis=0)).astype(int) - 1, 0, np.asarray(image_grid.size))
     hi = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 2, 0, np.asarray(image_grid.size))
     return lo, hi

@@ -22,6 +22,7 @@ __all__ = [
     "physical_to_index",
     "index_to_physical",
     "grid_of",
+    "corners_lps",
     "image_on_grid",
     "resample_to_grid",
     "crop",
@@ -96,6 +97,14 @@ def index_to_physical(grid: Grid | sitk.Image, index: np.ndarray) -> np.ndarray:
     g = grid if isinstance(grid, Grid) else grid_of(grid)
     idx = np.asarray(index, dtype=float).reshape(-1, 3)
     return (idx * np.asarray(g.spacing)) @ g.matrix.T + np.asarray(g.origin)
+
+
+def corners_lps(grid: Grid | sitk.Image) -> np.ndarray:
+    """LPS mm positions (8, 3) of the centres of a grid's eight corner voxels."""
+    g = grid if isinstance(grid, Grid) else grid_of(grid)
+    n = np.asarray(g.size) - 1
+    idx = np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])], float)
+    return index_to_physical(g, idx)
 
 
 def image_on_grid(array_kji: np.ndarray, grid: Grid) -> sitk.Image:

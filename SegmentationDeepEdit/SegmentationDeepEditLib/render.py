@@ -13,16 +13,14 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import Grid, grid_of, index_to_physical, resample_to_grid
+from .geometry import Grid, corners_lps, grid_of, resample_to_grid
 
 __all__ = ["render_overlay"]
 
 
 def _lps_grid(image: sitk.Image, max_size: int = 256) -> Grid:
     g = grid_of(image)
-    size = np.asarray(g.size) - 1
-    corners = np.array([[a, b, c] for a in (0, size[0]) for b in (0, size[1]) for c in (0, size[2])], float)
-    phys = index_to_physical(g, corners)
+    phys = corners_lps(g)
     lo, hi = phys.min(axis=0), phys.max(axis=0)
     sp = max(min(g.spacing), float(np.max(hi - lo)) / max_size)
     n = np.maximum(np.ceil((hi - lo) / sp).astype(int) + 1, 1)
