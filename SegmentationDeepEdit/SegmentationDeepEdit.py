@@ -643,13 +643,17 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         if not p or not p.autoModelId or not self._ensureDependencies(True):
             return
         inputs = self._inputVolumes("auto")
+        bundle = self._models.get(p.autoModelId)
+        optional = [spec["name"] for spec in bundle.meta["inputs"] if spec.get("optional")] if bundle else []
         try:
-            fields = self.logic.segmentFields(p.autoModelId, inputs, device=p.autoDevice, tta=p.autoTta, fast=p.autoFast)
+            fields = self.logic.segmentFields(p.autoModelId, inputs, device=p.autoDevice, tta=p.autoTta, fast=p.autoFast,
+                                              optional=optional)
             rid = self.logic.sendRequest("segment", fields)
         except Exception as e:
             self._reportError(_("Automatic segmentation failed."), str(e), True)
             return
-        referenceVolume = next((node for node in inputs.values() if node), None)
+        referenceName = bundle.meta.get("segmentation", {}).get("reference") if bundle else None
+        referenceVolume = inputs.get(referenceName) or next((node for node in inputs.values() if node), None)
         self._pending[rid] = {"kind": "segment", "showErrors": True, "volumeNode": referenceVolume,
                               "segmentationNode": p.autoOutputSegmentation, "modelId": p.autoModelId}
         self._setBusy(_("Segmenting automatically..."))
@@ -1139,13 +1143,18 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
             "model": modelId or None, "device": device, "tta": bool(tta),
         }
 
-    def segmentFields(self, modelId: str, inputs: dict, device: str = "auto", tta: bool = False, fast: bool = False) -> dict:
-        """The worker's "segment" request: one volume per declared input name."""
-        missing = [name for name, node in inputs.items() if node is None]
+    def segmentFields(self, modelId: str, inputs: dict, device: str = "auto", tta: bool = True, fast: bool = False,
+                      optional=()) -> dict:
+        """The worker's "segment" request: one volume per declared input name (optional ones may be left empty).
+
+        ``tta`` True uses the model's default test-time augmentation (flips for 3D models, all of D4
+        for the slice-wise model), False none.
+        """
+        missing = [name for name, node in inputs.items() if node is None and name not in optional]
         if missing:
             raise ValueError(f"select a volume for the model's input(s): {', '.join(missing)}")
-        return {"model": modelId, "inputs": {name: self.exchangeFile(node) for name, node in inputs.items()},
-                "device": device, "tta": bool(tta), "fast": bool(fast)}
+        return {"model": modelId, "inputs": {name: self.exchangeFile(node) for name, node in inputs.items() if node is not None},
+                "device": device, "tta": None if tta else 0, "fast": bool(fast)}
 
     # core -> MRML
 
@@ -1208,18 +1217,23 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
         return segmentId
 
     def applySegmentationResult(self, result: dict, referenceVolumeNode, segmentationNode=None):
-        """Write an automatic model's label map ({"label": path, "labels": [...]}) as named segments.
+        """Write an automatic model's label map as named segments.
 
-        The segmentation goes into the input's study in the subject hierarchy.
+        ``result`` is the worker's reply: ``{"label": path, "segments": [{value, name, color, terminology}],
+        "regions": [{name, values, color}]}``. Overlapping regions (glioma ET/TC/WT) become one segment
+        each; otherwise one segment per label value. The segmentation goes into the input's study in
+        the subject hierarchy.
         """
+        from SegmentationDeepEditLib.slicer_bridge import segments_from_result
+
         label = self.readMaskFor(result["label"], referenceVolumeNode)
         if segmentationNode is None:
             segmentationNode = self.createSegmentationNode(referenceVolumeNode)
             segmentationNode.SetName(slicer.mrmlScene.GenerateUniqueName(f"{referenceVolumeNode.GetName()} {result.get('model_id', '')}".strip()))
         segmentation = segmentationNode.GetSegmentation()
-        for spec in result.get("labels", []):
+        for spec in segments_from_result(result):
             segmentId = segmentation.GetSegmentIdBySegmentName(spec["name"])
-            self.writeMaskToSegment((label == int(spec["value"])).astype(np.uint8), segmentationNode, segmentId,
+            self.writeMaskToSegment(np.isin(label, spec["values"]).astype(np.uint8), segmentationNode, segmentId,
                                     referenceVolumeNode, name=spec["name"], color=spec["color"],
                                     terminology=spec.get("terminology"))
         shNode = slicer.mrmlScene.GetSubjectHierarchyNode()
@@ -1407,16 +1421,23 @@ class SegmentationDeepEditTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Test passed")
 
     def test_AutomaticModelRequest(self):
-        """The Auto-segment path reaches the worker; this version answers that it cannot run automatic models."""
+        """The Auto-segment path: a generated glioma through the worker becomes ET/TC/WT segments."""
         self.delayDisplay("Automatic model request")
         logic = SegmentationDeepEditLogic()
         self.assertTrue(logic.ensureDependencies(askConfirmation=False))
-        volumeNode = slicer.util.addVolumeFromArray(np.zeros((8, 9, 10), np.int16), name="T1c")
-        models = logic.models("segmentation")
-        modelId = models[0].id if models else "no-automatic-model-installed"
-        inputs = {spec["name"]: volumeNode for spec in (models[0].meta["inputs"] if models else [{"name": "t1c"}])}
-        with self.assertRaises(RuntimeError) as raised:
-            logic.request("segment", logic.segmentFields(modelId, inputs, device="cpu"))
-        expected = "cannot run automatic models yet" if models else "unknown model"
-        self.assertIn(expected, str(raised.exception))
+        models = {m.id: m for m in logic.models("segmentation")}
+        self.assertIn("glioma-regions", models)
+        demo = logic.loadDemoCase(seed=3)
+        t1c, flair = demo["volumes"]["t1c"], demo["volumes"]["flair"]
+        fields = logic.segmentFields("glioma-regions", {"t1c": t1c, "t2": None, "flair": flair}, device="cpu",
+                                     tta=False, optional=["t2"])
+        result = logic.request("segment", fields)
+        segmentationNode = logic.applySegmentationResult(result, t1c)
+        segmentation = segmentationNode.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), 3)
+        wt = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentation.GetSegmentIdBySegmentName("WT"), t1c)
+        tc = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentation.GetSegmentIdBySegmentName("TC"), t1c)
+        self.assertGreater(int(wt.sum()), 1000)
+        self.assertFalse(bool((tc & ~wt.astype(bool)).any()))
+        self.assertTrue(any("'t2' is missing" in w for w in result["warnings"]))
         self.delayDisplay("Test passed")

@@ -310,10 +310,14 @@ def test_segmentation_step_resolution(monkeypatch):
         resolve_segment_step("no-such-model")
     with pytest.raises(InputError, match="not MRI sequences"):
         resolve_segment_step(None, custom=Segmenter(fb.threshold_segmenter, ("ct",), "x"))
-    # a brain model installed, but no runner in this version: reported per study, not a crash
+    # a brain model installed: optional inputs are passed when present, not required
     fake = type("B", (), {"task": "segmentation", "id": "glioma-test", "version": "0.1.0",
-                          "meta": {"inputs": [{"name": "t1c"}, {"name": "t2"}, {"name": "flair"}]}})()
+                          "meta": {"inputs": [{"name": "t1c"}, {"name": "t2", "optional": True}, {"name": "flair"}]}})()
     monkeypatch.setattr("SegmentationDeepEditLib.bundle.list_bundles", lambda: [fake])
+    step = resolve_segment_step(None)
+    assert step.kind == "bundle" and step.inputs == ("t1c", "flair") and step.optional == ("t2",)
+    assert step.missing(["t1c", "flair"]) == []
+    # a brain model installed, but no runner: reported per study, not a crash
     monkeypatch.setattr(segment_mod, "_core_runner", lambda: None)
     step = resolve_segment_step(None)
     assert step.kind == "skip" and "cannot run automatic models yet" in step.reason

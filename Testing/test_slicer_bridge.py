@@ -184,3 +184,17 @@ def test_terminology_of_label():
     assert SB.terminology_of_label({"name": "x"}) is None
     assert SB.terminology_of_label({"terminology": "Tumour"}) is None
     assert SB.terminology_of_label({"terminology": TUMOUR.replace("~^^~^^", "")}) is None
+
+
+def test_segments_from_result_prefers_overlapping_regions():
+    from SegmentationDeepEditLib.slicer_bridge import segments_from_result
+
+    result = {"segments": [{"value": 1, "name": "core", "color": [1, 0, 0]}, {"value": 2, "name": "edema", "color": [0, 1, 0]},
+                           {"value": 4, "name": "enh", "color": [1, 1, 0]}],
+              "regions": [{"name": "ET", "values": [4], "color": [1, 1, 0]}, {"name": "TC", "values": [1, 4], "color": [1, 0, 0]},
+                          {"name": "WT", "values": [1, 2, 4], "color": [0, 1, 0]}]}
+    segs = segments_from_result(result)
+    assert [s["name"] for s in segs] == ["ET", "TC", "WT"] and segs[2]["values"] == [1, 2, 4]
+    result["regions"] = []
+    segs = segments_from_result(result)
+    assert [(s["name"], s["values"]) for s in segs] == [("core", [1]), ("edema", [2]), ("enh", [4])]

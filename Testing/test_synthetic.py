@@ -262,3 +262,20 @@ def test_ct_lesion_count_and_zero_lesions():
 def test_bad_arguments(call):
     with pytest.raises(InputError):
         call()
+
+
+def test_native_phase_ct_changes_contrast_only():
+    from SegmentationDeepEditLib.synthetic import make_ct_case
+
+    a = make_ct_case(5, spacing=3.0)
+    b = make_ct_case(5, spacing=3.0, phase="native")
+    la = sitk.GetArrayFromImage(a.label)
+    assert np.array_equal(la, sitk.GetArrayFromImage(b.label))
+    liver = la == 1
+    ha, hb = sitk.GetArrayFromImage(a.images["ct"]), sitk.GetArrayFromImage(b.images["ct"])
+    assert np.median(ha[liver]) > 80 and 25 < np.median(hb[liver]) < 75
+    body = sitk.GetArrayFromImage(a.masks["body"]) > 0
+    fat = body & (ha < -60)
+    assert abs(float(np.median(ha[fat])) - float(np.median(hb[fat]))) < 1.0  # non-enhancing tissue unchanged
+    with pytest.raises(InputError, match="phase"):
+        make_ct_case(5, phase="arterial")

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from SegmentationDeepEditLib import bundle as B
 from SegmentationDeepEditLib.points import extreme_points_from_mask
-from SegmentationDeepEditLib.worker import SEGMENT_NOT_AVAILABLE, Worker, WorkerClient, WorkerError, write_exchange_image
+from SegmentationDeepEditLib.worker import Worker, WorkerClient, WorkerError, write_exchange_image
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "SegmentationDeepEdit"
 
@@ -37,6 +37,9 @@ def _meta(model_id: str, task: str = "annotation", channels=("extreme", "positiv
         meta["inputs"] = [{"name": "t1c", "modality": "MR", "normalization": "zscore"},
                           {"name": "flair", "modality": "MR", "normalization": "zscore"}]
         meta["network"]["args"]["in_channels"] = 2
+        meta["segmentation"] = {"dims": 3, "reference": "t1c", "crop": {"kind": "nonzero"}, "roi": [32, 32, 32],
+                                "output_kind": "regions", "paint": [{"channel": 0, "value": 1}],
+                                "output_convention": "binary"}
     return meta
 
 
@@ -141,11 +144,18 @@ def test_error_reply_keeps_the_worker_alive(client):
     assert client.request("ping", timeout=30)["pid"] == client.pid  # same process
 
 
-def test_segment_request_says_what_is_missing(client):
-    with pytest.raises(WorkerError, match=SEGMENT_NOT_AVAILABLE):
-        client.request("segment", timeout=60, model="throwaway-auto", inputs={"t1c": "a.mha", "flair": "b.mha"})
-    with pytest.raises(WorkerError, match="needs the input"):
-        client.request("segment", timeout=60, model="throwaway-auto", inputs={"t1c": "a.mha"})
+def test_segment_request_runs_an_automatic_model(client):
+    img, _ = _oblique_image()
+    a = write_exchange_image(img, client.scratch / "t1c.mha")
+    b = write_exchange_image(img, client.scratch / "flair.mha")
+    reply = client.request("segment", timeout=120, model="throwaway-auto", inputs={"t1c": str(a), "flair": str(b)},
+                           device="cpu", tta=0)
+    label = sitk.ReadImage(reply["label"])
+    assert label.GetSize() == img.GetSize() and np.allclose(label.GetDirection(), img.GetDirection())
+    assert reply["model_id"] == "throwaway-auto" and reply["segments"][0]["name"] == "Object"
+    assert set(reply["seconds"]) >= {"prepare", "inference", "total", "read"}
+    with pytest.raises(WorkerError, match="needs input"):
+        client.request("segment", timeout=60, model="throwaway-auto", inputs={"t1c": str(a)})
     with pytest.raises(WorkerError, match="not an automatic"):
         client.request("segment", timeout=60, model="throwaway-clicks", inputs={})
 

@@ -138,14 +138,29 @@ def sha256_of(path: Path) -> str:
 
 
 def build_network(meta: Dict[str, Any]):
-    """Build the (untrained) MONAI network a bundle declares."""
-    import monai.networks.nets as nets
+    """Build the (untrained) network a bundle declares: a MONAI class, or ``smp.<Class>`` from
+    segmentation-models-pytorch (2D models; optional dependency, never with downloaded encoder
+    weights)."""
+    cls_name = meta["network"]["class"]
+    args = dict(meta["network"]["args"])
+    if cls_name.startswith("smp."):
+        try:
+            import segmentation_models_pytorch as smp
+        except ImportError as e:
+            raise ModelError(
+                f"model {meta.get('id')!r} needs the optional package segmentation-models-pytorch ({e}); install it with "
+                "`pip install 'segmentation-deepedit[2d]'` (it needs torchvision: on x86_64 "
+                "`pip install torch==2.14.1 torchvision==0.29.1`)") from None
+        cls = getattr(smp, cls_name[4:])
+        args["encoder_weights"] = None  # never download pretrained encoder weights
+    else:
+        import monai.networks.nets as nets
 
-    cls = getattr(nets, meta["network"]["class"])
+        cls = getattr(nets, cls_name)
     try:
-        return cls(**meta["network"]["args"])
+        return cls(**args)
     except TypeError as e:
-        raise ModelError(f"cannot build {meta['network']['class']} from network.args: {e}") from None
+        raise ModelError(f"cannot build {cls_name} from network.args: {e}") from None
 
 
 def _read_state_dict(bundle: Bundle) -> Dict[str, Any]:

@@ -57,10 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", parents=[common], formatter_class=fmt, help="run an automatic segmentation model",
                        epilog=_examples("deepedit segment --model glioma-regions --input t1c=t1c.nii.gz --input t2=t2.nii.gz --input flair=flair.nii.gz -o seg.seg.nrrd"))
     s.add_argument("--model", required=True, help="automatic model id (see `deepedit models list`)")
-    s.add_argument("--input", action="append", required=True, metavar="NAME=PATH", help="an input image by the model's input name; repeat")
-    s.add_argument("-o", "--output", required=True, help="output file: .seg.nrrd, .nii.gz or .nrrd")
+    s.add_argument("--input", action="append", required=True, metavar="NAME=PATH",
+                   help="an input image by the model's input name (e.g. t1c=..., flair=..., ct=...); repeat")
+    s.add_argument("-o", "--output", required=True, help="output file: .seg.nrrd (named segments; overlapping regions "
+                   "such as ET/TC/WT as layers), .nii.gz or .nrrd (label map)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--tta", type=int, default=None, metavar="LEVEL",
+                   help="test-time augmentation: 3D models 0 (off) or 1 (flips); 2D models 0-3 (D4 levels); default: the model's")
+    s.add_argument("--no-tta", action="store_true", help="same as --tta 0")
+    s.add_argument("--fast", action="store_true", help="coarser grid, for models that have one (liver-lesion: 3 mm)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     m = sub.add_parser("models", parents=[common], formatter_class=fmt, help="list or verify model bundles",
                        epilog=_examples("deepedit models list", "deepedit models verify"))
@@ -91,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the point perturbation (default 0)")
     e.add_argument("--jitter-mm", type=float, default=1.0, help="std of the Gaussian perturbation of each point, mm (default 1)")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    e.add_argument("--tta", action="store_true")
+    e.add_argument("--tta", default=None, metavar="LEVELS",
+                   help="annotation models: any value turns flip TTA on; automatic models: comma-separated levels to "
+                        "compare, e.g. 0,1,2,3 (default: the model's own)")
+    e.add_argument("--fast", action="store_true", help="automatic models: use the coarser fast grid")
 
     d = sub.add_parser("demo", parents=[common], formatter_class=fmt,
                        help="generate a case, annotate it from six points, write result, picture and Dice",
@@ -157,20 +166,45 @@ def _cmd_annotate(args) -> dict:
 
 def _cmd_segment(args) -> dict:
     from .bundle import load_bundle
+    from .imageio import check_output_path, read_image, write_segmentation
+    from .progress import StageProgress
+    from .segment import segment_images
 
-    inputs = {}
+    paths = {}
     for item in args.input:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise InputError(f"--input {item!r} is not NAME=PATH")
-        if name in inputs:
+        if name in paths:
             raise InputError(f"input {name!r} given twice")
-        inputs[name] = path
+        paths[name] = path
     b = load_bundle(args.model)
     if b.task != "segmentation":
         raise InputError(f"model {b.id!r} is an annotation model; use `deepedit annotate` (automatic models: "
                          "see `deepedit models list`)")
-    raise InputError(f"model {b.id!r} is an automatic model, and this version cannot run automatic models yet")
+    known = [i["name"] for i in b.meta["inputs"]]
+    extra = [n for n in paths if n not in known]
+    if extra:
+        raise InputError(f"model {b.id!r} has no input named {', '.join(map(repr, extra))}; its inputs are "
+                         + ", ".join(n + (" (optional)" if i.get("optional") else "") for n, i in
+                                     ((i["name"], i) for i in b.meta["inputs"])))
+    out = check_output_path(Path(args.output), inputs=list(paths.values()), overwrite=args.overwrite)
+    images = {n: read_image(p) for n, p in paths.items()}
+    tta = 0 if args.no_tta else args.tta
+    with StageProgress("segment", enabled=not args.json) as bar:
+        r = segment_images(b, images, device=args.device, tta=tta, fast=args.fast, sources=paths, progress=bar)
+    write_segmentation(r.label, out, r.segments, overwrite=args.overwrite, inputs=list(paths.values()), regions=r.regions)
+    for w in r.warnings:
+        print(f"deepedit segment: warning: {w}", file=sys.stderr)
+    vols = r.volumes_ml()
+    if not args.json:
+        print(f"wrote {out} ({r.model_id} {r.model_version}, {r.device}, tta {r.tta}{', fast' if r.fast else ''}, "
+              f"{r.seconds['total']:.1f} s)")
+        for k, v in vols.items():
+            print(f"  {k:40s} {v:10.2f} mL")
+    return {"output": str(out), "model": r.model_id, "model_version": r.model_version, "device": r.device,
+            "tta": r.tta, "fast": r.fast, "volumes_ml": vols, "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
+            "warnings": r.warnings}
 
 
 def _cmd_models(args) -> dict:
@@ -200,9 +234,15 @@ def _cmd_train(args) -> dict:
 
     cfg = load_config(Path(args.config))
     data_root = Path(args.data_root)
-    needs_real = any("image" in s for s in cfg.get("data", []) + cfg.get("validation", []))
+    needs_real = any("image" in s or "images" in s for s in cfg.get("data", []) + cfg.get("validation", []))
     if needs_real and not data_root.is_dir():
         raise InputError("data root not found (the config lists real cases; pass --data-root)", data_root)
+    if cfg.get("task") == "segmentation":
+        from .train_segment import train_segmentation
+
+        return train_segmentation(cfg, Path(args.run_dir), data_root=data_root, device=args.device, resume=args.resume,
+                                  steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None,
+                                  show_progress=not args.json)
     return train(cfg, Path(args.run_dir), data_root=data_root, device=args.device, resume=args.resume,
                  steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None, quiet=args.json)
 
@@ -221,15 +261,35 @@ def _cmd_demo(args) -> dict:
 
 
 def _cmd_evaluate(args) -> dict:
-    from .evaluate import evaluate, format_table, load_cases, write_results
+    from .bundle import load_bundle
+    from .evaluate import (evaluate, evaluate_automatic, format_auto_table, format_table, load_auto_cases, load_cases,
+                           write_auto_results, write_results)
     from .progress import StageProgress
 
+    if args.model is not None and load_bundle(args.model).task == "segmentation":
+        levels = [None]
+        if args.tta not in (None, ""):
+            try:
+                levels = [int(v) for v in str(args.tta).split(",")]
+            except ValueError:
+                raise InputError(f"--tta {args.tta!r} is not a comma-separated list of levels") from None
+        cases = load_auto_cases(Path(args.cases), Path(args.data_root))
+        with StageProgress("evaluate", enabled=not args.json) as bar:
+            rows = evaluate_automatic(cases, args.model, tta_levels=levels, fast=args.fast, device=args.device,
+                                      progress=bar)
+        summary = write_auto_results(rows, Path(args.output))
+        if not args.json:
+            print(format_auto_table(summary))
+            for r in rows:
+                print(f"  {r['case']:40s} {r['region']:8s} {r['setting']:>10s} Dice {r['dice']:.3f}  {r['note']}")
+            print(f"per-case results in {Path(args.output) / 'per_case.csv'}")
+        return {"summary": summary, "rows": rows, "output": str(args.output)}
     if args.clicks < 0:
         raise InputError("--clicks must be 0 or more")
     cases = load_cases(Path(args.cases), Path(args.data_root))
     with StageProgress("evaluate", enabled=not args.json) as bar:
         rows = evaluate(cases, args.model, clicks=args.clicks, seed=args.seed, jitter_mm=args.jitter_mm,
-                        device=args.device, tta=args.tta, progress=bar)
+                        device=args.device, tta=args.tta not in (None, "", "0"), progress=bar)
     summary = write_results(rows, Path(args.output))
     if not args.json:
         print(format_table(summary))
@@ -293,7 +353,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif name == "annotate":
         print(f"wrote {summary['output']} ({summary['volume_ml']:.1f} mL) in {summary['seconds']['total']:.2f} s on {summary['device']}")
     elif name == "train":
-        print(f"trained {summary['steps']} steps, validation Dice {summary['validation_dice']:.3f}; bundle in {summary['bundle']}")
+        vd = summary["validation_dice"]
+        vtxt = ", ".join(f"{k} {v:.3f}" for k, v in vd.items()) if isinstance(vd, dict) else f"{vd:.3f}"
+        print(f"trained {summary['steps']} steps, validation Dice {vtxt}; bundle in {summary['bundle']}")
     return 0
 
 

@@ -30,7 +30,8 @@ import SimpleITK as sitk
 from .errors import InputError
 from .jsonfile import read_json
 
-__all__ = ["EvalCase", "load_cases", "evaluate", "summarise", "format_table", "write_results"]
+__all__ = ["EvalCase", "load_cases", "evaluate", "summarise", "format_table", "write_results", "AutoCase",
+           "load_auto_cases", "evaluate_automatic", "summarise_automatic", "format_auto_table", "write_auto_results"]
 
 
 @dataclass
@@ -184,6 +185,140 @@ def write_results(rows: List[dict], out_dir: Path) -> List[dict]:
     summary = summarise(rows)
     fields = ["case", "region", "clicks", "dice", "seconds", "case_seconds", "note"]
     for name, data, cols in (("per_case.csv", rows, fields), ("summary.csv", summary, list(summary[0]))):
+        with atomic_output(out_dir / name, overwrite=True) as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(data)
+    with atomic_output(out_dir / "summary.json", overwrite=True) as tmp:
+        Path(tmp).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Automatic models
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class AutoCase:
+    """One case for an automatic model: named input images, label map, convention and regions.
+
+    ``regions`` maps a region of the model's output convention to the region of the truth's
+    convention it is compared with (usually the same name; e.g. ``{"liver": "object"}`` for a
+    binary liver mask).
+    """
+
+    name: str
+    images: Dict[str, Path]
+    label: Path
+    convention: str
+    regions: Dict[str, str]
+
+
+def load_auto_cases(path: Path, data_root: Path) -> List[AutoCase]:
+    """Read a cases file for automatic models: ``{"cases": [{"name", "images": {input: path}, "label",
+    "convention", "regions": [names] or {output region: truth region}}]}`` (paths relative to ``data_root``)."""
+    p = Path(path)
+    doc = read_json(p, "cases file")
+    out = []
+    for n, c in enumerate(doc.get("cases", []), start=1):
+        missing = [k for k in ("images", "label", "convention", "regions") if k not in c]
+        if missing:
+            raise InputError(f"case {n} lacks {', '.join(missing)} (automatic models need 'images': {{input: path}})", p)
+        regions = c["regions"] if isinstance(c["regions"], dict) else {r: r for r in c["regions"]}
+        out.append(AutoCase(c.get("name", f"case{n}"), {k: data_root / v for k, v in c["images"].items()},
+                            data_root / c["label"], c["convention"], dict(regions)))
+    if not out:
+        raise InputError("no cases in the file", p)
+    return out
+
+
+def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast: bool = False, device: str = "auto",
+                       progress=None) -> List[dict]:
+    """Dice per case, region and TTA level of an automatic model, on each case's reference grid.
+
+    Region rule: a region absent from the truth scores 1 when the prediction is empty too, else 0.
+    Returns rows ``{case, region, setting, dice, seconds, note}``.
+    """
+    from .bundle import load_bundle
+    from .imageio import read_image
+    from .labels import CONVENTIONS, region_mask
+    from .metrics import dice
+    from .segment import segment_images
+
+    bundle = load_bundle(model)
+    if bundle.task != "segmentation":
+        raise InputError(f"model {bundle.id!r} is an annotation model; evaluate it with a points cases file")
+    out_conv = bundle.meta["segmentation"].get("output_convention")
+    if out_conv not in CONVENTIONS:
+        raise InputError(f"model {bundle.id!r} declares no known output_convention")
+    rows: List[dict] = []
+    for ci, case in enumerate(cases):
+        takes = {i["name"] for i in bundle.meta["inputs"]}
+        images = {k: read_image(v) for k, v in case.images.items() if k in takes}
+        label = read_image(case.label, what="label")
+        ref = images.get(bundle.meta["segmentation"]["reference"])
+        if ref is not None and (label.GetSize() != ref.GetSize()
+                                or not np.allclose(label.GetOrigin(), ref.GetOrigin(), atol=1e-3)):
+            raise InputError("label geometry differs from the reference input", case.label)
+        note = "" if all(i["name"] in images for i in bundle.meta["inputs"]) else \
+            "missing: " + ",".join(i["name"] for i in bundle.meta["inputs"] if i["name"] not in images)
+        for level in tta_levels:
+            t = time.perf_counter()
+            r = segment_images(bundle, images, device=device, tta=level, fast=fast,
+                               sources={k: str(v) for k, v in case.images.items() if k in takes})
+            secs = time.perf_counter() - t
+            for pred_region, truth_region in case.regions.items():
+                pred = sitk.GetArrayViewFromImage(region_mask(r.label, out_conv, pred_region)) > 0
+                truth = sitk.GetArrayViewFromImage(region_mask(label, case.convention, truth_region)) > 0
+                d = (1.0 if not pred.any() else 0.0) if not truth.any() else dice(pred, truth)
+                rows.append({"case": case.name, "region": pred_region, "setting": f"tta={r.tta}" + (" fast" if fast else ""),
+                             "dice": round(float(d), 4), "seconds": round(secs, 2),
+                             "note": (note + ("; " if note and not truth.any() else "") +
+                                      ("region absent from the truth" if not truth.any() else "")).strip()})
+        if progress:
+            progress(case.name, (ci + 1) / len(cases))
+    return rows
+
+
+def summarise_automatic(rows: List[dict]) -> List[dict]:
+    """Mean, std, 25th/75th percentile of Dice per region and setting, plus seconds per case."""
+    out = []
+    for setting in sorted({r["setting"] for r in rows}):
+        for region in sorted({r["region"] for r in rows}):
+            a = np.asarray([r["dice"] for r in rows if r["setting"] == setting and r["region"] == region], float)
+            if not len(a):
+                continue
+            out.append({"region": region, "setting": setting, "n": len(a), "mean": round(float(a.mean()), 4),
+                        "std": round(float(a.std()), 4), "p25": round(float(np.percentile(a, 25)), 4),
+                        "p75": round(float(np.percentile(a, 75)), 4)})
+        secs = np.asarray(sorted({(r["case"], r["seconds"]) for r in rows if r["setting"] == setting}), dtype=object)
+        s = np.asarray([x[1] for x in secs], float)
+        out.append({"region": "(seconds per case)", "setting": setting, "n": len(s), "mean": round(float(s.mean()), 2),
+                    "std": round(float(s.std()), 2), "p25": round(float(np.percentile(s, 25)), 2),
+                    "p75": round(float(np.percentile(s, 75)), 2)})
+    return out
+
+
+def format_auto_table(summary: List[dict]) -> str:
+    """The automatic-model summary as a fixed-width text table."""
+    buf = io.StringIO()
+    buf.write(f"{'region':20s} {'setting':>12s} {'n':>3s} {'mean':>7s} {'std':>7s} {'p25':>7s} {'p75':>7s}\n")
+    for s in summary:
+        buf.write(f"{s['region']:20s} {s['setting']:>12s} {s['n']:3d} {s['mean']:7.3f} {s['std']:7.3f} "
+                  f"{s['p25']:7.3f} {s['p75']:7.3f}\n")
+    return buf.getvalue()
+
+
+def write_auto_results(rows: List[dict], out_dir: Path) -> List[dict]:
+    """Write per_case.csv, summary.csv and summary.json for an automatic model; returns the summary."""
+    from .imageio import atomic_output
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarise_automatic(rows)
+    for name, data, cols in (("per_case.csv", rows, ["case", "region", "setting", "dice", "seconds", "note"]),
+                             ("summary.csv", summary, list(summary[0]))):
         with atomic_output(out_dir / name, overwrite=True) as tmp:
             with open(tmp, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")

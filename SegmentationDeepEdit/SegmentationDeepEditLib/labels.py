@@ -5,6 +5,7 @@ Each convention maps a region name to the label values it is made of:
 - ``brats2017`` (2017-2021): 1 necrotic/non-enhancing core, 2 edema, 4 enhancing;
 - ``brats2023``: 1 non-enhancing/necrotic core, 2 edema (SNFH), 3 enhancing;
 - ``binary``: any non-zero value is the object;
+- ``liver-lesion``: 1 liver, 2 lesion (lesions lie inside the liver; our CT output and the synthetic CT);
 - ``totalsegmentator``: a few TotalSegmentator (v2) classes by name.
 Regions: ET enhancing tumour, TC tumour core (= necrotic/non-enhancing core + enhancing),
 WT whole tumour (= TC + edema).
@@ -26,6 +27,7 @@ CONVENTIONS: Dict[str, Dict[str, List[int]]] = {
     "brats2017": {"ET": [4], "TC": [1, 4], "WT": [1, 2, 4]},
     "brats2023": {"ET": [3], "TC": [1, 3], "WT": [1, 2, 3]},
     "binary": {"object": list(range(1, 256))},
+    "liver-lesion": {"liver": [1, 2], "lesion": [2]},
     "totalsegmentator": {"spleen": [1], "kidney_right": [2], "kidney_left": [3], "gallbladder": [4], "liver": [5],
                          "stomach": [6], "pancreas": [7]},
 }

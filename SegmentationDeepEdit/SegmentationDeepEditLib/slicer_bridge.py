@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,7 +36,7 @@ __all__ = [
     "image_from_volume_array", "check_mask_fits_volume",
     "points_tag_value", "parse_points_tag",
     "extreme_point_label", "next_extreme_hint",
-    "sequence_of_name", "guess_input_volumes", "terminology_of_label",
+    "sequence_of_name", "guess_input_volumes", "terminology_of_label", "segments_from_result",
 ]
 
 #: Segment tag that keeps the points a segment was made from (value: :func:`points_tag_value`).
@@ -353,3 +353,17 @@ def terminology_of_label(label: Mapping[str, Any]) -> Optional[str]:
         return None
     value = value.strip()
     return value if _TERMINOLOGY_RE.match(value) else None
+
+
+def segments_from_result(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The segments to create from a worker "segment" reply: ``[{name, values, color, terminology}]``.
+
+    Overlapping regions (glioma ET/TC/WT, each a union of label values) when the model has them,
+    else one segment per label value.
+    """
+    regions = result.get("regions") or []
+    if regions:
+        return [{"name": str(r["name"]), "values": [int(v) for v in r["values"]],
+                 "color": [float(c) for c in r["color"]], "terminology": r.get("terminology")} for r in regions]
+    return [{"name": str(s["name"]), "values": [int(s["value"])], "color": [float(c) for c in s["color"]],
+             "terminology": s.get("terminology")} for s in result.get("segments", [])]

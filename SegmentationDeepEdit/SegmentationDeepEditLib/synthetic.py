@@ -816,7 +816,7 @@ _CT_SLICE_P = (0.05, 0.05, 0.1, 0.15, 0.2, 0.2, 0.25)
 
 
 def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True, n_lesions: Optional[int] = None,
-                 size_mm: SpacingArg = None) -> SyntheticCase:
+                 size_mm: SpacingArg = None, phase: str = "portal") -> SyntheticCase:
     """Synthetic portal-venous abdominal CT with liver and liver-lesion labels.
 
     The phantom, in LPS mm (the patient's right is -x, anterior is -y), has a body of
@@ -838,6 +838,11 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
         size_mm: field of view in mm along (i, j, k), centred on the body; default: the
             whole body cross-section plus 5-20 mm of air on each side, and from 15-40 mm
             above the liver's dome (lung bases) to 10-45 mm below the liver.
+        phase: ``"portal"`` (portal-venous contrast, the default) or ``"native"`` (no contrast:
+            liver 35-65 HU, spleen 40-55, blood and heart 35-50, kidneys 25-40, liver vessels
+            30-45, hypodense lesions at least 30 HU below the liver); the native values come
+            from a separate random stream, so everything else equals the portal case of the
+            same seed.
 
     Returns:
         A :class:`SyntheticCase` with ``kind="ct"``, the int16 image ``ct`` (HU), a uint8
@@ -909,6 +914,14 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
         "csf": float(rng.uniform(0.0, 15.0)),
         "disc": float(rng.uniform(70.0, 100.0)),
     }
+    if phase == "native":
+        rn = _rng(seed, 7)
+        hu.update({k: float(rn.uniform(lo, hi)) for k, (lo, hi) in (
+            ("liver", (35.0, 65.0)), ("spleen", (40.0, 55.0)), ("blood_aorta", (35.0, 50.0)),
+            ("blood_ivc", (35.0, 50.0)), ("heart", (35.0, 50.0)), ("kidney", (25.0, 40.0)),
+            ("liver_vessels", (30.0, 45.0)))})
+    elif phase != "portal":
+        raise InputError(f"phase must be 'portal' or 'native', got {phase!r}")
     w = 0.6  # partial-volume width, mm
 
     # z-invariant layers, built in 2D: air, subcutaneous fat, muscle wall, abdominal cavity

@@ -17,6 +17,8 @@ Requests carry ``"op"`` and an ``"id"`` (any JSON scalar) that every message abo
   -> ``{"mask": path, "model_id", "model_version", "segment_name", "color", "terminology",
   "device", "seconds": {...}, "warnings": [...], "voxels", "volume_ml", "model_loaded", "images_cached"}``
 - ``{"op": "segment", "model", "inputs": {name: path}, "device", "tta", "fast", "output"}``
+  -> ``{"label": path, "model_id", "model_version", "segments": [{value, name, color, terminology}],
+  "regions": [{name, values, color}], "device", "tta", "fast", "seconds", "warnings", "volumes_ml"}``
 - ``{"op": "demo", "kind": "brain", "seed", "output_dir"}`` -> a generated case written as files
 - ``{"op": "shutdown"}`` -> replies, then exits 0 (so does end of input)
 
@@ -276,13 +278,35 @@ class Worker:
         if b.task != "segmentation":
             raise InputError(f"model {b.id!r} is an {b.task} model, not an automatic (segmentation) model")
         inputs = request.get("inputs") or {}
-        declared = [spec["name"] for spec in b.meta["inputs"]]
-        missing = [name for name in declared if not inputs.get(name)]
-        if missing:
-            raise InputError(f"model {b.id!r} needs the input(s) {', '.join(missing)}")
-        # The core has no automatic-segmentation pipeline yet (whole-volume preprocessing,
-        # sliding-window or cropped inference, multi-label output): say so plainly.
-        raise InputError(f"{SEGMENT_NOT_AVAILABLE} (model {b.id!r} was found, but the core has no segmentation pipeline)")
+        if not isinstance(inputs, dict):
+            raise InputError("'inputs' must map input names to image files")
+        from .segment import segment_images
+
+        t0 = time.perf_counter()
+        progress("read", 0.02)
+        images = {}
+        for name, path in inputs.items():
+            if path:
+                images[name], _ = self._read(path, f"input {name}")
+        t_read = time.perf_counter() - t0
+        device = request.get("device") or "auto"
+        tta = request.get("tta")
+        result = segment_images(b, images, device=device, tta=None if tta is None else int(tta),
+                                fast=bool(request.get("fast")), sources={k: str(v) for k, v in inputs.items() if v},
+                                progress=progress)
+        t_write = time.perf_counter()
+        out = write_exchange_image(result.label, self._output(request, "label"))
+        seconds = dict(result.seconds)
+        seconds.update(read=t_read, write=time.perf_counter() - t_write)
+        return {
+            "label": str(out), "model_id": result.model_id, "model_version": result.model_version,
+            "segments": [{"value": int(s["value"]), "name": s["name"], "color": [float(c) for c in s["color"]],
+                          "terminology": s.get("terminology")} for s in result.segments],
+            "regions": [{"name": r["name"], "values": [int(v) for v in r["values"]],
+                         "color": [float(c) for c in r["color"]]} for r in result.regions],
+            "device": result.device, "tta": result.tta, "fast": result.fast, "seconds": seconds,
+            "warnings": list(result.warnings), "volumes_ml": result.volumes_ml(),
+        }
 
     def _op_demo(self, request, progress):
         from .errors import InputError

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -334,8 +335,18 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
             label, segments = out.label, out.segments
             write_segmentation(label, tmp / "segmentation.seg.nrrd", segments)
             write_segmentation(label, tmp / "segmentation.nii.gz", segments)
+            seg_files = ["segmentation.seg.nrrd", "segmentation.nii.gz"]
+            if ref_series.kind == "dicom" and ref_series.files:
+                # DICOM in, DICOM out: a DICOM SEG on the reference series' own grid
+                from ..dicomseg import write_dicom_seg
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # highdicom's remarks on the source's patient name format
+                    write_dicom_seg(label, segments, ref_series.files, tmp / "segmentation.dcm",
+                                    model_id=str(out.model_id), model_version=str(out.model_version))
+                seg_files.append("segmentation.dcm")
             seg_report.update(status="segmented", model=out.model_id, version=out.model_version,
-                              files=["segmentation.seg.nrrd", "segmentation.nii.gz"],
+                              files=seg_files,
                               segments=[{"value": int(s["value"]), "name": s["name"],
                                          "color": [float(c) for c in s["color"]]} for s in segments],
                               volumes_ml=region_volumes_ml(label, segments))

@@ -6,10 +6,11 @@ comes out. Where it comes from:
 - ``--model none``: no segmentation (register and report only);
 - ``--model ID``: the bundle ``ID``, which must be an automatic ("segmentation") model whose
   inputs are MRI sequences; it is run by the core's automatic-model runner
-  ``SegmentationDeepEditLib.segment.segment_images(model_id, images, device=...)`` returning
-  ``(label image, segment descriptions)``, once that runner exists (the automatic models
-  issue adds it); until then an explicit ``--model`` is refused before any work is done;
-- no ``--model``: the first installed automatic model whose inputs a brain study can provide;
+  ``SegmentationDeepEditLib.segment.segment_images(model_id, images, device=...)``, whose result
+  unpacks to ``(label image, segment descriptions)``; optional model inputs (e.g. T2 for
+  ``glioma-regions``) are passed when the study has them;
+- no ``--model``: ``glioma-regions`` when installed, else the first installed automatic model whose
+  inputs a brain study can provide;
   when there is none, each study reports "not segmented: no automatic brain model is installed";
 - from Python, any :class:`Segmenter` (used by the tests with a simple threshold model).
 
@@ -32,6 +33,7 @@ from .identify import SEQUENCES
 __all__ = ["SegmentationOutput", "Segmenter", "SegmentStep", "resolve_segment_step", "NO_MODEL", "region_volumes_ml"]
 
 NO_MODEL = "no automatic brain model is installed"
+DEFAULT_BRAIN_MODEL = "glioma-regions"
 
 
 @dataclass
@@ -94,10 +96,11 @@ class SegmentStep:
     inputs: Tuple[str, ...] = ()
     custom: Optional[Segmenter] = None
     device: str = "auto"
+    optional: Tuple[str, ...] = ()
 
     def describe(self) -> Dict[str, Any]:
         return {"kind": self.kind, "model": self.model_id, "version": self.model_version, "inputs": list(self.inputs),
-                "reason": self.reason or None}
+                "optional_inputs": list(self.optional), "reason": self.reason or None}
 
     def missing(self, available: Sequence[str]) -> List[str]:
         return [s for s in self.inputs if s not in available]
@@ -111,7 +114,8 @@ class SegmentStep:
             runner = _core_runner()
             if runner is None:
                 raise InputError(f"model {self.model_id!r} cannot be run: this version has no automatic-model runner")
-            label, segments = runner(self.model_id, {k: images[k] for k in self.inputs}, device=self.device)
+            names = list(self.inputs) + [k for k in self.optional if k in images]
+            label, segments = runner(self.model_id, {k: images[k] for k in names}, device=self.device)
             return SegmentationOutput(label, list(segments), str(self.model_id), str(self.model_version))
         raise InputError(f"not segmented: {self.reason}")
 
@@ -145,12 +149,14 @@ def resolve_segment_step(model: Optional[str], *, custom: Optional[Segmenter] = 
                  and all(i["name"] in SEQUENCES for i in b.meta["inputs"])]
         if not brain:
             return SegmentStep("skip", reason=NO_MODEL)
+        brain.sort(key=lambda x: x.id != DEFAULT_BRAIN_MODEL)  # the 3D glioma model first, when installed
         b = brain[0]
         if runner is None:
             return SegmentStep("skip", reason=f"model {b.id!r} is installed but this version cannot run automatic "
                                               "models yet")
-        return SegmentStep("bundle", model_id=b.id, model_version=b.version,
-                           inputs=tuple(i["name"] for i in b.meta["inputs"]), device=device)
+        return SegmentStep("bundle", model_id=b.id, model_version=b.version, device=device,
+                           inputs=tuple(i["name"] for i in b.meta["inputs"] if not i.get("optional")),
+                           optional=tuple(i["name"] for i in b.meta["inputs"] if i.get("optional")))
     b = load_bundle(model)
     if b.task != "segmentation":
         raise InputError(f"model {b.id!r} is an annotation model (it needs points); batch needs an automatic model")
@@ -160,7 +166,9 @@ def resolve_segment_step(model: Optional[str], *, custom: Optional[Segmenter] = 
         raise InputError(f"model {b.id!r} needs inputs {', '.join(bad)}, which a brain MRI study does not have")
     if runner is None:
         raise InputError(f"model {b.id!r} is an automatic model, and this version cannot run automatic models yet")
-    return SegmentStep("bundle", model_id=b.id, model_version=b.version, inputs=tuple(names), device=device)
+    return SegmentStep("bundle", model_id=b.id, model_version=b.version, device=device,
+                       inputs=tuple(i["name"] for i in b.meta["inputs"] if not i.get("optional")),
+                       optional=tuple(i["name"] for i in b.meta["inputs"] if i.get("optional")))
 
 
 def region_volumes_ml(label: sitk.Image, segments: Sequence[Dict[str, Any]]) -> Dict[str, float]:

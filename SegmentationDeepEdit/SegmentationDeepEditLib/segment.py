@@ -1,0 +1,489 @@
+"""Automatic segmentation: named input images in, a label map on the reference input's grid out.
+
+Pipeline (the same :func:`prepare_volume` feeds training, so train and inference agree):
+1. the inputs are checked against the bundle (names, missing and extra inputs; optional
+   inputs may be left out and become a zero channel, with a warning) and each is resampled
+   (linear) onto the reference input's grid when its size, spacing or direction differs;
+   inputs whose physical extents do not overlap the reference are refused, since they need
+   registration first;
+2. a model grid: axis-aligned (identity direction, LPS) at the bundle's spacing (``fast``:
+   its coarser ``fast_spacing_mm``), around the reference's foreground (non-zero voxels of a
+   skull-stripped MRI, or voxels above a threshold such as the body in CT), sized to a
+   multiple of ``divisible_by``;
+3. each input resampled onto the model grid and normalised (z-score over its foreground, or a
+   CT window to [0, 1]);
+4. the network: 3D sliding windows of ``roi`` voxels (bounded memory) or 2D slices of the
+   model grid's axial axis, averaged over test-time augmentations (3D: flips along each axis;
+   2D: the dihedral group D4 in three levels), sigmoid (overlapping regions) or softmax
+   (exclusive classes);
+5. the probabilities resampled back (linear) onto the reference grid, turned into label values
+   (regions: painted in the bundle's order, e.g. WT -> 2, TC -> 1, ET -> 4; classes: argmax)
+   and returned with segment descriptions. Glioma regions (ET, TC, WT) overlap; they are also
+   described as ``regions`` (lists of label values) for writers that support overlapping
+   segments.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .bundle import Bundle, get_network, load_bundle
+from .device import cpu_supports_bf16, pick_device, run_with_fallback
+from .errors import InputError
+from .geometry import Grid, bounding_box_grid, corners_lps, grid_of, image_on_grid, index_to_physical, resample_to_grid
+
+__all__ = ["SegmentResult", "Cancelled", "check_inputs", "align_inputs", "model_grid", "prepare_volume",
+           "d4_transforms", "TTA_LEVELS_2D", "predict_volume", "probabilities_to_label", "segment_images",
+           "label_segments"]
+
+Progress = Optional[Callable[[str, float], None]]
+
+
+class Cancelled(InputError):
+    """Raised when a cancel callback asks to stop; nothing has been written."""
+
+
+@dataclass
+class SegmentResult:
+    """Output of :func:`segment_images`.
+
+    Attributes:
+        label: uint8 label map with exactly the reference input's geometry.
+        segments: ``[{"value", "name", "color", "terminology"?}]`` for the label values.
+        regions: overlapping named regions ``[{"name", "color", "values"}]`` (glioma ET/TC/WT),
+            or [] when the segments are exclusive.
+        model_id, model_version: the bundle used.
+        device: the torch device actually used.
+        tta: the test-time augmentation level used (0 = none).
+        fast: whether the coarser fast grid was used.
+        seconds: wall time per stage.
+        grid: the model grid.
+        warnings: messages for the user (missing optional input, empty result...).
+    """
+
+    label: sitk.Image
+    segments: List[Dict[str, Any]]
+    regions: List[Dict[str, Any]]
+    model_id: str
+    model_version: str
+    device: str
+    tta: int
+    fast: bool
+    seconds: Dict[str, float]
+    grid: Grid
+    warnings: List[str] = field(default_factory=list)
+
+    def __iter__(self):  # ``label, segments = segment_images(...)``
+        return iter((self.label, self.segments))
+
+    def volumes_ml(self) -> Dict[str, float]:
+        """Volume (mL) of every segment and region."""
+        arr = sitk.GetArrayViewFromImage(self.label)
+        counts = np.bincount(arr.reshape(-1).astype(np.intp), minlength=256)
+        voxel_ml = float(np.prod(self.label.GetSpacing())) / 1000.0
+        out = {s["name"]: round(float(counts[s["value"]]) * voxel_ml, 3) for s in self.segments}
+        for r in self.regions:
+            out[r["name"]] = round(float(counts[list(r["values"])].sum()) * voxel_ml, 3)
+        return out
+
+
+def _seg(meta: dict) -> dict:
+    if meta.get("task") != "segmentation" or "segmentation" not in meta:
+        raise InputError(f"model {meta.get('id')!r} is not an automatic segmentation model")
+    return meta["segmentation"]
+
+
+def check_inputs(meta: dict, images: Mapping[str, Optional[sitk.Image]],
+                 sources: Optional[Mapping[str, str]] = None) -> Tuple[Dict[str, Optional[sitk.Image]], List[str]]:
+    """Match the given images to the bundle's inputs by name.
+
+    Returns:
+        ({input name: image or None for a missing optional input}, warnings).
+
+    Raises:
+        InputError: unknown names, missing required inputs, or images that are not 3D scalar.
+    """
+    specs = meta["inputs"]
+    names = [s["name"] for s in specs]
+    sources = sources or {}
+    given = {k: v for k, v in images.items() if v is not None}
+    extra = sorted(set(given) - set(names))
+    if extra:
+        raise InputError(f"model {meta['id']!r} has no input named {', '.join(map(repr, extra))}; its inputs are "
+                         f"{', '.join(_describe_input(s) for s in specs)}")
+    missing = [s["name"] for s in specs if s["name"] not in given and not s.get("optional")]
+    if missing:
+        raise InputError(f"model {meta['id']!r} needs input(s) {', '.join(missing)} (give each as --input NAME=PATH; "
+                         f"its inputs are {', '.join(_describe_input(s) for s in specs)})")
+    warnings = []
+    out: Dict[str, Optional[sitk.Image]] = {}
+    for s in specs:
+        img = given.get(s["name"])
+        if img is None:
+            warnings.append(f"input {s['name']!r} is missing: {s.get('if_missing', 'it is replaced by zeros, as in training with a dropped sequence; accuracy is lower')}")
+        elif img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+            where = sources.get(s["name"])
+            raise InputError(f"input {s['name']!r} must be a 3D scalar image (it has {img.GetDimension()} dimensions and "
+                             f"{img.GetNumberOfComponentsPerPixel()} channel(s) per voxel)", where)
+        out[s["name"]] = img
+    return out, warnings
+
+
+def _describe_input(spec: dict) -> str:
+    return spec["name"] + (" (optional)" if spec.get("optional") else "")
+
+
+def _extent(img: Union[sitk.Image, Grid]) -> Tuple[np.ndarray, np.ndarray]:
+    c = corners_lps(img)
+    return c.min(axis=0), c.max(axis=0)
+
+
+def align_inputs(images: Mapping[str, Optional[sitk.Image]], reference: str,
+                 sources: Optional[Mapping[str, str]] = None) -> Dict[str, Optional[sitk.Image]]:
+    """Resample every input onto the reference input's grid (linear) where the geometry differs.
+
+    Raises:
+        InputError: an input does not overlap the reference in physical space (not registered).
+    """
+    sources = sources or {}
+    ref = images[reference]
+    if ref is None:
+        raise InputError(f"the reference input {reference!r} is missing")
+    ref_grid = grid_of(ref)
+    rlo, rhi = _extent(ref)
+    out: Dict[str, Optional[sitk.Image]] = {}
+    for name, img in images.items():
+        if img is None or name == reference:
+            out[name] = img
+            continue
+        lo, hi = _extent(img)
+        overlap = np.clip(np.minimum(hi, rhi) - np.maximum(lo, rlo), 0, None)
+        smaller = np.minimum(hi - lo, rhi - rlo)
+        frac = float(np.prod(overlap) / max(np.prod(np.maximum(smaller, 1e-3)), 1e-9))
+        if frac < 0.1:
+            raise InputError(
+                f"input {name!r} does not overlap the reference input {reference!r} in physical space "
+                f"({frac:.0%} of the smaller extent): the images are not aligned; register them first "
+                "(e.g. `deepedit batch`, which registers every sequence to the reference)", sources.get(name))
+        if grid_of(img) == ref_grid:
+            out[name] = img
+        else:
+            out[name] = resample_to_grid(sitk.Cast(img, sitk.sitkFloat32), ref_grid, default=0.0)
+    return out
+
+
+def model_grid(meta: dict, reference: sitk.Image, *, fast: bool = False) -> Grid:
+    """The axis-aligned model grid around the reference input's foreground (see module docstring)."""
+    seg = _seg(meta)
+    spacing = seg.get("fast_spacing_mm") if fast else meta["spacing_mm"]
+    if spacing is None:
+        raise InputError(f"model {meta['id']!r} has no fast mode")
+    arr = sitk.GetArrayViewFromImage(reference)
+    crop = seg.get("crop", {"kind": "none"})
+    if crop["kind"] == "nonzero":
+        fg = arr != 0
+    elif crop["kind"] == "threshold":
+        fg = arr > float(crop["value"])
+    else:
+        fg = None
+    if fg is not None and fg.any():
+        idx = [np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+        lo = np.array([idx[2][0], idx[1][0], idx[0][0]], float)  # i, j, k
+        hi = np.array([idx[2][-1], idx[1][-1], idx[0][-1]], float)
+    else:
+        lo = np.zeros(3)
+        hi = np.array(reference.GetSize(), float) - 1
+    box = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    pts = index_to_physical(reference, box)
+    return bounding_box_grid(pts, spacing, margin_vox=int(seg.get("margin_vox", 4)), max_size=None,
+                             multiple=int(meta.get("divisible_by", 16)))
+
+
+def _normalise(arr: np.ndarray, inside: np.ndarray, spec: dict) -> np.ndarray:
+    out = np.zeros(arr.shape, dtype=np.float32)
+    if spec["normalization"] == "ct_window":
+        lo, hi = spec.get("window", (-200.0, 300.0))
+        out[inside] = (np.clip(arr[inside], lo, hi) - lo) / (hi - lo)
+        return out
+    fg = inside & (arr != 0) if spec.get("foreground") == "nonzero" else inside
+    if fg.sum() < 10:
+        return out
+    vals = arr[fg]
+    mean, std = float(vals.mean()), float(vals.std())
+    out[fg] = (vals - mean) / (std if std > 1e-6 else 1.0)
+    return out
+
+
+def prepare_volume(meta: dict, images: Mapping[str, Optional[sitk.Image]], grid: Grid) -> np.ndarray:
+    """Network input [C, k, j, i] float32 on the model grid, one channel per bundle input (zeros when missing)."""
+    chans = []
+    for spec in meta["inputs"]:
+        img = images.get(spec["name"])
+        if img is None:
+            chans.append(np.zeros(grid.size[::-1], np.float32))
+            continue
+        a = sitk.GetArrayFromImage(resample_to_grid(sitk.Cast(img, sitk.sitkFloat32), grid, default=np.nan))
+        inside = np.isfinite(a)
+        chans.append(_normalise(np.nan_to_num(a), inside, spec))
+    return np.stack(chans).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Test-time augmentation
+# ----------------------------------------------------------------------------------------------
+
+def d4_transforms(level: int) -> List[Tuple[int, bool]]:
+    """The D4 elements of a 2D TTA level as (quarter turns k, flip first along the last axis).
+
+    Level 0: identity; 1: identity and horizontal flip; 2: adds the vertical flip and both
+    flips (= a half turn); 3: all eight rotations and reflections.
+    """
+    if level == 0:
+        return [(0, False)]
+    if level == 1:
+        return [(0, False), (0, True)]
+    if level == 2:
+        # vertical flip = half turn of a horizontal flip; both flips = half turn
+        return [(0, False), (0, True), (2, True), (2, False)]
+    if level == 3:
+        return [(k, f) for k in range(4) for f in (False, True)]
+    raise InputError(f"2D test-time augmentation level must be 0, 1, 2 or 3, got {level}")
+
+
+TTA_LEVELS_2D = (0, 1, 2, 3)
+_FLIPS_3D = ((), (2,), (3,), (4,))
+
+
+def _apply_d4(x, k: int, flip: bool):
+    import torch
+
+    if flip:
+        x = torch.flip(x, (-1,))
+    return torch.rot90(x, k, (-2, -1)) if k else x
+
+
+def _invert_d4(y, k: int, flip: bool):
+    import torch
+
+    if k:
+        y = torch.rot90(y, -k, (-2, -1))
+    return torch.flip(y, (-1,)) if flip else y
+
+
+def _activation(meta: dict):
+    import torch
+
+    if meta["output"]["activation"] == "softmax":
+        return lambda y: torch.softmax(y.float(), dim=1)
+    return lambda y: torch.sigmoid(y.float())
+
+
+def predict_volume(net, array: np.ndarray, meta: dict, device, *, tta: int = 0, bf16: Optional[bool] = None,
+                   progress: Progress = None, cancel: Optional[Callable[[], bool]] = None) -> np.ndarray:
+    """Probabilities [C_out, k, j, i] for one input [C, k, j, i] on the model grid.
+
+    3D bundles run sliding windows of ``segmentation.roi`` (overlap ``segmentation.overlap``,
+    Gaussian weighting), so memory stays bounded whatever the volume; ``tta`` > 0 averages
+    over the identity and a flip along each axis. 2D bundles run batches of axial slices,
+    ``tta`` is the D4 level (0-3).
+    """
+    import torch
+
+    seg = _seg(meta)
+    act = _activation(meta)
+    report = progress or (lambda stage, frac: None)
+    use_bf16 = (device.type == "cpu" and cpu_supports_bf16()) if bf16 is None else bool(bf16)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if (use_bf16 and device.type == "cpu") else \
+        torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    x = torch.from_numpy(array[None]).to(device)
+
+    def check_cancel():
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled by the user; nothing was written")
+
+    if int(seg.get("dims", 3)) == 2:
+        elems = d4_transforms(int(tta))
+        depth = x.shape[2]
+        batch = int(seg.get("slice_batch", 16))
+        out = None
+        with torch.inference_mode(), amp:
+            for z0 in range(0, depth, batch):
+                check_cancel()
+                xs = x[0, :, z0:z0 + batch].permute(1, 0, 2, 3)  # slices as a batch [B, C, j, i]
+                acc = None
+                for k, f in elems:
+                    y = act(net(_apply_d4(xs, k, f)))
+                    y = _invert_d4(y, k, f)
+                    acc = y if acc is None else acc + y
+                acc = (acc / len(elems)).permute(1, 0, 2, 3)
+                if out is None:
+                    out = torch.zeros((acc.shape[0], depth) + tuple(acc.shape[2:]), dtype=torch.float32)
+                out[:, z0:z0 + batch] = acc.float().cpu()
+                report("inference", min(1.0, (z0 + batch) / depth))
+        return out.numpy()
+
+    from monai.inferers import sliding_window_inference
+
+    roi = tuple(int(r) for r in seg.get("roi", (96, 96, 96)))
+    flips = _FLIPS_3D if int(tta) > 0 else _FLIPS_3D[:1]
+    channels_last = bool(meta["network"].get("channels_last")) and device.type == "cpu"
+    done = [0]
+
+    def predictor(w):
+        check_cancel()
+        if channels_last:
+            w = w.contiguous(memory_format=torch.channels_last_3d)
+        return act(net(w))
+
+    acc = None
+    with torch.inference_mode(), amp:
+        for n, dims in enumerate(flips):
+            xi = torch.flip(x, dims) if dims else x
+            y = sliding_window_inference(xi, roi, 1, predictor, overlap=float(seg.get("overlap", 0.25)),
+                                         mode="gaussian", padding_mode="constant", cval=0.0)
+            y = torch.flip(y, dims) if dims else y
+            acc = y.float() if acc is None else acc + y.float()
+            done[0] += 1
+            report("inference", done[0] / len(flips))
+    return (acc / len(flips))[0].cpu().numpy()
+
+
+def probabilities_to_label(meta: dict, probs: np.ndarray) -> np.ndarray:
+    """Label values [k, j, i] uint8 from probabilities [C_out, k, j, i] (regions or classes)."""
+    seg = _seg(meta)
+    out = np.zeros(probs.shape[1:], np.uint8)
+    if seg["output_kind"] == "regions":
+        thr = float(meta["output"]["threshold"])
+        for r in seg["paint"]:  # outermost first: later regions overwrite
+            out[probs[int(r["channel"])] >= thr] = int(r["value"])
+        return out
+    values = np.asarray(seg["class_values"], np.uint8)
+    return values[np.argmax(probs, axis=0)]
+
+
+def label_segments(meta: dict) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """(segment descriptions of the label values, overlapping regions) of a bundle."""
+    segments = [{k: v for k, v in lab.items() if k in ("value", "name", "color", "terminology")} for lab in meta["labels"]]
+    regions = [dict(r) for r in _seg(meta).get("regions", [])]
+    return segments, regions
+
+
+def _postprocess(meta: dict, probs: np.ndarray, mgrid: Grid, ref: sitk.Image) -> np.ndarray:
+    """Probabilities on the model grid -> label array on the reference grid (channel by channel)."""
+    seg = _seg(meta)
+    ref_grid = grid_of(ref)
+    shape = ref_grid.size[::-1]
+    lo_idx, hi_idx = _box_on(ref_grid, mgrid)
+    out = np.zeros(shape, np.uint8)
+    if not np.all(hi_idx > lo_idx):
+        return out
+    sub = sitk.RegionOfInterest(ref_grid.reference_image(), [int(v) for v in hi_idx - lo_idx], [int(v) for v in lo_idx])
+    sub_grid = grid_of(sub)
+
+    def back(c):
+        return sitk.GetArrayFromImage(resample_to_grid(image_on_grid(probs[c].astype(np.float32), mgrid), sub_grid,
+                                                       default=0.0))
+
+    if seg["output_kind"] == "regions":
+        thr = float(meta["output"]["threshold"])
+        part = np.zeros(sub_grid.size[::-1], np.uint8)
+        for r in seg["paint"]:
+            part[back(int(r["channel"])) >= thr] = int(r["value"])
+    else:
+        values = np.asarray(seg["class_values"], np.uint8)
+        best = back(0)
+        arg = np.zeros(best.shape, np.uint8)
+        for c in range(1, probs.shape[0]):
+            p = back(c)
+            better = p > best
+            best[better] = p[better]
+            arg[better] = c
+        part = values[arg]
+    out[lo_idx[2]:hi_idx[2], lo_idx[1]:hi_idx[1], lo_idx[0]:hi_idx[0]] = part
+    return out
+
+
+def _box_on(image_grid: Grid, mgrid: Grid):
+    from .geometry import physical_to_index
+
+    idx = physical_to_index(image_grid, corners_lps(mgrid))
+    lo = np.clip(np.floor(idx.min(axis=0)).astype(int), 0, np.asarray(image_grid.size))
+    hi = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 1, 0, np.asarray(image_grid.size))
+    return lo, hi
+
+
+def segment_images(
+    model: Union[str, Bundle],
+    images: Mapping[str, Optional[sitk.Image]],
+    *,
+    device: str = "auto",
+    tta: Optional[int] = None,
+    fast: bool = False,
+    sources: Optional[Mapping[str, str]] = None,
+    progress: Progress = None,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> SegmentResult:
+    """Run an automatic segmentation bundle.
+
+    Args:
+        model: bundle id, folder or :class:`Bundle` (``task == "segmentation"``).
+        images: ``{input name: image}``; the bundle's reference input defines the output grid.
+        device: "auto", "cpu" or "cuda".
+        tta: test-time augmentation level (3D: 0 off, >0 flips; 2D: D4 level 0-3); None for
+            the bundle's default.
+        fast: use the bundle's coarser fast grid (``fast_spacing_mm``).
+        sources: ``{input name: file}`` for error messages.
+        progress: callback(stage, fraction).
+        cancel: callable returning True to stop (checked between windows / slice batches).
+
+    Returns:
+        :class:`SegmentResult` whose label has exactly the reference input's geometry.
+    """
+    t0 = time.perf_counter()
+    report = progress or (lambda stage, frac: None)
+    bundle = load_bundle(model)
+    meta = bundle.meta
+    if meta["task"] != "segmentation":
+        raise InputError(f"model {bundle.id!r} is an annotation model (it needs points; use `deepedit annotate`)")
+    seg = _seg(meta)
+    level = int(seg.get("tta_default", 0) if tta is None else tta)
+    if int(seg.get("dims", 3)) == 2:
+        d4_transforms(level)  # validates the level
+    elif level < 0:
+        raise InputError(f"test-time augmentation level must be >= 0, got {level}")
+    if fast and not seg.get("fast_spacing_mm"):
+        raise InputError(f"model {bundle.id!r} has no fast mode")
+    report("prepare", 0.0)
+    imgs, warnings = check_inputs(meta, images, sources)
+    ref_name = seg["reference"]
+    aligned = align_inputs(imgs, ref_name, sources)
+    ref = aligned[ref_name]
+    grid = model_grid(meta, ref, fast=fast)
+    arr = prepare_volume(meta, aligned, grid)
+    t1 = time.perf_counter()
+    dev = pick_device(device)
+
+    def run(d):
+        net = get_network(bundle, d)
+        return predict_volume(net, arr, meta, d, tta=level, progress=lambda s, f: report(s, 0.1 + 0.8 * f),
+                              cancel=cancel)
+
+    probs, used = run_with_fallback(run, dev, device)
+    t2 = time.perf_counter()
+    report("postprocess", 0.9)
+    out = _postprocess(meta, probs, grid, ref)
+    label = image_on_grid(out, grid_of(ref))
+    segments, regions = label_segments(meta)
+    if not out.any():
+        warnings.append("the model found nothing: check that the inputs are the sequences the model expects")
+    t3 = time.perf_counter()
+    report("done", 1.0)
+    return SegmentResult(label=label, segments=segments, regions=regions, model_id=bundle.id,
+                         model_version=bundle.version, device=used.type, tta=level, fast=bool(fast),
+                         seconds={"prepare": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2, "total": t3 - t0},
+                         grid=grid, warnings=warnings)

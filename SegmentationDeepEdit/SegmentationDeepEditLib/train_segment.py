@@ -1,0 +1,397 @@
+"""``deepedit train`` for automatic models (configs with ``"task": "segmentation"``).
+
+A run is described by its JSON config (kept in ``Resources/Training/``) and its seed:
+
+- ``bundle``: the metadata of the bundle to write (network, inputs, spacing, ``segmentation``
+  section, labels...); the same metadata drives :mod:`segment` at inference, and every
+  training case is prepared with :func:`segment.prepare_volume` on :func:`segment.model_grid`,
+  so training and inference see identical inputs;
+- ``data`` / ``validation``: sources, either ``{"synthetic": "brain"|"ct", "cases": N, "seed": S,
+  "options": {...}}`` or ``{"images": {input name: path}, "label": path, "convention": NAME}``
+  (paths relative to the data root, ``--data-root``, default ``../shared/data``). Real cases
+  may lack inputs (BraTS 2013 has no T2 or T1): those channels are zeros, as at inference
+  with a missing optional input;
+- ``targets``: ``{"kind": "regions", "regions": ["ET", "TC", "WT"]}`` (one sigmoid channel per
+  region of :data:`labels.CONVENTIONS`), or ``{"kind": "classes", "n": N, "class_sets":
+  {convention: {label value: [allowed classes]}}}``: softmax classes with *partial labels*;
+  a voxel whose label allows several classes (e.g. TCGA's "necrotic/non-enhancing core" for
+  a model that separates necrosis from non-enhancing tumour, or a real liver mask without
+  lesion labels) is trained with the marginal likelihood of its allowed classes, and counts
+  in the Dice term only for classes it is certain about;
+- ``loss``: ``"dice_focal"`` (regions; focal gamma ``focal_gamma``) or ``"dice_ce"`` (classes);
+- ``optimizer``: ``"ranger21"`` (its own warm-up and warm-down over ``steps``) or ``"adamw"``
+  with a one-cycle schedule up to ``lr``;
+- ``patch``: training patch in voxels ([k, j, i] for 3D; [j, i] for 2D bundles, which train on
+  axial slices of the model grid), ``batch_size``, ``fg_fraction`` (patches centred on a labelled
+  voxel), ``weight`` per source (relative probability of drawing its cases), ``init_from`` (a bundle
+  id or folder whose weights start the run: fine-tuning), ``train_spacings`` (extra model spacings to prepare each case at: scale augmentation),
+  ``augment``: ``flip_axes`` (model-grid array axes 0=k, 1=j, 2=i), ``intensity_scale``,
+  ``intensity_shift``, ``drop_inputs`` ({input: probability of zeroing it}).
+
+The random stream of step ``n`` is seeded by ``(seed, n)``: a resumed run draws what an
+uninterrupted one would. Outputs: ``checkpoint.pt`` (``weights_only`` readable), ``log.csv``
+(step, loss, per-target validation Dice, seconds), ``bundle/`` at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from .bundle import build_network, save_bundle
+from .errors import InputError
+from .geometry import resample_to_grid
+from .imageio import read_image
+from .labels import CONVENTIONS, values_mask
+from .segment import model_grid, predict_volume, prepare_volume
+
+__all__ = ["SegCase", "build_seg_cases", "targets_for", "train_segmentation", "sample_batch"]
+
+
+@dataclass
+class SegCase:
+    """One training case prepared on its model grid: inputs [C, k, j, i], targets, foreground."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray  # regions: uint8 [R, k, j, i]; classes: uint8 bitmask [k, j, i] of allowed classes
+    fg: np.ndarray  # flat indices of labelled voxels
+    weight: float = 1.0  # relative probability of drawing this case
+
+
+def _region_targets(label_arr: np.ndarray, convention: str, regions: List[str]) -> np.ndarray:
+    table = CONVENTIONS[convention]
+    return np.stack([np.isin(label_arr, table[r]) for r in regions]).astype(np.uint8)
+
+
+def _class_targets(label_arr: np.ndarray, convention: str, targets: dict) -> np.ndarray:
+    sets = targets["class_sets"].get(convention)
+    if sets is None:
+        raise InputError(f"training config: targets.class_sets has no entry for label convention {convention!r}")
+    out = np.ones(label_arr.shape, np.uint8)  # bit 0: background
+    for value, allowed in sets.items():
+        bits = 0
+        for c in allowed:
+            bits |= 1 << int(c)
+        out[label_arr == int(value)] = bits
+    return out
+
+
+def targets_for(label_arr: np.ndarray, convention: str, targets: dict) -> np.ndarray:
+    """Training targets from a label array (see module docstring)."""
+    if targets["kind"] == "regions":
+        return _region_targets(label_arr, convention, targets["regions"])
+    return _class_targets(label_arr, convention, targets)
+
+
+def _prepare_case(name: str, images: Dict[str, Optional[sitk.Image]], label: sitk.Image, convention: str,
+                  meta: dict, targets: dict, spacing=None) -> SegCase:
+    from .segment import align_inputs
+
+    m = dict(meta)
+    if spacing is not None:
+        m["spacing_mm"] = list(spacing)
+    ref_name = meta["segmentation"]["reference"]
+    imgs = {s["name"]: images.get(s["name"]) for s in meta["inputs"]}
+    imgs = align_inputs(imgs, ref_name)
+    grid = model_grid(m, imgs[ref_name])
+    x = prepare_volume(m, imgs, grid)
+    lab = sitk.GetArrayFromImage(resample_to_grid(label, grid, interpolator=sitk.sitkNearestNeighbor, default=0))
+    y = targets_for(lab, convention, targets)
+    fgmask = y.any(axis=0) if targets["kind"] == "regions" else (y != 1)
+    return SegCase(name, x, y, np.flatnonzero(fgmask.reshape(-1)))
+
+
+def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: Path, spacings=None,
+                    progress=None) -> List[SegCase]:
+    """Load or generate and prepare the cases a config lists (at each spacing of ``spacings``)."""
+    from . import synthetic
+
+    spacings = spacings or [None]
+    cases: List[SegCase] = []
+    for src in sources:
+        if "synthetic" in src:
+            kind, n, seed = src["synthetic"], int(src["cases"]), int(src.get("seed", 0))
+            make = synthetic.make_brain_case if kind == "brain" else synthetic.make_ct_case
+            conv = "brats2017" if kind == "brain" else "liver-lesion"
+            for s in range(seed, seed + n):
+                c = make(s, **src.get("options", {}))
+                for sp in spacings:
+                    cases.append(_prepare_case(f"synthetic-{kind}-{s}", c.images, c.label, conv, meta, targets, sp))
+                    cases[-1].weight = float(src.get("weight", 1.0))
+                if progress:
+                    progress(f"synthetic-{kind}-{s}")
+        else:
+            images = {}
+            for name, rel in src["images"].items():
+                images[name] = read_image(Path(data_root) / rel)
+            label = read_image(Path(data_root) / src["label"], what="label")
+            conv = src["convention"]
+            for sp in spacings:
+                cases.append(_prepare_case(src.get("name", src["label"]), images, label, conv, meta, targets, sp))
+                cases[-1].weight = float(src.get("weight", 1.0))
+            if progress:
+                progress(src.get("name", src["label"]))
+    return cases
+
+
+def _pad_to(a: np.ndarray, size, value=0) -> np.ndarray:
+    pads = [(0, 0)] * (a.ndim - len(size)) + [(0, max(0, s - d)) for s, d in zip(size, a.shape[-len(size):])]
+    return np.pad(a, pads, constant_values=value) if any(p[1] for p in pads) else a
+
+
+def sample_batch(cases: List[SegCase], cfg: dict, meta: dict, rng: np.random.Generator):
+    """One training batch (x [B, C, *patch], y) drawn with ``rng`` (see module docstring)."""
+    dims = int(meta["segmentation"].get("dims", 3))
+    patch = [int(p) for p in cfg["patch"]]
+    aug = cfg.get("augment", {})
+    names = [s["name"] for s in meta["inputs"]]
+    xs, ys = [], []
+    w = np.asarray([c.weight for c in cases], float)
+    w = w / w.sum()
+    for _ in range(int(cfg["batch_size"])):
+        c = cases[int(rng.choice(len(cases), p=w))]
+        shape = c.x.shape[1:]
+        if len(c.fg) and rng.random() < float(cfg.get("fg_fraction", 0.7)):
+            centre = np.array(np.unravel_index(int(c.fg[int(rng.integers(len(c.fg)))]), shape))
+        else:
+            centre = np.array([int(rng.integers(s)) for s in shape])
+        if dims == 2:
+            k = int(centre[0])
+            x = c.x[:, k]
+            y = c.y[:, k] if c.y.ndim == 4 else c.y[k]
+            centre = centre[1:]
+        else:
+            x, y = c.x, c.y
+        sp = x.shape[1:]
+        start = [int(np.clip(ce - p // 2, 0, max(0, s - p))) for ce, p, s in zip(centre, patch, sp)]
+        sl = tuple(slice(st, st + p) for st, p in zip(start, patch))
+        xp = _pad_to(x[(slice(None),) + sl], patch)
+        yp = y[(slice(None),) + sl] if y.ndim == len(patch) + 1 else y[sl]
+        yp = _pad_to(yp, patch, value=0 if y.ndim == len(patch) + 1 else 1)
+        xp = xp.copy()
+        for ax in aug.get("flip_axes", []):
+            a = int(ax) - (1 if dims == 2 else 0)
+            if a >= 0 and rng.random() < 0.5:
+                xp = np.flip(xp, axis=a + 1)
+                yp = np.flip(yp, axis=a + (1 if yp.ndim == len(patch) + 1 else 0))
+        if dims == 2 and aug.get("rot90", False):
+            kq = int(rng.integers(4))
+            xp = np.rot90(xp, kq, axes=(-2, -1))
+            yp = np.rot90(yp, kq, axes=(-2, -1))
+        for ci in range(xp.shape[0]):
+            s = 1.0 + rng.uniform(-1, 1) * float(aug.get("intensity_scale", 0.0))
+            b = rng.uniform(-1, 1) * float(aug.get("intensity_shift", 0.0))
+            nz = xp[ci] != 0
+            xp[ci][nz] = xp[ci][nz] * s + b
+            p = float(aug.get("drop_inputs", {}).get(names[ci], 0.0))
+            if p and rng.random() < p:
+                xp[ci] = 0
+        xs.append(np.ascontiguousarray(xp))
+        ys.append(np.ascontiguousarray(yp))
+    return np.stack(xs).astype(np.float32), np.stack(ys)
+
+
+def _class_loss(logits, ybits, n_classes: int):
+    """Partial-label softmax loss: marginal NLL of the allowed classes + Dice on certain voxels."""
+    import torch
+
+    bits = torch.stack([(ybits >> c) & 1 for c in range(n_classes)], dim=1).bool()  # [B, C, ...]
+    p = torch.softmax(logits.float(), dim=1)
+    nll = -torch.log((p * bits).sum(1).clamp_min(1e-6)).mean()
+    certain_pos = bits & (bits.sum(1, keepdim=True) == 1)
+    known = certain_pos | ~bits  # voxel's membership in class c is known
+    dims = tuple(range(2, logits.ndim))
+    dice_terms = []
+    for c in range(1, n_classes):
+        kc, tc, pc = known[:, c].float(), certain_pos[:, c].float(), p[:, c]
+        inter = (pc * tc * kc).sum()
+        denom = (pc * kc).sum() + tc.sum()
+        dice_terms.append(1 - (2 * inter + 1e-5) / (denom + 1e-5))
+    return nll + torch.stack(dice_terms).mean()
+
+
+def _region_loss_fn(cfg: dict):
+    from monai.losses import DiceFocalLoss
+
+    return DiceFocalLoss(sigmoid=True, gamma=float(cfg.get("focal_gamma", 2.0)), smooth_nr=1e-5, smooth_dr=1e-5)
+
+
+def _validate(net, cases: List[SegCase], meta: dict, targets: dict, device) -> List[float]:
+    """Dice per target (region, or class >= 1) on the model grid, averaged over cases."""
+    import torch
+
+    net.eval()
+    scores = []
+    for c in cases:
+        probs = predict_volume(net, c.x, meta, device, tta=0)
+        if targets["kind"] == "regions":
+            pred = probs >= float(meta["output"]["threshold"])
+            truth = c.y.astype(bool)
+        else:
+            arg = np.argmax(probs, axis=0)
+            n = probs.shape[0]
+            pred = np.stack([arg == k for k in range(1, n)])
+            truth = np.stack([(c.y == (1 << k)) | ((c.y >> k) & 1).astype(bool) for k in range(1, n)])
+        row = []
+        for p, t in zip(pred, truth):
+            denom = p.sum() + t.sum()
+            row.append(1.0 if denom == 0 else 2.0 * (p & t).sum() / denom)
+        scores.append(row)
+    net.train()
+    torch.set_grad_enabled(True)
+    return list(np.mean(np.array(scores), axis=0)) if scores else []
+
+
+def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto", resume: bool = False,
+                       steps: Optional[int] = None, bundle_dir: Optional[Path] = None,
+                       show_progress: bool = True) -> dict:
+    """Train an automatic model from a config (see module docstring). Returns a summary dict."""
+    import torch
+    from tqdm import tqdm
+
+    from .device import cpu_supports_bf16, pick_device
+
+    meta = dict(config["bundle"])
+    targets = config["targets"]
+    steps = int(config["steps"] if steps is None else steps)
+    total_steps = steps
+    seed = int(config.get("seed", 0))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    log_path = run_dir / "log.csv"
+    if ckpt_path.exists() and not resume:
+        raise InputError(f"{run_dir} already holds a run; use --resume to continue it or choose another --run-dir", ckpt_path)
+
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    t_load = time.perf_counter()
+    say = (lambda name: tqdm.write(f"prepared {name}")) if show_progress else None
+    spacings = config.get("train_spacings")
+    cases = build_seg_cases(config["data"], meta, targets, data_root, spacings=spacings, progress=say)
+    val_cases = build_seg_cases(config.get("validation", []), meta, targets, data_root)
+    load_s = time.perf_counter() - t_load
+    if not cases:
+        raise InputError("the training config lists no cases")
+
+    net = build_network(meta).to(dev)
+    if config.get("init_from"):
+        from .bundle import load_network
+
+        init = Path(config["init_from"])
+        net.load_state_dict(load_network(str(init) if init.exists() else config["init_from"], "cpu").state_dict())
+    if meta["network"].get("channels_last") and dev.type == "cpu":
+        net = net.to(memory_format=torch.channels_last_3d)
+    opt_name = config.get("optimizer", "adamw")
+    lr = float(config.get("lr", 1e-3))
+    sched = None
+    if opt_name == "ranger21":
+        from ranger21 import Ranger21
+
+        spe = int(config.get("steps_per_epoch", 50))
+        with contextlib.redirect_stdout(io.StringIO()):
+            opt = Ranger21(net.parameters(), lr=lr, num_epochs=max(1, math.ceil(total_steps / spe)),
+                           num_batches_per_epoch=spe, weight_decay=float(config.get("weight_decay", 1e-4)))
+    elif opt_name == "adamw":
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=float(config.get("weight_decay", 1e-4)))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
+                                                    pct_start=max(0.1, 2.5 / max(total_steps, 1)))
+    else:
+        raise InputError(f"unknown optimizer {opt_name!r} (ranger21 or adamw)")
+    region_loss = _region_loss_fn(config) if targets["kind"] == "regions" else None
+    n_classes = int(targets.get("n", 0))
+
+    start = 0
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=dev, weights_only=True)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        for k, v in ck.get("optimizer_scalars", {}).items():
+            setattr(opt, k, v)
+        if sched is not None and "scheduler" in ck:
+            sched.load_state_dict(ck["scheduler"])
+        start = int(ck["step"])
+    use_bf16 = dev.type == "cpu" and bool(config.get("cpu_bf16", True)) and cpu_supports_bf16()
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if use_bf16 else \
+        (lambda: torch.autocast("cuda", dtype=torch.float16)) if dev.type == "cuda" else \
+        (lambda: contextlib.nullcontext())
+    scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
+
+    new_log = not log_path.exists() or start == 0
+    target_names = targets["regions"] if targets["kind"] == "regions" else [f"class{k}" for k in range(1, n_classes)]
+    if new_log:
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerow(["step", "loss"] + [f"val_dice_{t}" for t in target_names] + ["seconds"])
+    val_every = int(config.get("val_every", 250))
+    ckpt_every = int(config.get("checkpoint_every", 100))
+    t0 = time.perf_counter()
+    losses: List[float] = []
+    last_val: List[float] = []
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not show_progress, desc="train")
+
+    def save_ckpt(step: int):
+        scalars = {k: v for k, v in vars(opt).items() if isinstance(v, (bool, int, float)) and not k.startswith("_")}
+        ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "optimizer_scalars": scalars}
+        if sched is not None:
+            ck["scheduler"] = sched.state_dict()
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(ck, tmp)
+        tmp.replace(ckpt_path)
+
+    net.train()
+    for step in bar:
+        rng = np.random.default_rng([seed, step])
+        xb, yb = sample_batch(cases, config, meta, rng)
+        x = torch.from_numpy(xb).to(dev)
+        y = torch.from_numpy(yb).to(dev)
+        with amp():
+            logits = net(x)
+        if region_loss is not None:
+            loss = region_loss(logits.float(), y.float())
+        else:
+            loss = _class_loss(logits, y.long(), n_classes)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            with contextlib.redirect_stdout(io.StringIO()):
+                opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(float(loss.detach()))
+        done = step + 1
+        if done % val_every == 0 or done == steps:
+            last_val = _validate(net, val_cases, meta, targets, dev) if val_cases else []
+            with open(log_path, "a", newline="") as f:
+                csv.writer(f).writerow([done, round(float(np.mean(losses[-val_every:])), 5)]
+                                       + [round(float(v), 4) for v in last_val] + [round(time.perf_counter() - t0, 1)])
+        if done % ckpt_every == 0 or done == steps:
+            save_ckpt(done)
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
+                        val=",".join(f"{v:.3f}" for v in last_val) if last_val else "-")
+    bar.close()
+    summary = {"run_dir": str(run_dir), "steps": steps, "cases": len(cases), "validation_cases": len(val_cases),
+               "load_seconds": round(load_s, 1), "train_seconds": round(time.perf_counter() - t0, 1),
+               "final_loss": round(float(np.mean(losses[-50:])), 4) if losses else None,
+               "validation_dice": dict(zip(target_names, [round(float(v), 4) for v in last_val]))}
+    if True:
+        meta.setdefault("training", {})
+        meta["training"] = {**meta["training"], "steps": total_steps, "seed": seed,
+                            "validation_dice_model_grid": summary["validation_dice"]}
+        state = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
+        b = save_bundle(Path(bundle_dir) if bundle_dir else run_dir / "bundle", meta, state)
+        summary["bundle"] = str(b.path)
+    return summary

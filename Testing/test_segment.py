@@ -1,0 +1,282 @@
+"""Automatic segmentation: inputs, alignment, TTA properties, the three bundles on real data, CLI and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SegmentationDeepEditLib.bundle import list_bundles, load_bundle
+from SegmentationDeepEditLib.cli import main
+from SegmentationDeepEditLib.errors import InputError
+from SegmentationDeepEditLib.geometry import grid_of, same_geometry
+from SegmentationDeepEditLib.imageio import read_image
+from SegmentationDeepEditLib.labels import region_mask
+from SegmentationDeepEditLib.metrics import dice
+from SegmentationDeepEditLib.segment import (align_inputs, check_inputs, d4_transforms, predict_volume,
+                                             segment_images)
+
+GLIOMA = "glioma-regions"
+LIVER = "liver-lesion"
+B2D = "brain-tumor-2d"
+
+
+def _has_smp() -> bool:
+    try:
+        import segmentation_models_pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _img(arr, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)):
+    im = sitk.GetImageFromArray(np.asarray(arr, np.float32))
+    im.SetSpacing(spacing)
+    im.SetOrigin(origin)
+    return im
+
+
+def _regions(meta_id="glioma-regions"):
+    return load_bundle(meta_id).meta
+
+
+# ---------------------------------------------------------------- inputs and alignment
+
+def test_inputs_by_name_missing_extra_optional():
+    meta = _regions(GLIOMA)
+    a = _img(np.ones((8, 8, 8)))
+    with pytest.raises(InputError, match="no input named 't1'"):
+        check_inputs(meta, {"t1c": a, "flair": a, "t1": a})
+    with pytest.raises(InputError, match="needs input\\(s\\) flair"):
+        check_inputs(meta, {"t1c": a})
+    imgs, warnings = check_inputs(meta, {"t1c": a, "flair": a})
+    assert imgs["t2"] is None and len(warnings) == 1 and "'t2' is missing" in warnings[0]
+    imgs, warnings = check_inputs(meta, {"t1c": a, "flair": a, "t2": a})
+    assert warnings == [] and imgs["t2"] is a
+
+
+def test_inputs_of_other_geometry_are_resampled_onto_the_reference():
+    ref = _img(np.zeros((20, 30, 40)), spacing=(1.0, 1.0, 1.0))
+    arr = np.zeros((10, 15, 20), np.float32)
+    arr[5, 7, 10] = 100
+    other = _img(arr, spacing=(2.0, 2.0, 2.0), origin=(0.5, 0.5, 0.5))
+    out = align_inputs({"t1c": ref, "flair": other}, "t1c")
+    assert same_geometry(out["flair"], ref)
+    a = sitk.GetArrayFromImage(out["flair"])
+    k, j, i = np.unravel_index(np.argmax(a), a.shape)
+    # voxel (i=10, j=7, k=5) of the 2 mm image is at 20.5, 14.5, 10.5 mm
+    assert abs(i - 20.5) <= 1 and abs(j - 14.5) <= 1 and abs(k - 10.5) <= 1
+
+
+def test_inputs_without_physical_overlap_are_refused_pointing_at_registration():
+    ref = _img(np.zeros((20, 20, 20)))
+    far = _img(np.zeros((20, 20, 20)), origin=(500.0, 0.0, 0.0))
+    with pytest.raises(InputError, match="not aligned; register") as e:
+        align_inputs({"t1c": ref, "flair": far}, "t1c", sources={"flair": "/data/flair.nii.gz"})
+    assert "flair.nii.gz" in str(e.value)
+
+
+# ---------------------------------------------------------------- TTA properties
+
+class _Pointwise(torch.nn.Module):
+    """A 1x1 convolution: equivariant to every flip and rotation (a 'symmetric' model)."""
+
+    def __init__(self, dims, cin, cout, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        conv = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
+        self.conv = conv(cin, cout, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class _Shifted(_Pointwise):
+    """Not symmetric: adds a horizontal ramp to the first class."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        ramp = torch.zeros_like(y)
+        ramp[:, 0] = torch.linspace(-3, 3, x.shape[-1], dtype=x.dtype)
+        return y + ramp
+
+
+def _meta2d():
+    return {"id": "t", "task": "segmentation", "output": {"activation": "softmax", "threshold": 0.5},
+            "network": {"class": "x", "args": {}}, "segmentation": {"dims": 2, "slice_batch": 5}}
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_d4_tta_levels_are_the_identity_for_a_symmetric_model(level):
+    x = np.random.default_rng(1).normal(size=(3, 7, 32, 24)).astype(np.float32)
+    net = _Pointwise(2, 3, 5).eval()
+    ref = predict_volume(net, x, _meta2d(), torch.device("cpu"), tta=0, bf16=False)
+    out = predict_volume(net, x, _meta2d(), torch.device("cpu"), tta=level, bf16=False)
+    assert out.shape == (5, 7, 32, 24)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_d4_tta_changes_a_model_that_is_not_symmetric():
+    x = np.random.default_rng(1).normal(size=(3, 4, 32, 32)).astype(np.float32)
+    net = _Shifted(2, 3, 5).eval()
+    ref = predict_volume(net, x, _meta2d(), torch.device("cpu"), tta=0, bf16=False)
+    out1 = predict_volume(net, x, _meta2d(), torch.device("cpu"), tta=1, bf16=False)
+    assert np.abs(out1 - ref).max() > 1e-2
+    out3 = predict_volume(net, x, _meta2d(), torch.device("cpu"), tta=3, bf16=False)
+    assert np.abs(out3 - ref).max() > 1e-2
+
+
+def test_d4_levels_have_the_documented_group_elements():
+    assert len(d4_transforms(0)) == 1 and len(d4_transforms(1)) == 2 and len(d4_transforms(2)) == 4
+    assert len(set(d4_transforms(3))) == 8
+    with pytest.raises(InputError):
+        d4_transforms(4)
+
+
+def test_3d_flip_tta_is_the_identity_for_a_symmetric_model():
+    meta = {"id": "t", "task": "segmentation", "output": {"activation": "sigmoid", "threshold": 0.5},
+            "network": {"class": "x", "args": {}}, "segmentation": {"dims": 3, "roi": [16, 16, 16], "overlap": 0.25}}
+    x = np.random.default_rng(2).normal(size=(2, 24, 20, 28)).astype(np.float32)
+    net = _Pointwise(3, 2, 3).eval()
+    a = predict_volume(net, x, meta, torch.device("cpu"), tta=0, bf16=False)
+    b = predict_volume(net, x, meta, torch.device("cpu"), tta=1, bf16=False)
+    assert a.shape == (3, 24, 20, 28)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_cancel_stops_before_anything_is_returned():
+    meta = {"id": "t", "task": "segmentation", "output": {"activation": "sigmoid", "threshold": 0.5},
+            "network": {"class": "x", "args": {}}, "segmentation": {"dims": 3, "roi": [16, 16, 16]}}
+    x = np.zeros((2, 40, 40, 40), np.float32)
+    from SegmentationDeepEditLib.segment import Cancelled
+
+    with pytest.raises(Cancelled):
+        predict_volume(_Pointwise(3, 2, 3).eval(), x, meta, torch.device("cpu"), cancel=lambda: True)
+
+
+# ---------------------------------------------------------------- the bundles on real data
+
+def test_the_three_automatic_bundles_are_installed_and_verified():
+    ids = {b.id for b in list_bundles() if b.task == "segmentation"}
+    assert {GLIOMA, LIVER, B2D} <= ids
+    for i in (GLIOMA, LIVER):
+        from SegmentationDeepEditLib.bundle import verify_bundle
+
+        info = verify_bundle(i)
+        assert info["weights_bytes"] < 10e6
+
+
+@pytest.mark.realdata
+def test_glioma_regions_on_held_out_real_case(shared_data):
+    d = shared_data / "brain-tumor" / "brats2013-pat0004"
+    t1c = read_image(d / "t1c.nii.gz")
+    r = segment_images(GLIOMA, {"t1c": t1c, "flair": read_image(d / "flair.nii.gz")}, tta=0, device="cpu")
+    assert same_geometry(r.label, t1c)
+    truth = read_image(d / "seg.nii.gz")
+    scores = {reg: dice(sitk.GetArrayViewFromImage(region_mask(r.label, "brats2017", reg)) > 0,
+                        sitk.GetArrayViewFromImage(region_mask(truth, "brats2013", reg)) > 0) for reg in ("WT", "TC")}
+    assert scores["WT"] >= 0.80 and scores["TC"] >= 0.60, scores
+    assert any("'t2' is missing" in w for w in r.warnings)
+    assert [x["name"] for x in r.regions] == ["ET", "TC", "WT"]
+
+
+@pytest.mark.realdata
+def test_liver_fast_mode_on_held_out_real_ct(shared_data):
+    d = shared_data / "abdomen-ct" / "totalseg-example"
+    ct = read_image(d / "ct.nii.gz")
+    r = segment_images(LIVER, {"ct": ct}, fast=True, device="cpu")
+    assert same_geometry(r.label, ct) and r.fast
+    truth = sitk.GetArrayViewFromImage(read_image(d / "liver.nii.gz")) > 0
+    pred = np.isin(sitk.GetArrayViewFromImage(r.label), [1, 2])
+    assert dice(pred, truth) >= 0.70
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not _has_smp(), reason="segmentation-models-pytorch is not installed (pip install '.[2d]')")
+def test_brain_tumor_2d_on_held_out_real_case_with_tta(shared_data):
+    d = shared_data / "brain-tumor" / "brats2013-pat0004"
+    t1c = read_image(d / "t1c.nii.gz")
+    truth = sitk.GetArrayViewFromImage(region_mask(read_image(d / "seg.nii.gz"), "brats2013", "WT")) > 0
+    out = {}
+    for level in (0, 1):
+        r = segment_images(B2D, {"t1c": t1c, "flair": read_image(d / "flair.nii.gz")}, tta=level, device="cpu")
+        assert same_geometry(r.label, t1c)
+        out[level] = dice(np.isin(sitk.GetArrayViewFromImage(r.label), [1, 2, 3, 4]), truth)
+    assert min(out.values()) >= 0.75, out
+
+
+# ---------------------------------------------------------------- command line
+
+def _synthetic_brain(tmp_path: Path, seed=3):
+    from SegmentationDeepEditLib.synthetic import make_brain_case
+
+    c = make_brain_case(seed, spacing=1.5, oblique=False, thick_slices=False, orientation="axial")
+    paths = {}
+    for k in ("t1c", "t2", "flair"):
+        paths[k] = tmp_path / f"{k}.nii.gz"
+        sitk.WriteImage(c.images[k], str(paths[k]))
+    return c, paths
+
+
+def test_cli_segment_writes_layered_regions_in_seg_nrrd(tmp_path, capsys):
+    import slicerio
+
+    c, paths = _synthetic_brain(tmp_path)
+    out = tmp_path / "seg.seg.nrrd"
+    code = main(["segment", "--model", GLIOMA, "--no-tta", "-o", str(out)] + sum((["--input", f"{k}={v}"] for k, v in paths.items()), []))
+    assert code == 0, capsys.readouterr().err
+    seg = slicerio.read_segmentation(str(out))
+    assert [s["name"] for s in seg["segments"]] == ["ET", "TC", "WT"]
+    assert seg["voxels"].ndim == 4  # one layer per overlapping region
+    wt = seg["voxels"][2] > 0
+    tc = seg["voxels"][1] > 0
+    assert wt.any() and not (tc & ~wt).any()  # TC inside WT
+    nii = tmp_path / "seg.nii.gz"
+    assert main(["segment", "--model", GLIOMA, "--tta", "0", "-o", str(nii)] + sum((["--input", f"{k}={v}"] for k, v in paths.items()), [])) == 0
+    lab = read_image(nii)
+    assert same_geometry(lab, read_image(paths["t1c"]))
+    assert set(np.unique(sitk.GetArrayViewFromImage(lab))) <= {0, 1, 2, 4}
+    truth = sitk.GetArrayViewFromImage(c.label) > 0
+    assert dice(sitk.GetArrayViewFromImage(lab) > 0, truth) > 0.5
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--input", "t1c={t1c}", "--input", "flair={flair}", "--input", "dwi={t2}"], "no input named 'dwi'"),
+    (["--input", "t1c={t1c}"], "needs input(s) flair"),
+    (["--input", "t1c={t1c}", "--input", "flair={far}"], "not aligned; register"),
+    (["--input", "t1c={t1c}", "--input", "flair={rgb}"], "rgb.nrrd"),
+    (["--input", "t1c={t1c}", "--input", "t1c={flair}"], "given twice"),
+    (["--input", "t1c"], "not NAME=PATH"),
+])
+def test_cli_segment_bad_inputs_exit_1_and_write_nothing(tmp_path, capsys, argv, needle):
+    c, paths = _synthetic_brain(tmp_path)
+    far = sitk.Image(c.images["flair"])
+    far.SetOrigin(tuple(np.array(far.GetOrigin()) + 900.0))
+    sitk.WriteImage(far, str(tmp_path / "far.nii.gz"))
+    rgb = sitk.Compose([c.images["flair"]] * 3)
+    sitk.WriteImage(rgb, str(tmp_path / "rgb.nrrd"))
+    names = {"t1c": paths["t1c"], "flair": paths["flair"], "t2": paths["t2"], "far": tmp_path / "far.nii.gz",
+             "rgb": tmp_path / "rgb.nrrd"}
+    out = tmp_path / "out.seg.nrrd"
+    code = main(["segment", "--model", GLIOMA, "-o", str(out)] + [a.format(**names) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 1 and needle in err and "Traceback" not in err, err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["t1c.nii.gz", "t2.nii.gz", "flair.nii.gz", "far.nii.gz", "rgb.nrrd"])
+
+
+def test_cli_segment_refuses_annotation_model_and_fast_without_fast_mode(tmp_path, capsys):
+    _, paths = _synthetic_brain(tmp_path)
+    out = tmp_path / "o.nii.gz"
+    assert main(["segment", "--model", "deepedit-extreme-points", "--input", f"image={paths['t1c']}", "-o", str(out)]) == 1
+    assert "annotation model" in capsys.readouterr().err
+    assert main(["segment", "--model", GLIOMA, "--fast", "--input", f"t1c={paths['t1c']}", "--input",
+                 f"flair={paths['flair']}", "-o", str(out)]) == 1
+    assert "no fast mode" in capsys.readouterr().err and not out.exists()

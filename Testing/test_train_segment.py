@@ -1,0 +1,102 @@
+"""Training of automatic models: loss goes down, checkpoints resume exactly, partial labels, presets load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from SegmentationDeepEditLib import train_segment as T
+from SegmentationDeepEditLib.bundle import build_network, load_bundle, load_network
+from SegmentationDeepEditLib.errors import InputError
+from SegmentationDeepEditLib.labels import CONVENTIONS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(steps=30):
+    meta = json.loads((REPO / "Resources" / "Training" / "glioma-regions.json").read_text())["bundle"]
+    meta["network"]["args"].update(channels=[4, 8, 16], strides=[2, 2], num_res_units=0)
+    meta["spacing_mm"] = [3.0, 3.0, 3.0]
+    meta["segmentation"]["roi"] = [32, 32, 32]
+    return {"task": "segmentation", "seed": 3, "steps": steps, "batch_size": 2, "patch": [32, 32, 32],
+            "optimizer": "adamw", "lr": 0.01, "loss": "dice_focal", "val_every": 10, "checkpoint_every": 10,
+            "cpu_bf16": False, "augment": {"flip_axes": [0, 1, 2], "drop_inputs": {"t2": 0.3}},
+            "targets": {"kind": "regions", "regions": ["ET", "TC", "WT"]},
+            "data": [{"synthetic": "brain", "cases": 1, "seed": 11, "options": {"spacing": 2.0, "oblique": False}}],
+            "validation": [{"synthetic": "brain", "cases": 1, "seed": 11, "options": {"spacing": 2.0, "oblique": False}}],
+            "bundle": meta}
+
+
+def test_short_run_lowers_the_loss_writes_a_bundle_and_resumes_exactly(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    a = T.train_segmentation(_config(), tmp_path / "a", data_root=tmp_path, device="cpu", show_progress=False)
+    log = (tmp_path / "a" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss,val_dice_ET,val_dice_TC,val_dice_WT")
+    losses = [float(r.split(",")[1]) for r in log[1:]]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert a["validation_dice"]["WT"] > 0.0
+    b = load_bundle(tmp_path / "a" / "bundle")
+    net = load_network(b)  # weights hash checked, network rebuilt from metadata
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in build_network(b.meta).parameters())
+
+    # the same run interrupted after its step-20 checkpoint, then resumed: identical weights
+    real = T.sample_batch
+    calls = {"n": 0}
+
+    def crash(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(T, "sample_batch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_segmentation(_config(), tmp_path / "b", data_root=tmp_path, device="cpu", show_progress=False)
+    monkeypatch.setattr(T, "sample_batch", real)
+    with pytest.raises(InputError, match="--resume"):
+        T.train_segmentation(_config(), tmp_path / "b", data_root=tmp_path, device="cpu", show_progress=False)
+    T.train_segmentation(_config(), tmp_path / "b", data_root=tmp_path, device="cpu", resume=True, show_progress=False)
+    wa = load_network(load_bundle(tmp_path / "a" / "bundle")).state_dict()
+    wb = load_network(load_bundle(tmp_path / "b" / "bundle")).state_dict()
+    for k in wa:
+        np.testing.assert_allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-5, err_msg=k)
+
+
+def test_partial_labels_allow_any_of_their_classes():
+    # BraTS 2017 "necrotic/non-enhancing core" (1) may be necrosis (1) or non-enhancing tumour (3)
+    targets = {"kind": "classes", "n": 5, "class_sets": {"brats2017": {"1": [1, 3], "2": [2], "4": [4]}}}
+    y = T.targets_for(np.array([[[0, 1, 2, 4]]]), "brats2017", targets)
+    assert y.tolist() == [[[1, (1 << 1) | (1 << 3), 1 << 2, 1 << 4]]]
+    logits = torch.zeros(1, 5, 1, 1, 4)
+    # confident necrosis or confident non-enhancing at the core voxel: the same (low) loss
+    l1, l3 = logits.clone(), logits.clone()
+    l1[0, 1, 0, 0, 1] = 8
+    l3[0, 3, 0, 0, 1] = 8
+    yt = torch.from_numpy(y)[None].long()  # [batch, k, j, i]
+    a = float(T._class_loss(l1, yt, 5))
+    b = float(T._class_loss(l3, yt, 5))
+    assert abs(a - b) < 1e-4
+    l2 = logits.clone()
+    l2[0, 2, 0, 0, 1] = 8  # edema at the core voxel is wrong
+    assert float(T._class_loss(l2, yt, 5)) > a + 0.5
+    with pytest.raises(InputError, match="no entry for label convention"):
+        T.targets_for(np.zeros((1, 1, 1)), "brats2013", targets)
+
+
+@pytest.mark.parametrize("name", ["glioma-regions", "glioma-regions-finetune", "liver-lesion", "brain-tumor-2d",
+                                  "liver-lesion-ahnet-recipe"])
+def test_presets_build_their_networks_and_name_known_conventions(name):
+    cfg = json.loads((REPO / "Resources" / "Training" / f"{name}.json").read_text())
+    assert cfg["task"] == "segmentation"
+    if cfg["bundle"]["network"]["class"].startswith("smp."):
+        pytest.importorskip("segmentation_models_pytorch", reason="the 2D preset needs the '2d' extra")
+    net = build_network(cfg["bundle"])
+    assert sum(p.numel() for p in net.parameters()) > 1000
+    assert cfg["bundle"]["segmentation"]["output_convention"] in CONVENTIONS
+    for src in cfg["data"] + cfg.get("validation", []):
+        if "convention" in src and cfg["targets"]["kind"] == "classes":
+            assert src["convention"] in cfg["targets"]["class_sets"]

@@ -1,0 +1,91 @@
+"""Seconds and peak memory of the automatic models on one real case each, on this CPU.
+
+For every (model, setting) a fresh process runs `deepedit segment` end to end (read, resample,
+inference, write), so the peak resident memory (ru_maxrss of the child) and the wall time include
+everything a user waits for; the time of `segment_images` alone is printed too.
+
+Cases (../shared/data, or $DEEPEDIT_SHARED_DATA):
+- glioma-regions: brats2013-pat0004 t1c + flair (240x240x155, 1 mm; no T2), TTA 0 and 1 (flips);
+- brain-tumor-2d: the same case (155 axial slices), TTA 0, 1, 2, 3;
+- liver-lesion: TotalSegmentator example CT (122x101x30, 3 mm), full and --fast, and the
+  112-slice ct-full as a larger volume.
+Targets (issue 4): glioma under 30 s with TTA; liver fast under 60 s; 2D with TTA3 under 30 s.
+Run: `python benchmarks/segment.py [--repeats N]` (median over N runs per setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _settings(data: Path):
+    brats = data / "brain-tumor" / "brats2013-pat0004"
+    ct = data / "abdomen-ct" / "totalseg-example"
+    brain = [f"t1c={brats / 't1c.nii.gz'}", f"flair={brats / 'flair.nii.gz'}"]
+    for tta in (0, 1):
+        yield "glioma-regions", f"tta {tta}", brain, ["--tta", str(tta)]
+    for tta in (0, 1, 2, 3):
+        yield "brain-tumor-2d", f"tta {tta}", brain, ["--tta", str(tta)]
+    for name in ("ct", "ct-full"):
+        for fast in (True, False):
+            yield "liver-lesion", f"{name} {'fast' if fast else 'full'}", [f"ct={ct / (name + '.nii.gz')}"], \
+                (["--fast"] if fast else [])
+
+
+_WRAP = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+         "sys.stderr.write(p.stderr); print(p.stdout.strip()); "
+         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
+
+
+def _run(model, inputs, extra, out_dir: Path):
+    """One `deepedit segment` in a fresh process (inside a wrapper that reports that process's peak RSS)."""
+    out = out_dir / f"{model}.nii.gz"
+    cmd = [sys.executable, "-m", "SegmentationDeepEditLib.cli", "segment", "--model", model, "-o", str(out),
+           "--overwrite", "--json", "--device", "cpu"] + sum((["--input", i] for i in inputs), []) + list(extra)
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", _WRAP] + cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr}")
+    lines = p.stdout.strip().splitlines()
+    res = json.loads("\n".join(lines[:-1]))
+    return wall, res["seconds"]["total"], int(lines[-1]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--models", default="glioma-regions,brain-tumor-2d,liver-lesion")
+    args = ap.parse_args()
+    data = Path(os.environ.get("DEEPEDIT_SHARED_DATA") or REPO.parent / "shared" / "data")
+    if not (data / "brain-tumor").is_dir():
+        raise SystemExit(f"real data not found at {data}: the segmentation benchmark needs it")
+    wanted = args.models.split(",")
+    print(f"torch threads: {os.cpu_count()} cores on this machine")
+    print(f"{'model':16s} {'setting':16s} {'wall s':>8s} {'pipeline s':>10s} {'peak RSS MB':>12s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, setting, inputs, extra in _settings(data):
+            if model not in wanted:
+                continue
+            walls, pipes, peaks = [], [], []
+            for _ in range(args.repeats):
+                w, sec, peak = _run(model, inputs, extra, Path(tmp))
+                walls.append(w)
+                pipes.append(sec)
+                peaks.append(peak)
+            print(f"{model:16s} {setting:16s} {statistics.median(walls):8.1f} {statistics.median(pipes):10.1f} "
+                  f"{max(peaks):12.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
