@@ -248,6 +248,13 @@ def test_bad_studies_are_recorded_and_do_not_stop_the_run(inputs, tmp_path):
     lab = read_image(out / "repeat" / "segmentation.nii.gz")
     assert lab.GetSize() == read_image(out / "repeat" / "registered" / "t1c.nii.gz").GetSize()
     assert "Bright on T2=" in summary["repeat"]["volumes_ml"]
+    # DICOM in, DICOM SEG out, on the reference series, one segment per label value
+    import pydicom
+
+    assert "segmentation.dcm" in seg_report["files"]
+    dseg = pydicom.dcmread(out / "repeat" / "segmentation.dcm")
+    assert dseg.Modality == "SEG" and [s.SegmentLabel for s in dseg.SegmentSequence] == ["Bright on T2", "Bright on T1c"]
+    assert "PatientName" in dseg and str(dseg.PatientName) not in json.dumps(report)
     # "nothing done": only failing studies
     only_bad = tmp_path / "only-bad"
     shutil.copytree(inputs["edge"] / "no-t1c", only_bad / "no-t1c")

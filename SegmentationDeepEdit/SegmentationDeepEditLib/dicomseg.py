@@ -50,6 +50,12 @@ def sorted_source_datasets(files: Sequence[PathLike]):
         if not np.allclose(np.asarray(ds.ImageOrientationPatient, float), np.asarray(iop0, float), atol=1e-4):
             raise InputError("the DICOM source images differ in orientation", f)
         ds.ImageOrientationPatient = iop0
+    # type-2 attributes highdicom copies from the source: present (empty) when a writer omitted them
+    for _, _, ds in items:
+        for key in ("StudyID", "AccessionNumber", "StudyDate", "StudyTime", "ReferringPhysicianName", "PatientName",
+                    "PatientID", "PatientBirthDate", "PatientSex"):
+            if key not in ds:
+                setattr(ds, key, "")
     return [t[2] for t in items], [t[1] for t in items]
 
 

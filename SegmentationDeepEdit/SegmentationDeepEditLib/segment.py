@@ -186,7 +186,15 @@ def model_grid(meta: dict, reference: sitk.Image, *, fast: bool = False) -> Grid
     arr = sitk.GetArrayViewFromImage(reference)
     crop = seg.get("crop", {"kind": "none"})
     if crop["kind"] == "nonzero":
-        fg = arr != 0
+        # the background of a skull-stripped image: 0, or the constant every corner shares
+        # (a volume z-scored as a whole has a non-zero constant background)
+        # (a volume z-scored as a whole has a non-zero constant background), with
+        # ``"background": "corners"``; else 0 (what the 3D bundles were trained with)
+        background = 0.0
+        if crop.get("background") == "corners":
+            corners = {float(arr[k, j, i]) for k in (0, -1) for j in (0, -1) for i in (0, -1)}
+            background = corners.pop() if len(corners) == 1 else 0.0
+        fg = arr != background
     elif crop["kind"] == "threshold":
         fg = arr > float(crop["value"])
     else:
@@ -200,8 +208,17 @@ def model_grid(meta: dict, reference: sitk.Image, *, fast: bool = False) -> Grid
         hi = np.array(reference.GetSize(), float) - 1
     box = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
     pts = index_to_physical(reference, box)
-    return bounding_box_grid(pts, spacing, margin_vox=int(seg.get("margin_vox", 4)), max_size=None,
+    grid = bounding_box_grid(pts, spacing, margin_vox=int(seg.get("margin_vox", 4)), max_size=None,
                              multiple=int(meta.get("divisible_by", 16)))
+    if int(seg.get("dims", 3)) == 2:
+        # slice-wise models need the multiple in-plane only: no padded slices along k
+        margin = int(seg.get("margin_vox", 4))
+        sz = float(grid.spacing[2])
+        lo_z, hi_z = float(pts[:, 2].min()), float(pts[:, 2].max())
+        nk = int(np.ceil((hi_z - lo_z) / sz - 1e-6)) + 1 + 2 * margin
+        oz = (lo_z + hi_z) / 2 - (nk - 1) / 2 * sz
+        grid = Grid((grid.size[0], grid.size[1], nk), grid.spacing, (grid.origin[0], grid.origin[1], oz), grid.direction)
+    return grid
 
 
 def _normalise(arr: np.ndarray, inside: np.ndarray, spec: dict) -> np.ndarray:

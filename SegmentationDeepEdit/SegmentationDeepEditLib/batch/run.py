@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
+import warnings as pywarnings
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -340,8 +340,8 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
                 # DICOM in, DICOM out: a DICOM SEG on the reference series' own grid
                 from ..dicomseg import write_dicom_seg
 
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # highdicom's remarks on the source's patient name format
+                with pywarnings.catch_warnings():
+                    pywarnings.simplefilter("ignore")  # highdicom's remarks on the source's patient name format
                     write_dicom_seg(label, segments, ref_series.files, tmp / "segmentation.dcm",
                                     model_id=str(out.model_id), model_version=str(out.model_version))
                 seg_files.append("segmentation.dcm")
