@@ -11,7 +11,8 @@ Pipeline (the same :func:`prepare_volume` feeds training, so train and inference
    skull-stripped MRI, or voxels above a threshold such as the body in CT), sized to a
    multiple of ``divisible_by``;
 3. each input resampled onto the model grid and normalised (z-score over its foreground, or a
-   CT window to [0, 1]);
+   CT window to [0, 1]); outside the image: zeros, or (``"outside": "replicate"``) the image's
+   edge voxels continued, so that a field of view cutting through an organ does not look like air;
 4. the network: 3D sliding windows of ``roi`` voxels (bounded memory) or 2D slices of the
    model grid's axial axis, averaged over test-time augmentations (3D: flips along each axis;
    2D: the dihedral group D4 in three levels), sigmoid (overlapping regions) or softmax
@@ -243,6 +244,17 @@ def prepare_volume(meta: dict, images: Mapping[str, Optional[sitk.Image]], grid:
         img = images.get(spec["name"])
         if img is None:
             chans.append(np.zeros(grid.size[::-1], np.float32))
+            continue
+        if spec.get("outside") == "replicate":
+            # beyond the image's edges, continue its edge voxels: a field of view that cuts
+            # through the anatomy (a CT ending inside the liver) must not look like air
+            f = sitk.ResampleImageFilter()
+            f.SetReferenceImage(grid.reference_image())
+            f.SetInterpolator(sitk.sitkLinear)
+            f.SetUseNearestNeighborExtrapolator(True)
+            f.SetOutputPixelType(sitk.sitkFloat32)
+            a = sitk.GetArrayFromImage(f.Execute(sitk.Cast(img, sitk.sitkFloat32)))
+            chans.append(_normalise(a, np.ones(a.shape, bool), spec))
             continue
         a = sitk.GetArrayFromImage(resample_to_grid(sitk.Cast(img, sitk.sitkFloat32), grid, default=np.nan))
         inside = np.isfinite(a)
