@@ -26,7 +26,8 @@ import SimpleITK as sitk
 from .bundle import Bundle, get_network, load_bundle
 from .device import pick_device, run_with_fallback
 from .errors import InputError
-from .geometry import Grid, bounding_box_grid, corners_lps, grid_of, image_on_grid, physical_to_index, resample_to_grid
+from .geometry import (Grid, bounding_box_grid, grid_of, image_on_grid, index_box_covering, physical_to_index,
+                       resample_to_grid)
 from .heatmap import gaussian_heatmap
 from .points import validate_extreme_points
 
@@ -196,14 +197,6 @@ def keep_enclosed_component(mask: np.ndarray, lower: np.ndarray, upper: np.ndarr
     return (labels == keep).astype(np.uint8)
 
 
-def _grid_box_on_image(image_grid: Grid, model_grid: Grid) -> tuple:
-    """Index box [lo, hi) of the image grid covering the model grid's corners (clipped)."""
-    idx = physical_to_index(image_grid, corners_lps(model_grid))
-    lo = np.clip(np.floor(idx.min(axis=0)).astype(int) - 1, 0, np.asarray(image_grid.size))
-    hi = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 2, 0, np.asarray(image_grid.size))
-    return lo, hi
-
-
 def annotate(
     images: Union[sitk.Image, Sequence[sitk.Image]],
     points_lps: np.ndarray,
@@ -259,7 +252,7 @@ def annotate(
     t2 = time.perf_counter()
     report("postprocess", 0.8)
     ref_grid = grid_of(ref)
-    lo, hi = _grid_box_on_image(ref_grid, mi.grid)
+    lo, hi = index_box_covering(ref_grid, mi.grid)
     warnings: List[str] = []
     full = np.zeros(ref_grid.size[::-1], np.uint8)
     if np.all(hi > lo):

@@ -133,6 +133,29 @@ def _click(pred: np.ndarray, truth: np.ndarray, truth_img: sitk.Image):
     return c[0] + lo, c[1]
 
 
+def _stats(values, digits: int) -> dict:
+    """n, mean, std, 25th and 75th percentile of ``values``, rounded to ``digits``."""
+    a = np.asarray(list(values), float)
+    return {"n": len(a), "mean": round(float(a.mean()), digits), "std": round(float(a.std()), digits),
+            "p25": round(float(np.percentile(a, 25)), digits), "p75": round(float(np.percentile(a, 75)), digits)}
+
+
+def _write_tables(rows: List[dict], row_fields: List[str], summary: List[dict], out_dir: Path) -> None:
+    """per_case.csv, summary.csv and summary.json into ``out_dir`` (created), each written atomically."""
+    from .imageio import atomic_output
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data, cols in (("per_case.csv", rows, row_fields), ("summary.csv", summary, list(summary[0]))):
+        with atomic_output(out_dir / name, overwrite=True) as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(data)
+    with atomic_output(out_dir / "summary.json", overwrite=True) as tmp:
+        Path(tmp).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
+
+
 def summarise(rows: List[dict]) -> List[dict]:
     """Mean, std, 25th and 75th percentile of Dice per region and click count.
 
@@ -156,14 +179,9 @@ def summarise(rows: List[dict]) -> List[dict]:
                         v = last[(case, reg, kk)]
                         break
                 vals.append(v)
-            a = np.asarray(vals, float)
-            out.append({"region": region, "clicks": k, "n": len(a), "mean": round(float(a.mean()), 4),
-                        "std": round(float(a.std()), 4), "p25": round(float(np.percentile(a, 25)), 4),
-                        "p75": round(float(np.percentile(a, 75)), 4)})
+            out.append({"region": region, "clicks": k, **_stats(vals, 4)})
     secs = [r["seconds"] for r in rows if r["clicks"] == 0]
-    out.append({"region": "(seconds per annotation)", "clicks": 0, "n": len(secs), "mean": round(float(np.mean(secs)), 3),
-                "std": round(float(np.std(secs)), 3), "p25": round(float(np.percentile(secs, 25)), 3),
-                "p75": round(float(np.percentile(secs, 75)), 3)})
+    out.append({"region": "(seconds per annotation)", "clicks": 0, **_stats(secs, 3)})
     return out
 
 
@@ -178,20 +196,8 @@ def format_table(summary: List[dict]) -> str:
 
 def write_results(rows: List[dict], out_dir: Path) -> List[dict]:
     """Write per_case.csv, summary.csv and summary.json into a new folder; returns the summary."""
-    from .imageio import atomic_output
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
-    fields = ["case", "region", "clicks", "dice", "seconds", "case_seconds", "note"]
-    for name, data, cols in (("per_case.csv", rows, fields), ("summary.csv", summary, list(summary[0]))):
-        with atomic_output(out_dir / name, overwrite=True) as tmp:
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-                w.writeheader()
-                w.writerows(data)
-    with atomic_output(out_dir / "summary.json", overwrite=True) as tmp:
-        Path(tmp).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
+    _write_tables(rows, ["case", "region", "clicks", "dice", "seconds", "case_seconds", "note"], summary, out_dir)
     return summary
 
 
@@ -286,17 +292,11 @@ def summarise_automatic(rows: List[dict]) -> List[dict]:
     out = []
     for setting in sorted({r["setting"] for r in rows}):
         for region in sorted({r["region"] for r in rows}):
-            a = np.asarray([r["dice"] for r in rows if r["setting"] == setting and r["region"] == region], float)
-            if not len(a):
-                continue
-            out.append({"region": region, "setting": setting, "n": len(a), "mean": round(float(a.mean()), 4),
-                        "std": round(float(a.std()), 4), "p25": round(float(np.percentile(a, 25)), 4),
-                        "p75": round(float(np.percentile(a, 75)), 4)})
-        secs = np.asarray(sorted({(r["case"], r["seconds"]) for r in rows if r["setting"] == setting}), dtype=object)
-        s = np.asarray([x[1] for x in secs], float)
-        out.append({"region": "(seconds per case)", "setting": setting, "n": len(s), "mean": round(float(s.mean()), 2),
-                    "std": round(float(s.std()), 2), "p25": round(float(np.percentile(s, 25)), 2),
-                    "p75": round(float(np.percentile(s, 75)), 2)})
+            vals = [r["dice"] for r in rows if r["setting"] == setting and r["region"] == region]
+            if vals:
+                out.append({"region": region, "setting": setting, **_stats(vals, 4)})
+        per_case = {r["case"]: r["seconds"] for r in rows if r["setting"] == setting}  # one time per case run
+        out.append({"region": "(seconds per case)", "setting": setting, **_stats(per_case.values(), 2)})
     return out
 
 
@@ -312,18 +312,6 @@ def format_auto_table(summary: List[dict]) -> str:
 
 def write_auto_results(rows: List[dict], out_dir: Path) -> List[dict]:
     """Write per_case.csv, summary.csv and summary.json for an automatic model; returns the summary."""
-    from .imageio import atomic_output
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise_automatic(rows)
-    for name, data, cols in (("per_case.csv", rows, ["case", "region", "setting", "dice", "seconds", "note"]),
-                             ("summary.csv", summary, list(summary[0]))):
-        with atomic_output(out_dir / name, overwrite=True) as tmp:
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-                w.writeheader()
-                w.writerows(data)
-    with atomic_output(out_dir / "summary.json", overwrite=True) as tmp:
-        Path(tmp).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
+    _write_tables(rows, ["case", "region", "setting", "dice", "seconds", "note"], summary, out_dir)
     return summary

@@ -29,6 +29,7 @@ __all__ = [
     "uncrop",
     "same_geometry",
     "bounding_box_grid",
+    "index_box_covering",
     "reorient_axes",
 ]
 
@@ -228,6 +229,15 @@ def bounding_box_grid(
         size = cap.astype(int)
     origin = centre - (size - 1) / 2 * spacing
     return Grid(tuple(int(s) for s in size), tuple(float(s) for s in spacing), tuple(float(o) for o in origin))
+
+
+def index_box_covering(image_grid: "Grid", grid: "Grid") -> tuple:
+    """Index box [lo, hi) of ``image_grid`` that covers ``grid``'s corners, one voxel wider on each
+    side and clipped to the image (where a model grid's output is pasted back)."""
+    idx = physical_to_index(image_grid, corners_lps(grid))
+    lo = np.clip(np.floor(idx.min(axis=0)).astype(int) - 1, 0, np.asarray(image_grid.size))
+    hi = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 2, 0, np.asarray(image_grid.size))
+    return lo, hi
 
 
 def reorient_axes(image: sitk.Image, perm: Sequence[int], flips: Sequence[bool]) -> sitk.Image:

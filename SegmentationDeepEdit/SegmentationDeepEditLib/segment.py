@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,7 +36,8 @@ import SimpleITK as sitk
 from .bundle import Bundle, get_network, load_bundle
 from .device import cpu_supports_bf16, pick_device, run_with_fallback
 from .errors import InputError
-from .geometry import Grid, bounding_box_grid, corners_lps, grid_of, image_on_grid, index_to_physical, resample_to_grid
+from .geometry import (Grid, bounding_box_grid, corners_lps, grid_of, image_on_grid, index_box_covering,
+                       index_to_physical, resample_to_grid)
 
 __all__ = ["SegmentResult", "Cancelled", "check_inputs", "align_inputs", "model_grid", "prepare_volume",
            "d4_transforms", "TTA_LEVELS_2D", "predict_volume", "probabilities_to_label", "segment_images",
@@ -407,7 +408,7 @@ def _postprocess(meta: dict, probs: np.ndarray, mgrid: Grid, ref: sitk.Image) ->
     seg = _seg(meta)
     ref_grid = grid_of(ref)
     shape = ref_grid.size[::-1]
-    lo_idx, hi_idx = _box_on(ref_grid, mgrid)
+    lo_idx, hi_idx = index_box_covering(ref_grid, mgrid)
     out = np.zeros(shape, np.uint8)
     if not np.all(hi_idx > lo_idx):
         return out
@@ -435,15 +436,6 @@ def _postprocess(meta: dict, probs: np.ndarray, mgrid: Grid, ref: sitk.Image) ->
         part = values[arg]
     out[lo_idx[2]:hi_idx[2], lo_idx[1]:hi_idx[1], lo_idx[0]:hi_idx[0]] = part
     return out
-
-
-def _box_on(image_grid: Grid, mgrid: Grid):
-    from .geometry import physical_to_index
-
-    idx = physical_to_index(image_grid, corners_lps(mgrid))
-    lo = np.clip(np.floor(idx.min(axis=0)).astype(int), 0, np.asarray(image_grid.size))
-    hi = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 1, 0, np.asarray(image_grid.size))
-    return lo, hi
 
 
 def segment_images(
