@@ -17,9 +17,11 @@ from ``slicer.util.arrayFromVolume`` and from ``SimpleITK.GetArrayFromImage`` ar
 import importlib.util
 import logging
 import os
+import pathlib
 import sys
 from typing import Annotated, Dict, List, Optional, Sequence
 
+import ctk
 import numpy as np
 import qt
 import vtk
@@ -29,7 +31,7 @@ from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
 from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
@@ -55,6 +57,7 @@ AUTO_UPDATE_DELAY_MS = 300  # wait this long after the last point move before re
 WORKER_POLL_MS = 40  # how often the worker's messages are read while it works
 WORKER_MODULE = "SegmentationDeepEditLib.worker"
 REQUEST_TIMEOUT_S = 600  # blocking calls (self-test, scripts) give up after this long
+BATCH_POLL_MS = 500  # how often the batch worker's messages are read (and the study table refreshed)
 SEGMENT_EDITOR_SINGLETON_TAG = "SegmentationDeepEdit"
 DEMO_SAMPLE_NAME = "DeepEditSyntheticGlioma"
 
@@ -166,6 +169,8 @@ class SegmentationDeepEditParameterNode:
     tta - average the prediction over flips (slower, slightly smoother).
     autoUpdate - run when the sixth point is placed and whenever a point is moved or added.
     autoModelId, autoOutputSegmentation, autoDevice, autoTta, autoFast - the Auto-segment tab.
+    batchInputDir, batchOutputDir, batchModelId ("" = default brain model, "none" = register only),
+    batchWorkers, batchResume - the Batch tab (the settings of ``deepedit batch``).
     (The extra input volumes of multi-input models are node references of the parameter node,
     roles "annotateInput.<name>" and "autoInput.<name>".)
     """
@@ -185,6 +190,11 @@ class SegmentationDeepEditParameterNode:
     autoDevice: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     autoTta: bool = False
     autoFast: bool = False
+    batchInputDir: pathlib.Path
+    batchOutputDir: pathlib.Path
+    batchModelId: str = ""
+    batchWorkers: Annotated[int, WithinRange(1, 64)] = 1
+    batchResume: bool = False
 
 
 #
@@ -213,6 +223,10 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._inputSelectors = {"annotate": {}, "auto": {}}  # tab -> input name -> qMRMLNodeComboBox
         self._inputWidgets = {"annotate": None, "auto": None}
         self.segmentEditorWidget = None
+        self._batchTimer = None
+        self._batchPending = {}  # request id -> {"kind": "plan" or "run", "outputDir"}
+        self._batchPlans = []  # the last plans found (rows of the study table before a run)
+        self._batchOutputDir = None  # output folder of the run shown in the table
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -241,6 +255,19 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.loadDemoButton.connect("clicked(bool)", self.onLoadDemoButton)
 
+        # Batch tab: the same run as "deepedit batch", in a worker process of its own
+        for pathEdit in (self.ui.batchInputPathLineEdit, self.ui.batchOutputPathLineEdit):
+            pathEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.batchProgressBar.setVisible(False)
+        self.ui.batchModelComboBox.connect("currentIndexChanged(int)", self.onBatchModelSelected)
+        self.ui.batchFindButton.connect("clicked(bool)", self.onBatchFindButton)
+        self.ui.batchRunButton.connect("clicked(bool)", self.onBatchRunButton)
+        self.ui.batchCancelButton.connect("clicked(bool)", self.onBatchCancelButton)
+        self.ui.batchLoadButton.connect("clicked(bool)", self.onBatchLoadButton)
+        self._batchTimer = qt.QTimer()
+        self._batchTimer.setInterval(BATCH_POLL_MS)
+        self._batchTimer.connect("timeout()", self.onPollBatch)
+
         # One single-shot timer: every point event restarts it, so a drag runs once it pauses
         self._autoUpdateTimer = qt.QTimer()
         self._autoUpdateTimer.setSingleShot(True)
@@ -267,7 +294,7 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        for timer in (self._autoUpdateTimer, self._pollTimer):
+        for timer in (self._autoUpdateTimer, self._pollTimer, self._batchTimer):
             if timer:
                 timer.stop()
         if self.segmentEditorWidget:
@@ -276,6 +303,7 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.removeObservers()
         if self.logic:
             self.logic.stopWorker()
+            self.logic.stopBatchWorker(kill=True)
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -301,6 +329,7 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         """Reload the module and the core package (forgotten here, re-imported on next use)."""
         if self.logic:
             self.logic.stopWorker()
+            self.logic.stopBatchWorker(kill=True)
         for name in [n for n in sys.modules if n == "SegmentationDeepEditLib" or n.startswith("SegmentationDeepEditLib.")]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
@@ -509,6 +538,23 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                 combo.blockSignals(wasBlocked)
                 handler(combo.currentIndex)
         self.ui.autoApplyButton.enabled = bool(automatic)
+        self.populateBatchModels(automatic)
+
+    def populateBatchModels(self, automatic) -> None:
+        """Batch model choices: the default brain model, the other brain models, and "none" (register only)."""
+        from_core = self.logic.batchModels(automatic or []) if automatic else []
+        combo = self.ui.batchModelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for i, b in enumerate(from_core):
+            combo.addItem(b.name + (_(" (default)") if i == 0 else ""), "" if i == 0 else b.id)
+            combo.setItemData(combo.count - 1, b.description, qt.Qt.ToolTipRole)
+        combo.addItem(_("none: register and report only"), "none")
+        p = self._parameterNode
+        index = combo.findData(p.batchModelId) if p else -1
+        combo.currentIndex = max(index, 0)
+        combo.blockSignals(wasBlocked)
+        self.onBatchModelSelected(combo.currentIndex)
 
     def onModelSelected(self, index) -> None:
         p = self._parameterNode
@@ -535,6 +581,10 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         bundle = self._models.get(p.autoModelId)
         self.ui.autoModelDescriptionLabel.text = bundle.description if bundle else ""
         self._buildInputSelectors("auto", bundle.meta["inputs"] if bundle else [], self.ui.autoInputsFrame)
+
+    def onBatchModelSelected(self, index) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.batchModelId = self.ui.batchModelComboBox.itemData(index) or ""
 
     def _buildInputSelectors(self, tab: str, inputs: list, frame) -> None:
         """One volume selector per declared input, pre-set from the parameter node or guessed from names."""
@@ -757,10 +807,129 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                 if p:
                     p.autoOutputSegmentation = segmentationNode
                 self.ui.statusLabel.text = _("{count} segments in {seconds:.1f} s on {device}").format(
-                    count=len(result.get("labels", [])), seconds=float(result.get("seconds", {}).get("request", 0)),
+                    count=len(result.get("segments", [])), seconds=float(result.get("seconds", {}).get("request", 0)),
                     device=str(result.get("device", "")).upper())
         except Exception as e:
             self._reportError(_("The result could not be written into the segmentation."), str(e), ctx["showErrors"])
+
+    # Batch tab
+
+    def _sendBatch(self, planOnly: bool) -> None:
+        p = self._parameterNode
+        if not p or self._batchPending or not self._ensureDependencies(True):
+            return
+        try:
+            fields = self.logic.batchFields(p, planOnly=planOnly)
+            rid = self.logic.sendBatchRequest("batch_plan" if planOnly else "batch", fields)
+        except Exception as e:
+            self._reportBatchError(_("The batch could not start."), str(e))
+            return
+        self._batchPending[rid] = {"kind": "plan" if planOnly else "run", "outputDir": fields.get("output_dir")}
+        if not planOnly:
+            self._batchOutputDir = fields["output_dir"]
+        self.ui.batchStatusLabel.text = _("Finding studies...") if planOnly else _("Running...")
+        self.ui.batchProgressBar.value = 0
+        self.ui.batchProgressBar.format = "%p%"
+        self.ui.batchProgressBar.setVisible(True)
+        for button in (self.ui.batchFindButton, self.ui.batchRunButton):
+            button.enabled = False
+        self.ui.batchCancelButton.enabled = True
+        self._batchTimer.start()
+
+    def onBatchFindButton(self) -> None:
+        self._sendBatch(planOnly=True)
+
+    def onBatchRunButton(self) -> None:
+        self._sendBatch(planOnly=False)
+
+    def onBatchCancelButton(self) -> None:
+        """End the batch worker: finished studies stay; Run with Resume finishes the others."""
+        if not self._batchPending:
+            return
+        self._batchPending = {}
+        self.logic.stopBatchWorker(kill=True)
+        self._setBatchIdle()
+        self._showBatchRows(self.logic.batchTableRows(self._batchPlans, self._batchOutputDir))
+        self.ui.batchStatusLabel.text = _("Cancelled. Finished studies are kept; tick Resume and press Run to finish the others.")
+
+    def _setBatchIdle(self) -> None:
+        self._batchTimer.stop()
+        self.ui.batchProgressBar.setVisible(False)
+        self.ui.batchCancelButton.enabled = False
+        for button in (self.ui.batchFindButton, self.ui.batchRunButton):
+            button.enabled = True
+
+    def onPollBatch(self) -> None:
+        refresh = False
+        for message in self.logic.pollBatchWorker():
+            if "log" in message:
+                logging.info(f"SegmentationDeepEdit batch: {message['log']}")
+                continue
+            if "exited" in message:
+                if self._batchPending:
+                    self._batchPending = {}
+                    self._reportBatchError(_("The batch worker stopped."), _(
+                        "It exited with code {code}; the application log has its messages. Finished studies are kept: "
+                        "run again with Resume.").format(code=message["exited"]))
+                continue
+            ctx = self._batchPending.get(message.get("id"))
+            if ctx is None:
+                continue
+            if "progress" in message:
+                self.ui.batchProgressBar.value = int(round(100 * float(message["progress"])))
+                self.ui.batchProgressBar.format = f"%p% {message.get('stage', '')}"
+                refresh = True
+                continue
+            del self._batchPending[message["id"]]
+            if "error" in message:
+                self._reportBatchError(_("The batch failed."), message["error"])
+            elif "result" in message:
+                result = message["result"]
+                self._batchPlans = result.get("plans", [])
+                self._showBatchRows(result.get("rows", []))
+                text = result.get("text", "")
+                logging.info(f"SegmentationDeepEdit batch:\n{text}")
+                self.ui.batchStatusLabel.text = text.splitlines()[-1] if text else ""
+                refresh = False
+        if refresh and self._batchOutputDir:
+            self._showBatchRows(self.logic.batchTableRows(self._batchPlans, self._batchOutputDir))
+        if not self._batchPending:
+            self._setBatchIdle()
+
+    def _showBatchRows(self, rows: list) -> None:
+        """Fill the study table with the core's rows (study, status, sequences, seconds, qc)."""
+        from SegmentationDeepEditLib.batch.report import TABLE_COLUMNS
+
+        table = self.ui.batchTable
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, column in enumerate(TABLE_COLUMNS):
+                item = qt.QTableWidgetItem(str(row.get(column, "")))
+                item.setToolTip(str(row.get(column, "")))
+                table.setItem(r, c, item)
+
+    def onBatchLoadButton(self) -> None:
+        items = self.ui.batchTable.selectedItems()
+        if not items or not self._batchOutputDir:
+            self.ui.batchStatusLabel.text = _("Select a finished study in the table first.")
+            return
+        study = self.ui.batchTable.item(items[0].row(), 0).text()
+        try:
+            loaded = self.logic.loadStudyForReview(self._batchOutputDir, study)
+        except Exception as e:
+            self._reportBatchError(_("The study could not be loaded."), str(e))
+            return
+        if self._parameterNode and loaded["volumes"] and loaded["segmentation"] is not None:
+            self._parameterNode.inputVolume = loaded["volumes"][0]
+            self._parameterNode.outputSegmentation = loaded["segmentation"]
+        self.ui.batchStatusLabel.text = _("Loaded {study}: {count} volumes; correct it in the Segment Editor below.").format(
+            study=study, count=len(loaded["volumes"]))
+
+    def _reportBatchError(self, title: str, message: str) -> None:
+        self._setBatchIdle()
+        self.ui.batchStatusLabel.text = _("Failed: {message}").format(message=message)
+        logging.error(f"SegmentationDeepEdit: {title} {message}")
+        slicer.util.errorDisplay(f"{title}\n\n{message}", windowTitle=_("Segmentation DeepEdit"))
 
     def _reportError(self, title: str, message: str, showDialog: bool) -> None:
         """Status label always; a dialog with the core's message for actions the user started."""
@@ -811,6 +980,7 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
     # One worker per Slicer session, shared by every logic instance (the module's widget, the
     # Sample Data callback, the self-test), so that a model is loaded once.
     _client = None
+    _batchClient = None  # the batch worker: separate, so that annotating goes on during a batch run
     _exchangeFiles = {}  # volume node ID -> (content key, file written for the worker)
     _exchangeCount = 0
     _blocking = False  # a blocking request() is reading the worker's messages
@@ -946,6 +1116,79 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
             client.kill()
         client.close()
         SegmentationDeepEditLogic._exchangeFiles = {}
+
+    @classmethod
+    def batchWorker(cls):
+        """The batch worker client (its own process group: Cancel also ends the study processes it started)."""
+        from SegmentationDeepEditLib.worker import WorkerClient
+
+        client = SegmentationDeepEditLogic._batchClient
+        if client is None:
+            client = WorkerClient(cls.workerCommand(), cwd=_MODULE_DIR, scratch_parent=slicer.app.temporaryPath,
+                                  process_group=True)
+            SegmentationDeepEditLogic._batchClient = client
+        if not client.running:
+            client.start()
+        return client
+
+    @staticmethod
+    def stopBatchWorker(kill: bool = False) -> None:
+        client = SegmentationDeepEditLogic._batchClient
+        if client is None:
+            return
+        if kill:
+            client.kill()
+        client.close()
+
+    def sendBatchRequest(self, op: str, fields: dict) -> int:
+        return self.batchWorker().send(op, **fields)
+
+    @staticmethod
+    def pollBatchWorker() -> list:
+        client = SegmentationDeepEditLogic._batchClient
+        return client.poll() if client is not None else []
+
+    @staticmethod
+    def batchModels(bundles: list) -> list:
+        """Automatic models a batch of brain studies can run, the default first."""
+        from SegmentationDeepEditLib.batch.segment import batch_models
+
+        return batch_models(bundles)
+
+    @staticmethod
+    def batchFields(parameterNode, planOnly: bool = False) -> dict:
+        """The worker request for the Batch tab's settings (folders checked by the core)."""
+        from SegmentationDeepEditLib.slicer_bridge import batch_request
+
+        p = parameterNode
+        return batch_request(p.batchInputDir, p.batchOutputDir, model=p.batchModelId, workers=p.batchWorkers,
+                             resume=p.batchResume, device=p.autoDevice, plan_only=planOnly)
+
+    @staticmethod
+    def batchTableRows(plans: list, outputDir) -> list:
+        from SegmentationDeepEditLib.batch.report import table_rows
+
+        return table_rows(plans, outputDir)
+
+    def loadStudyForReview(self, outputDir, study: str) -> dict:
+        """Load one finished study of a batch output: its registered volumes (reference first) and segmentation.
+
+        Returns:
+            ``{"volumes": [volume nodes], "segmentation": segmentation node or None}``.
+        """
+        from SegmentationDeepEditLib.batch.report import review_files
+
+        files = review_files(outputDir, study)
+        volumes = [slicer.util.loadVolume(path, {"name": f"{study} {sequence}", "show": False})
+                   for sequence, path in files["volumes"]]
+        segmentationNode = None
+        if files["segmentation"]:
+            segmentationNode = slicer.util.loadSegmentation(files["segmentation"], {"name": f"{study} segmentation"})
+            if volumes:
+                segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumes[0])
+        if volumes:
+            slicer.util.setSliceViewerLayers(background=volumes[0], fit=True)
+        return {"volumes": volumes, "segmentation": segmentationNode}
 
     def sendRequest(self, op: str, fields: dict) -> int:
         return self.worker().send(op, **fields)
@@ -1346,7 +1589,10 @@ class SegmentationDeepEditTest(ScriptedLoadableModuleTest):
         self.test_AnnotateSyntheticCase()
         self.setUp()
         self.test_AutomaticModelRequest()
+        self.setUp()
+        self.test_BatchOfOneStudy()
         SegmentationDeepEditLogic.stopWorker()
+        SegmentationDeepEditLogic.stopBatchWorker()
 
     def test_VolumeConversionRoundTrip(self):
         """A volume node read back through the conversion keeps pixels and LPS geometry."""
@@ -1440,4 +1686,36 @@ class SegmentationDeepEditTest(ScriptedLoadableModuleTest):
         self.assertGreater(int(wt.sum()), 1000)
         self.assertFalse(bool((tc & ~wt.astype(bool)).any()))
         self.assertTrue(any("'t2' is missing" in w for w in result["warnings"]))
+        self.delayDisplay("Test passed")
+
+    def test_BatchOfOneStudy(self):
+        """The Batch tab's path: a study folder through the batch worker, the study table, loading for review."""
+        import shutil
+        import tempfile
+
+        from SegmentationDeepEditLib.slicer_bridge import batch_request
+
+        self.delayDisplay("Batch of one generated study (registration only)")
+        logic = SegmentationDeepEditLogic()
+        self.assertTrue(logic.ensureDependencies(askConfirmation=False))
+        demo = logic.request("demo", {"kind": "brain", "seed": 5,
+                                      "output_dir": tempfile.mkdtemp(dir=slicer.app.temporaryPath)})
+        root = tempfile.mkdtemp(dir=slicer.app.temporaryPath)
+        study = os.path.join(root, "studies", "demo-study")
+        os.makedirs(study)
+        for sequence in ("t1c", "t2", "flair"):
+            shutil.copy(demo["images"][sequence], os.path.join(study, f"{sequence}.mha"))
+        outputDir = os.path.join(root, "labelled")
+        client = logic.batchWorker()
+        plan = client.request("batch_plan", timeout=REQUEST_TIMEOUT_S,
+                              **batch_request(os.path.join(root, "studies"), "", plan_only=True))
+        self.assertEqual([r["status"] for r in plan["rows"]], ["ready"])
+        fields = batch_request(os.path.join(root, "studies"), outputDir, model="none")
+        result = client.request("batch", timeout=REQUEST_TIMEOUT_S, spacing_mm=2.0, **fields)
+        self.assertEqual(result["exit_code"], 0)
+        rows = logic.batchTableRows(plan["plans"], outputDir)
+        self.assertEqual(rows[0]["status"], "done")
+        loaded = logic.loadStudyForReview(outputDir, "demo-study")
+        self.assertEqual(len(loaded["volumes"]), 3)
+        self.assertIsNone(loaded["segmentation"])  # model "none"
         self.delayDisplay("Test passed")

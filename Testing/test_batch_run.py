@@ -285,6 +285,57 @@ def test_dask_local_cluster_with_two_workers_equals_the_single_process_run(input
     assert fb.output_differences(baseline[0], out) == []
 
 
+def test_worker_batch_ops_drive_the_same_run_as_the_cli(inputs, baseline, tmp_path):
+    """The Slicer Batch tab's path: plan and run through the worker process, the study table, review files."""
+    from SegmentationDeepEditLib.batch.report import TABLE_COLUMNS, review_files, table_rows
+    from SegmentationDeepEditLib.worker import WorkerClient, WorkerError
+
+    env = dict(os.environ)
+    module_dir = REPO / "SegmentationDeepEdit"
+    env["PYTHONPATH"] = os.pathsep.join([str(module_dir)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    out = tmp_path / "out"
+    with WorkerClient([sys.executable, "-m", "SegmentationDeepEditLib.worker"], cwd=str(module_dir), env=env,
+                      scratch_parent=str(tmp_path)) as client:
+        client.start()
+        plan = client.request("batch_plan", input_dir=str(inputs["main"]), timeout=300)
+        assert [r["study"] for r in plan["rows"]] == ["case-a", "case-b"]
+        assert all(r["status"] == "ready" and set(r) == set(TABLE_COLUMNS) for r in plan["rows"])
+        assert plan["rows"][0]["sequences"].startswith("t1c (reference)"), plan["rows"][0]
+        assert "flair" in plan["rows"][0]["sequences"] and "t1," in plan["rows"][1]["sequences"] + ","
+        assert not out.exists(), "planning wrote something"
+        with pytest.raises(WorkerError, match="choose the output folder"):
+            client.request("batch", input_dir=str(inputs["main"]), output_dir="", timeout=60)
+
+        seen = []
+        rid = client.send("batch", input_dir=str(inputs["main"]), output_dir=str(out), model="none", spacing_mm=2.0)
+        reply = client.wait(rid, timeout=900, on_message=lambda m: seen.append(m) if "progress" in m else None)
+        assert "result" in reply, reply
+        result = reply["result"]
+    assert result["exit_code"] == EXIT_OK and result["counts"]["done"] == 2
+    stages = [m["stage"] for m in seen]
+    assert any(s.startswith("1/2 studies") for s in stages) and any(s.startswith("2/2 studies") for s in stages), stages
+    assert seen[-1]["progress"] == 1.0
+    assert fb.output_differences(baseline[0], out) == []  # the same outputs as deepedit batch / run_batch
+
+    rows = table_rows(plan["plans"], out)
+    assert rows == result["rows"]
+    assert [r["status"] for r in rows] == ["done", "done"]
+    assert all(float(r["seconds"]) > 0 and "registration ok" in r["qc"] for r in rows), rows
+    # a study that is running (or was cancelled mid-way) shows as running, with no QC yet
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["studies"]["case-b"]["state"] = "running"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert [r["status"] for r in table_rows(plan["plans"], out)] == ["done", "running"]
+    assert table_rows(plan["plans"], out)[1]["qc"] == ""
+
+    files = review_files(out, "case-a")
+    assert files["reference"] == "t1c" and [s for s, _ in files["volumes"]] == ["t1c", "t2", "flair"]
+    assert all(Path(f).is_file() for _, f in files["volumes"]) and files["segmentation"] is None
+    assert Path(files["qc"]).is_file()
+    with pytest.raises(InputError, match="no finished output"):
+        review_files(out, "no-such-study")
+
+
 def test_cli_dry_run_workers_and_json(inputs, baseline, tmp_path, capsys):
     main = inputs["main"]
     assert cli.main(["batch", str(main), "-o", str(tmp_path / "dry"), "--dry-run"]) == 0

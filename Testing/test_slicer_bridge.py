@@ -198,3 +198,34 @@ def test_segments_from_result_prefers_overlapping_regions():
     result["regions"] = []
     segs = segments_from_result(result)
     assert [(s["name"], s["values"]) for s in segs] == [("core", [1]), ("edema", [2]), ("enh", [4])]
+
+
+def test_batch_request_from_the_batch_tab(tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    # an unset pathlib.Path parameter reads "." in Slicer: that is "not chosen", never the current folder
+    for unset in ("", ".", None):
+        with pytest.raises(InputError, match="choose the folder of studies"):
+            SB.batch_request(unset, tmp_path / "out")
+    with pytest.raises(InputError, match="does not exist"):
+        SB.batch_request(tmp_path / "nope", tmp_path / "out")
+    assert SB.batch_request(studies, ".", plan_only=True) == {"input_dir": str(studies)}
+    with pytest.raises(InputError, match="choose an output folder"):
+        SB.batch_request(studies, ".")
+    with pytest.raises(InputError, match="1 or more"):
+        SB.batch_request(studies, tmp_path / "out", workers=0)
+    fields = SB.batch_request(studies, tmp_path / "out", model="", workers=2, resume=True, device="cpu")
+    assert fields == {"input_dir": str(studies), "output_dir": str(tmp_path / "out"), "model": None, "workers": 2,
+                      "resume": True, "device": "cpu"}
+    assert SB.batch_request(studies, tmp_path / "out", model="none")["model"] == "none"
+
+
+def test_batch_model_choices_are_brain_models_default_first():
+    from SegmentationDeepEditLib.batch.segment import DEFAULT_BRAIN_MODEL, batch_models
+    from SegmentationDeepEditLib.bundle import list_bundles
+
+    bundles = list_bundles()
+    ids = [b.id for b in batch_models(bundles)]
+    assert ids and ids[0] == DEFAULT_BRAIN_MODEL
+    assert "brain-tumor-2d" in ids
+    assert "liver-lesion" not in ids and "deepedit-extreme-points" not in ids  # CT input; annotation model

@@ -185,6 +185,9 @@ def test_top_level_cmake_is_an_extension():
         assert re.search(r"set\(\s*" + variable + r"\s", text), f"{variable} not set"
     assert re.search(r'set\(\s*EXTENSION_CATEGORY\s+"Segmentation"\s*\)', text)
     assert re.search(r'set\(\s*EXTENSION_DEPENDS\s+"PyTorch"\s*\)', text)
+    shots = re.search(r'set\(\s*EXTENSION_SCREENSHOTURLS\s+"([^"]+)"', text).group(1).split()
+    for url in shots:  # each picture the Extension Manager shows is a file of this repository
+        assert (ROOT / url.split("/main/", 1)[1]).is_file(), url
     for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(SegmentationDeepEdit)",
                  "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert line in text, f"missing: {line}"
@@ -272,6 +275,7 @@ def _stub_modules() -> dict:
     pnw = types.ModuleType("slicer.parameterNodeWrapper")
     pnw.parameterNodeWrapper = lambda cls: cls
     pnw.Choice = _Anything
+    pnw.WithinRange = _Anything
     slicer.i18n, slicer.ScriptedLoadableModule, slicer.util, slicer.parameterNodeWrapper = i18n, slm, util, pnw
     return {
         "slicer": slicer, "slicer.i18n": i18n, "slicer.ScriptedLoadableModule": slm, "slicer.util": util,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -37,6 +38,7 @@ __all__ = [
     "points_tag_value", "parse_points_tag",
     "extreme_point_label", "next_extreme_hint",
     "sequence_of_name", "guess_input_volumes", "terminology_of_label", "segments_from_result",
+    "batch_request",
 ]
 
 #: Segment tag that keeps the points a segment was made from (value: :func:`points_tag_value`).
@@ -367,3 +369,43 @@ def segments_from_result(result: Dict[str, Any]) -> List[Dict[str, Any]]:
                  "color": [float(c) for c in r["color"]], "terminology": r.get("terminology")} for r in regions]
     return [{"name": str(s["name"]), "values": [int(s["value"])], "color": [float(c) for c in s["color"]],
              "terminology": s.get("terminology")} for s in result.get("segments", [])]
+
+
+# --------------------------------------------------------------------------------------
+# Batch tab
+# --------------------------------------------------------------------------------------
+
+
+def _chosen_folder(value: Any) -> str:
+    """A folder chosen in a path widget, or "" when none is (a pathlib.Path parameter left unset reads ".")."""
+    text = "" if value is None else str(value).strip()
+    return "" if text in ("", ".") else text
+
+
+def batch_request(input_dir: Any, output_dir: Any, *, model: str = "", workers: int = 1, resume: bool = False,
+                  device: str = "auto", plan_only: bool = False) -> Dict[str, Any]:
+    """The worker's ``batch`` (or ``batch_plan``) request for the Batch tab's settings.
+
+    Args:
+        input_dir, output_dir: folders from the tab's path widgets (``Path(".")`` or "" = not chosen).
+        model: "" (the default brain model), "none" (register and report only) or a bundle id.
+        workers: studies processed at once.
+        plan_only: the request of "Find studies" (a dry run: no output folder needed).
+
+    Raises:
+        InputError: a folder is not chosen or does not exist, or ``workers`` is below 1.
+    """
+    inp, out = _chosen_folder(input_dir), _chosen_folder(output_dir)
+    if not inp:
+        raise InputError("choose the folder of studies first")
+    if not Path(inp).is_dir():
+        raise InputError("the folder of studies does not exist", inp)
+    fields: Dict[str, Any] = {"input_dir": inp}
+    if plan_only:
+        return fields
+    if not out:
+        raise InputError("choose an output folder (a new or empty folder outside the studies folder)")
+    if int(workers) < 1:
+        raise InputError(f"parallel studies must be 1 or more, not {workers}")
+    fields.update(output_dir=out, model=model or None, workers=int(workers), resume=bool(resume), device=device or "auto")
+    return fields

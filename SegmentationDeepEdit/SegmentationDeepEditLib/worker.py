@@ -20,6 +20,12 @@ Requests carry ``"op"`` and an ``"id"`` (any JSON scalar) that every message abo
   -> ``{"label": path, "model_id", "model_version", "segments": [{value, name, color, terminology}],
   "regions": [{name, values, color}], "device", "tta", "fast", "seconds", "warnings", "volumes_ml"}``
 - ``{"op": "demo", "kind": "brain", "seed", "output_dir"}`` -> a generated case written as files
+- ``{"op": "batch_plan", "input_dir", "reference", "mapping"}`` -> what ``deepedit batch --dry-run`` finds:
+  ``{"plans": [StudyPlan.to_dict()], "rows": [study table rows], "text", "exit_code"}``
+- ``{"op": "batch", "input_dir", "output_dir", "model", "workers", "scheduler", "resume", "reference",
+  "device", "spacing_mm", "mapping"}`` -> runs :func:`batch.run.run_batch` (the code ``deepedit batch`` runs),
+  with a progress message after each study -> ``{"exit_code", "counts", "studies", "plans", "rows", "output",
+  "text"}``. Cancel = end the worker: the manifest then says which studies ``resume`` must finish.
 - ``{"op": "shutdown"}`` -> replies, then exits 0 (so does end of input)
 
 Messages: ``{"ready": true, "pid", "protocol"}`` once at start (``id`` null);
@@ -308,6 +314,64 @@ class Worker:
             "warnings": list(result.warnings), "volumes_ml": result.volumes_ml(),
         }
 
+    @staticmethod
+    def _batch_options(request: Dict[str, Any]):
+        from .batch.run import BatchOptions
+        from .errors import InputError
+
+        reference = request.get("reference") or ["t1c"]
+        if isinstance(reference, str):
+            reference = [r.strip() for r in reference.split(",") if r.strip()]
+        kw: Dict[str, Any] = {"reference": tuple(reference), "model": request.get("model") or None,
+                              "device": request.get("device") or "auto"}
+        if "spacing_mm" in request:
+            try:
+                kw["spacing_mm"] = None if request["spacing_mm"] is None else float(request["spacing_mm"])
+            except (TypeError, ValueError):
+                raise InputError(f"spacing_mm must be a number, not {request['spacing_mm']!r}") from None
+        return BatchOptions(**kw)
+
+    @staticmethod
+    def _folder(request: Dict[str, Any], key: str, what: str) -> Path:
+        from .errors import InputError
+
+        value = request.get(key)
+        if not value:
+            raise InputError(f"choose the {what}")
+        return Path(value)
+
+    def _op_batch_plan(self, request, progress):
+        from .batch.report import format_plans, table_rows
+        from .batch.run import run_batch
+
+        mapping = request.get("mapping") or None
+        result = run_batch(self._folder(request, "input_dir", "folder of studies"), None,
+                           options=self._batch_options(request), dry_run=True,
+                           mapping_file=Path(mapping) if mapping else None)
+        plans = [p.to_dict() for p in result.plans]
+        return {"plans": plans, "rows": table_rows(plans), "text": format_plans(result.plans),
+                "exit_code": result.exit_code}
+
+    def _op_batch(self, request, progress):
+        from .batch.report import format_result, table_rows
+        from .batch.run import run_batch
+        from .errors import InputError
+
+        try:
+            workers = int(request.get("workers") or 1)
+        except (TypeError, ValueError):
+            raise InputError(f"workers must be a whole number, not {request.get('workers')!r}") from None
+        mapping = request.get("mapping") or None
+        out = self._folder(request, "output_dir", "output folder")
+        result = run_batch(self._folder(request, "input_dir", "folder of studies"), out,
+                           options=self._batch_options(request), workers=workers,
+                           scheduler=request.get("scheduler") or None, resume=bool(request.get("resume")),
+                           mapping_file=Path(mapping) if mapping else None, progress=progress)
+        d = result.to_dict()
+        d["rows"] = table_rows(d["plans"], result.output_dir)
+        d["text"] = format_result(result)
+        return d
+
     def _op_demo(self, request, progress):
         from .errors import InputError
         from .points import extreme_points_from_mask
@@ -395,6 +459,9 @@ class WorkerClient:
         cwd: its working folder (``python -m`` finds the package there).
         env: its environment (None: this process's).
         scratch_parent: where to make the scratch folder (None: the system's temporary folder).
+        process_group: start the worker in a process group of its own, so that :meth:`kill` also
+            ends the processes it started (a batch run with several worker processes). POSIX only;
+            on Windows only the worker itself is ended.
 
     Queue items returned by :meth:`poll`: the worker's messages (dicts with ``id`` and one of
     ``ready``, ``progress``, ``result``, ``error``), ``{"log": line}`` for a stderr line, and
@@ -402,8 +469,9 @@ class WorkerClient:
     """
 
     def __init__(self, command: Sequence[str], *, cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-                 scratch_parent: Optional[str] = None):
+                 scratch_parent: Optional[str] = None, process_group: bool = False):
         self.command = list(command)
+        self.process_group = bool(process_group) and os.name == "posix"
         self.cwd = cwd
         self.env = env
         self._scratch_parent = scratch_parent
@@ -431,6 +499,8 @@ class WorkerClient:
         kwargs: Dict[str, Any] = {}
         if os.name == "nt":
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # no console window pops up
+        if self.process_group:
+            kwargs["start_new_session"] = True
         self._queue = queue.Queue()
         proc = subprocess.Popen(
             self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -533,7 +603,15 @@ class WorkerClient:
     def kill(self) -> None:
         """Stop the worker at once (Cancel): the request in progress is abandoned."""
         if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
+            if self.process_group:
+                import signal
+
+                try:
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                except OSError:
+                    self._proc.kill()
+            else:
+                self._proc.kill()
             self._proc.wait()
 
     def close(self, timeout: float = 5.0) -> None:

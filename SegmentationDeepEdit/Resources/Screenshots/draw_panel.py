@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyBboxPatch, Rectangle  # noqa: E402
 
 OUT = Path(__file__).with_name("panel-drawing.png")
+OUT_BATCH = Path(__file__).with_name("batch-tab-drawing.png")
 W, H = 520, 930
 FONT = "DejaVu Sans"
 
@@ -65,6 +66,7 @@ def main() -> None:
     # tabs
     box(ax, 12, 50, 90, 24, "Annotate", fc="#ffffff", bold=True, align="center")
     box(ax, 102, 50, 110, 24, "Auto-segment", fc="#dde2e7", align="center")
+    box(ax, 212, 50, 70, 24, "Batch", fc="#dde2e7", align="center")
     box(ax, 12, 74, W - 24, 470, fc="#ffffff")
 
     x1, w1 = 150, W - 150 - 26
@@ -114,6 +116,61 @@ def main() -> None:
 
     fig.savefig(OUT, dpi=100)
     print(OUT)
+    draw_batch_tab()
+
+
+def draw_batch_tab() -> None:
+    """The Batch tab after a run: settings, the study table, load for review."""
+    h = 560
+    fig = plt.figure(figsize=(W / 100, h / 100), dpi=100)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.set_xlim(0, W)
+    ax.set_ylim(h, 0)
+    ax.axis("off")
+    ax.add_patch(Rectangle((0, 0), W, h, fc="#eef1f4", ec="none"))
+    label(ax, 12, 16, "Drawing of the Batch tab (not a screenshot)", size=10, color="#b03030", weight="bold")
+    label(ax, 12, 34, "Layout of Resources/UI/SegmentationDeepEdit.ui; names and numbers are illustrative", size=8, color="#55606b")
+    box(ax, 12, 50, 90, 24, "Annotate", fc="#dde2e7", align="center")
+    box(ax, 102, 50, 110, 24, "Auto-segment", fc="#dde2e7", align="center")
+    box(ax, 212, 50, 70, 24, "Batch", fc="#ffffff", bold=True, align="center")
+    box(ax, 12, 74, W - 24, h - 86, fc="#ffffff")
+    x1, w1 = 150, W - 150 - 26
+    row(ax, 86, "Studies folder:", lambda y: (box(ax, x1, y, w1 - 30, 22, "/data/incoming/2026-11"),
+                                             box(ax, x1 + w1 - 26, y, 26, 22, "...", fc="#f4f6f8", align="center")))
+    row(ax, 114, "Output folder:", lambda y: (box(ax, x1, y, w1 - 30, 22, "/data/labelled/2026-11"),
+                                            box(ax, x1 + w1 - 26, y, 26, 22, "...", fc="#f4f6f8", align="center")))
+    row(ax, 142, "Model:", lambda y: combo(ax, x1, y, w1, "Glioma regions (default)"))
+    row(ax, 170, "Parallel studies:", lambda y: box(ax, x1, y, 60, 22, "1"))
+    row(ax, 198, "Resume:", lambda y: box(ax, x1, y + 4, 14, 14))
+    bw = (W - 48 - 16) / 3
+    for i, (text, fc) in enumerate([("Find studies", "#f4f6f8"), ("Run", "#d7e6fb"), ("Cancel", "#f4f6f8")]):
+        box(ax, 22 + i * (bw + 8), 228, bw, 26, text, fc=fc, align="center", rounded=True, bold=text == "Run")
+    box(ax, 22, 264, W - 44, 20, fc="#ffffff")
+    ax.add_patch(Rectangle((23, 265), (W - 46) * 0.67, 18, fc="#8fc1f2", ec="none"))
+    ax.text(22 + (W - 44) / 2, 274, "67% 2/3 studies (case-b: done)", va="center", ha="center", fontsize=8.5, family=FONT)
+    cols = [("Study", 54), ("Status", 90), ("Sequences", 132), ("Secs", 40), ("QC", W - 44 - 316)]
+    rows = [("case-a", "done", "t1c (reference), t2, flair", "31.8", "registration ok; WT=42 mL"),
+            ("case-b", "done, review", "t1c (reference), t1, t2", "27.0", "review: 1 flagged; WT=18 mL"),
+            ("case-c", "running", "t1c (reference), flair", "", ""),
+            ("case-d", "will fail: no T1c", "t2, flair", "", "")]
+    y = 294
+    x = 22
+    for name, w in cols:
+        box(ax, x, y, w, 20, name, fc="#e4e8ec", size=8, bold=True)
+        x += w
+    for r, values in enumerate(rows):
+        x = 22
+        fc = "#d7e6fb" if r == 1 else "#ffffff"
+        for (name, w), v in zip(cols, values):
+            box(ax, x, y + 20 * (r + 1), w, 20, v, fc=fc, size=7.5)
+            x += w
+    box(ax, 22, 404, W - 44, 26, "Load selected study for review", fc="#f4f6f8", align="center", rounded=True)
+    label(ax, 22, 446, "3 studies: 2 done, 0 failed, 0 skipped", size=9)
+    label(ax, 22, 472, "The same run as  deepedit batch IN -o OUT  (one code path, in a worker", size=8, color="#55606b", style="italic")
+    label(ax, 22, 488, "process of its own): Cancel keeps finished studies, Resume finishes the rest.", size=8, color="#55606b", style="italic")
+    label(ax, 22, 504, "Load: registered volumes + segmentation, ready for the Segment Editor.", size=8, color="#55606b", style="italic")
+    fig.savefig(OUT_BATCH, dpi=100)
+    print(OUT_BATCH)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import SimpleITK as sitk
 from ..geometry import resample_to_grid
 from ..imageio import atomic_output
 from ..render import _lps_grid
+from .identify import SEQUENCES
 
 __all__ = [
     "SUMMARY_COLUMNS",
@@ -31,6 +32,9 @@ __all__ = [
     "render_qc",
     "format_plans",
     "format_result",
+    "TABLE_COLUMNS",
+    "table_rows",
+    "review_files",
 ]
 
 SUMMARY_COLUMNS = [
@@ -201,3 +205,103 @@ def format_result(result: Any) -> str:
     lines.append(f"{c.get('done', 0)} done, {c.get('failed', 0)} failed, {c.get('skipped', 0)} already done; "
                  f"see {out / 'summary.csv'} and {out / 'errors.csv'}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- study table and review
+
+TABLE_COLUMNS = ["study", "status", "sequences", "seconds", "qc"]
+"""Columns of the study table (the Slicer module's Batch tab): one row per study."""
+
+
+def _plan_row(plan: Dict[str, Any]) -> Dict[str, str]:
+    seqs = list((plan.get("sequences") or {}).keys())
+    ref = plan.get("reference")
+    problems = plan.get("problems") or []
+    return {"study": str(plan.get("study", "")),
+            "status": "ready" if ref and not problems else f"will fail: {problems[0] if problems else 'no reference'}",
+            "sequences": ", ".join(f"{s} (reference)" if s == ref else s for s in seqs),
+            "seconds": "", "qc": "; ".join(plan.get("warnings") or [])}
+
+
+def _qc_text(summary: Dict[str, Any]) -> str:
+    if summary.get("status") == "failed":
+        return str(summary.get("error") or "failed")
+    counts = [f"{summary.get(k)} {k}" for k in ("flagged", "refused", "unreadable") if str(summary.get(k, 0)) not in ("0", "")]
+    parts = [("review: " + ", ".join(counts)) if counts else
+             ("review" if summary.get("needs_review") == "yes" else "registration ok")]
+    seg = str(summary.get("segmentation") or "")
+    vols = str(summary.get("volumes_ml") or "")
+    if vols:
+        parts.append(", ".join(f"{v} mL" for v in vols.split(";")))
+    elif seg and seg != "segmented":
+        parts.append(seg)
+    return "; ".join(parts)
+
+
+def table_rows(plans: Sequence[Dict[str, Any]] = (), output_dir: Optional[Path] = None) -> list:
+    """The study table: each planned study (``StudyPlan.to_dict()``, from a dry run) with its state in the run.
+
+    The state comes from the output folder's ``manifest.json`` (written atomically by the driver
+    after each study, so it can be read while a run goes on): ``running`` (started; after a cancel
+    or a kill, ``--resume`` finishes it), ``done`` or ``failed``, with seconds and Dice-free QC
+    figures (registration verdicts, region volumes) or the reason of the failure. Studies of the
+    output folder that the plans do not list come after the planned ones.
+
+    Returns:
+        Rows ``{column: text}`` with the keys :data:`TABLE_COLUMNS`.
+    """
+    rows: Dict[str, Dict[str, str]] = {}
+    for plan in plans:
+        row = _plan_row(plan)
+        rows[row["study"]] = row
+    studies: Dict[str, Any] = {}
+    if output_dir is not None:
+        mpath = Path(output_dir) / "manifest.json"
+        if mpath.is_file():
+            try:
+                studies = json.loads(mpath.read_text(encoding="utf-8")).get("studies") or {}
+            except ValueError:
+                studies = {}  # being replaced right now: the next refresh reads it
+    for name, rec in studies.items():
+        row = rows.setdefault(name, {"study": name, "status": "", "sequences": "", "seconds": "", "qc": ""})
+        state = rec.get("state") or ""
+        summary = rec.get("summary") or {}
+        if state == "done" and summary.get("needs_review") == "yes":
+            state = "done, review"
+        row["status"] = state
+        if summary.get("sequences") and not row["sequences"]:
+            row["sequences"] = ", ".join(str(summary["sequences"]).split(";"))
+        total = (rec.get("seconds") or {}).get("total")
+        row["seconds"] = "" if total is None else f"{float(total):.1f}"
+        if state != "running":
+            row["qc"] = _qc_text(summary or {"status": state, "error": rec.get("error")})
+    return list(rows.values())
+
+
+def review_files(output_dir: Path, study: str) -> Dict[str, Any]:
+    """What to load to review one finished study: its registered volumes (reference first) and segmentation.
+
+    Returns:
+        ``{"study", "reference", "volumes": [(sequence, path), ...], "segmentation": path or None,
+        "qc": path or None}``; paths are absolute.
+
+    Raises:
+        InputError: the study has no finished output in ``output_dir``.
+    """
+    from ..errors import InputError
+
+    folder = Path(output_dir) / study
+    rpath = folder / "report.json"
+    if not study or not rpath.is_file():
+        raise InputError(f"study {study!r} has no finished output here (no report.json); run the batch first", folder)
+    try:
+        report = json.loads(rpath.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise InputError(f"the report of study {study!r} is not valid JSON ({e})", rpath) from None
+    files = set(report.get("files") or [])
+    ref = (report.get("reference") or {}).get("sequence")
+    order = ([ref] if ref else []) + [s for s in SEQUENCES if s != ref]
+    volumes = [(s, str(folder / f"registered/{s}.nii.gz")) for s in order if f"registered/{s}.nii.gz" in files]
+    seg = next((str(folder / f) for f in ("segmentation.seg.nrrd", "segmentation.nii.gz") if f in files), None)
+    return {"study": study, "reference": ref, "volumes": volumes, "segmentation": seg,
+            "qc": str(folder / "qc.png") if "qc.png" in files else None}

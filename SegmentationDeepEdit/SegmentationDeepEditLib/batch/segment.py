@@ -30,7 +30,8 @@ import SimpleITK as sitk
 from ..errors import InputError
 from .identify import SEQUENCES
 
-__all__ = ["SegmentationOutput", "Segmenter", "SegmentStep", "resolve_segment_step", "NO_MODEL", "region_volumes_ml"]
+__all__ = ["SegmentationOutput", "Segmenter", "SegmentStep", "resolve_segment_step", "batch_models", "NO_MODEL",
+           "region_volumes_ml"]
 
 NO_MODEL = "no automatic brain model is installed"
 DEFAULT_BRAIN_MODEL = "glioma-regions"
@@ -120,6 +121,13 @@ class SegmentStep:
         raise InputError(f"not segmented: {self.reason}")
 
 
+def batch_models(bundles: Sequence[Any]) -> List[Any]:
+    """The bundles a batch of brain studies can run: automatic models whose inputs are all MRI
+    sequences, the default brain model (:data:`DEFAULT_BRAIN_MODEL`, what ``--model`` left out picks) first."""
+    usable = [b for b in bundles if b.task == "segmentation" and all(i["name"] in SEQUENCES for i in b.meta["inputs"])]
+    return sorted(usable, key=lambda b: (b.id != DEFAULT_BRAIN_MODEL, b.id))
+
+
 def resolve_segment_step(model: Optional[str], *, custom: Optional[Segmenter] = None, device: str = "auto") -> SegmentStep:
     """Decide the segmentation step of a batch run (before any study is processed).
 
@@ -145,11 +153,9 @@ def resolve_segment_step(model: Optional[str], *, custom: Optional[Segmenter] = 
 
     runner = _core_runner()
     if model is None:
-        brain = [b for b in list_bundles() if b.task == "segmentation"
-                 and all(i["name"] in SEQUENCES for i in b.meta["inputs"])]
+        brain = batch_models(list_bundles())  # the 3D glioma model first, when installed
         if not brain:
             return SegmentStep("skip", reason=NO_MODEL)
-        brain.sort(key=lambda x: x.id != DEFAULT_BRAIN_MODEL)  # the 3D glioma model first, when installed
         b = brain[0]
         if runner is None:
             return SegmentStep("skip", reason=f"model {b.id!r} is installed but this version cannot run automatic "
