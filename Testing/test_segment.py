@@ -294,3 +294,43 @@ def test_outside_replicate_continues_the_edge_instead_of_air():
     rep = prepare_volume({"inputs": [dict(spec, outside="replicate")]}, {"ct": img}, grid)[0]
     assert np.allclose(zero[4:8], 0.5) and np.allclose(zero[:4], 0) and np.allclose(zero[8:], 0)
     assert np.allclose(rep, 0.5)
+
+
+def _meta_with(postprocess):
+    return {"task": "segmentation", "segmentation": {"reference": "t1c", "output_kind": "regions", "postprocess": postprocess,
+                             "regions": [{"name": "ET", "values": [4]}, {"name": "TC", "values": [1, 4]},
+                                         {"name": "WT", "values": [1, 2, 4]}]}}
+
+
+def test_clean_label_drops_small_islands_and_keeps_large_foci():
+    from SegmentationDeepEditLib.segment import clean_label
+
+    label = np.zeros((20, 40, 40), np.uint8)
+    label[2:12, 2:12, 2:12] = 2  # main tumour, 1000 voxels
+    label[5:8, 5:8, 5:8] = 4
+    label[2:8, 25:35, 25:35] = 2  # a second focus: 600 voxels (60 %) stays
+    label[15:17, 30:32, 2:4] = 4  # an 8-voxel "vessel" (0.8 %) goes
+    out = clean_label(_meta_with({"components": {"min_fraction": 0.1}}), label)
+    assert out is not label and label[15, 30, 2] == 4, "the input was changed"
+    assert out[15:17, 30:32, 2:4].sum() == 0
+    assert (out[:12] == label[:12]).all()
+    meta = _meta_with({})
+    assert clean_label(meta, label) is label  # nothing declared: nothing done
+
+
+def test_clean_label_fills_a_core_enclosed_by_enhancing_rim():
+    from SegmentationDeepEditLib.segment import clean_label
+
+    label = np.zeros((16, 32, 32), np.uint8)
+    label[2:14, 4:28, 4:28] = 2  # edema
+    label[4:12, 8:24, 8:24] = 4  # enhancing shell ...
+    label[5:11, 10:22, 10:22] = 2  # ... around a centre the model called edema
+    ring_open = label.copy()
+    ring_open[4:12, 8:24, 8:10] = 2  # one side of the rim missing: no hole in 3D or in a slice
+    meta = _meta_with({"fill_holes": [{"region": "TC", "value": 1}]})
+    out = clean_label(meta, label)
+    assert (out[5:11, 10:22, 10:22] == 1).all() and (out[4:12, 8:24, 8:24] != 2).all()
+    assert (out[label == 4] == 4).all() and (out[0] == label[0]).all()
+    assert (clean_label(meta, ring_open) == ring_open).all()
+    with pytest.raises(Exception, match="region 'XX'"):
+        clean_label(_meta_with({"fill_holes": [{"region": "XX", "value": 1}]}), label)

@@ -214,3 +214,37 @@ def test_demo_request_writes_a_generated_case(client, tmp_path):
     np.testing.assert_allclose(points, extreme_points_from_mask(truth), atol=1e-6)
     with pytest.raises(WorkerError, match="does not exist"):
         client.request("demo", timeout=30, output_dir=str(tmp_path / "missing"))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups are POSIX")
+def test_kill_with_process_group_ends_the_processes_the_worker_started(tmp_path):
+    """Cancel of a batch run with several study processes: none of them may live on and write."""
+    # a stand-in worker that starts a child (as a batch run's process pool does), then waits
+    script = tmp_path / "fake_worker.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(120)\n")
+    c = WorkerClient([sys.executable, str(script)], scratch_parent=str(tmp_path), process_group=True)
+    c.start()
+    pid_file = tmp_path / "child.pid"
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    os.kill(child, 0)  # alive
+    c.kill()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+            stat = Path(f"/proc/{child}/stat")
+            if stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z":
+                break  # ended; only its exit status is left for whoever adopted it
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the worker's child process survived kill()")
+    c.close()

@@ -35,13 +35,13 @@ import SimpleITK as sitk
 
 from .bundle import Bundle, get_network, load_bundle
 from .device import cpu_supports_bf16, pick_device, run_with_fallback
-from .errors import InputError
+from .errors import InputError, ModelError
 from .geometry import (Grid, bounding_box_grid, corners_lps, grid_of, image_on_grid, index_box_covering,
                        index_to_physical, resample_to_grid)
 
 __all__ = ["SegmentResult", "Cancelled", "check_inputs", "align_inputs", "model_grid", "prepare_volume",
            "d4_transforms", "TTA_LEVELS_2D", "predict_volume", "probabilities_to_label", "segment_images",
-           "label_segments"]
+           "label_segments", "clean_label"]
 
 Progress = Optional[Callable[[str, float], None]]
 
@@ -403,6 +403,50 @@ def label_segments(meta: dict) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any
     return segments, regions
 
 
+def clean_label(meta: dict, label: np.ndarray) -> np.ndarray:
+    """The bundle's declared clean-up (``segmentation.postprocess``) of a label array [k, j, i].
+
+    - ``components: {"min_fraction": f}``: connected components of the foreground (any label
+      value, face-connected) smaller than ``f`` times the largest are set to 0 (stray islands:
+      vessels, bowel, the far side of a flip). Several large foci of a multifocal tumour stay.
+    - ``fill_holes: [{"region": name, "value": v}]``: voxels enclosed by the region (a 3D hole,
+      or a hole within an axial slice) that are not in it get the value ``v``; e.g. necrosis
+      inside an enhancing rim is tumour core.
+
+    Returns:
+        A new array (the input is not changed); the input itself when nothing is declared.
+    """
+    from scipy import ndimage as ndi
+
+    seg = _seg(meta)
+    pp = seg.get("postprocess") or {}
+    out = label
+    comp = pp.get("components")
+    if comp and out.any():
+        fg = out > 0
+        lab, n = ndi.label(fg)
+        if n > 1:
+            sizes = np.bincount(lab.ravel())[1:]
+            small = np.concatenate([[False], sizes < float(comp["min_fraction"]) * sizes.max()])
+            out = out.copy()
+            out[small[lab]] = 0
+    regions = {r["name"]: r["values"] for r in seg.get("regions", [])}
+    for rule in pp.get("fill_holes", []):
+        if rule["region"] not in regions:
+            raise ModelError(f"postprocess.fill_holes names region {rule['region']!r}, which the bundle does not declare")
+        inside = np.isin(out, regions[rule["region"]])
+        if not inside.any():
+            continue
+        filled = ndi.binary_fill_holes(inside)
+        for k in np.flatnonzero(inside.any(axis=(1, 2))):
+            filled[k] |= ndi.binary_fill_holes(inside[k])
+        new = filled & ~inside
+        if new.any():
+            out = out.copy() if out is label else out
+            out[new] = int(rule["value"])
+    return out
+
+
 def _postprocess(meta: dict, probs: np.ndarray, mgrid: Grid, ref: sitk.Image) -> np.ndarray:
     """Probabilities on the model grid -> label array on the reference grid (channel by channel)."""
     seg = _seg(meta)
@@ -497,7 +541,7 @@ def segment_images(
     probs, used = run_with_fallback(run, dev, device)
     t2 = time.perf_counter()
     report("postprocess", 0.9)
-    out = _postprocess(meta, probs, grid, ref)
+    out = clean_label(meta, _postprocess(meta, probs, grid, ref))
     label = image_on_grid(out, grid_of(ref))
     segments, regions = label_segments(meta)
     if not out.any():
