@@ -22,7 +22,7 @@ def test_evaluate_real_held_out_case_with_clicks(shared_data, tmp_path, capsys):
     print("pat0004 TC Dice by clicks:", dice)
     assert dice[0] >= 0.80          # six points alone (0.872 with model 0.1.0)
     assert max(dice) >= dice[0]     # clicks never needed to make it worse than the best so far
-    assert dice[-1] >= 0.85         # after the clicks (0.890 after 3 with model 0.1.0)
+    assert dice[-1] >= 0.88         # after the clicks (0.890 after 3 with model 0.1.0, 0.903 with 0.1.1)
     summary = list(csv.DictReader(open(out / "summary.csv")))
     assert {"region", "clicks", "n", "mean", "std", "p25", "p75"} <= set(summary[0])
 

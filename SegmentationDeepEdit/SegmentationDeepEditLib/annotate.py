@@ -10,7 +10,8 @@ Pipeline (the same :func:`prepare_input` feeds training, so train and inference 
 3. guidance channels (Gaussian heatmaps, :mod:`heatmap`) appended after the images;
 4. the network (optionally averaged over flips: test-time augmentation), sigmoid;
 5. the probability resampled back (linear) onto the part of the image's own grid that the
-   box covers, thresholded, reduced to the connected component the points enclose, and
+   box covers, thresholded (near corrective clicks by the bundle's click prior, see
+   :func:`click_threshold`), reduced to the connected component the points enclose, and
    pasted into an image of exactly the input geometry.
 """
 
@@ -26,13 +27,14 @@ import SimpleITK as sitk
 from .bundle import Bundle, get_network, load_bundle
 from .device import pick_device, run_with_fallback
 from .errors import InputError
-from .geometry import (Grid, bounding_box_grid, grid_of, image_on_grid, index_box_covering, physical_to_index,
+from .geometry import (Grid, bounding_box_grid, grid_of, image_on_grid, index_box_covering, index_to_physical,
+                       physical_to_index,
                        resample_to_grid)
 from .heatmap import gaussian_heatmap
 from .points import validate_extreme_points
 
 __all__ = ["ModelInput", "AnnotationResult", "prepare_input", "guidance_sigma_mm", "predict", "annotate",
-           "keep_enclosed_component"]
+           "keep_enclosed_component", "click_threshold"]
 
 Progress = Optional[Callable[[str, float], None]]
 
@@ -197,6 +199,39 @@ def keep_enclosed_component(mask: np.ndarray, lower: np.ndarray, upper: np.ndarr
     return (labels == keep).astype(np.uint8)
 
 
+def _voxel_centres(grid: Grid) -> np.ndarray:
+    """LPS mm of every voxel centre of a grid, as [k, j, i, 3]."""
+    size = grid.size
+    k, j, i = np.meshgrid(np.arange(size[2]), np.arange(size[1]), np.arange(size[0]), indexing="ij")
+    idx = np.stack([i, j, k], axis=-1).reshape(-1, 3)
+    return index_to_physical(grid, idx).reshape(size[2], size[1], size[0], 3)
+
+
+def click_threshold(meta: dict, grid: Grid, positive: Optional[np.ndarray], negative: Optional[np.ndarray]):
+    """The probability threshold, lowered near positive clicks and raised near negative ones.
+
+    Bundle option ``output.click_prior = {"radius_mm": r, "strength": a}``: a click says what the
+    voxels around it are, so the threshold there moves by ``a * exp(-d^2 / 2r^2)`` towards the
+    click's side (d: distance to the nearest click). Without the option, or without clicks, it is
+    the plain ``output.threshold``.
+    """
+    thr = float(meta["output"]["threshold"])
+    prior = meta["output"].get("click_prior")
+    clicks = [(np.asarray(c, float).reshape(-1, 3), sign) for c, sign in ((positive, -1.0), (negative, 1.0))
+              if c is not None and len(np.asarray(c).reshape(-1, 3))]
+    if not prior or not clicks:
+        return thr
+    r, a = float(prior["radius_mm"]), float(prior["strength"])
+    centres = _voxel_centres(grid)
+    shift = np.zeros(centres.shape[:3], np.float32)
+    for pts, sign in clicks:
+        for p in pts:
+            d2 = np.sum((centres - p) ** 2, axis=-1)
+            w = np.exp(-d2 / (2 * r * r)).astype(np.float32)
+            shift = np.where(np.abs(w) > np.abs(shift), sign * a * w, shift)
+    return thr + shift
+
+
 def annotate(
     images: Union[sitk.Image, Sequence[sitk.Image]],
     points_lps: np.ndarray,
@@ -259,7 +294,7 @@ def annotate(
         sub = sitk.RegionOfInterest(ref_grid.reference_image(), [int(v) for v in hi - lo], [int(v) for v in lo])
         prob_img = image_on_grid(prob.astype(np.float32), mi.grid)
         back = sitk.GetArrayFromImage(resample_to_grid(prob_img, grid_of(sub), default=0.0))
-        seg = back >= float(meta["output"]["threshold"])
+        seg = back >= click_threshold(meta, grid_of(sub), positive, negative)
         pidx = physical_to_index(grid_of(sub), pts)[:, ::-1]  # [k, j, i]
         seg = keep_enclosed_component(seg, pidx.min(axis=0), pidx.max(axis=0))
         full[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = seg
