@@ -408,6 +408,11 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                     wasBlocked = combo.blockSignals(True)
                     combo.currentIndex = index
                     combo.blockSignals(wasBlocked)
+            index = self.ui.batchModelComboBox.findData(p.batchModelId)  # "" (the default model) is an item too
+            if index >= 0 and index != self.ui.batchModelComboBox.currentIndex:
+                wasBlocked = self.ui.batchModelComboBox.blockSignals(True)
+                self.ui.batchModelComboBox.currentIndex = index
+                self.ui.batchModelComboBox.blockSignals(wasBlocked)
         self._updateHint()
         self._checkCanApply()
 
@@ -549,6 +554,8 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         for i, b in enumerate(from_core):
             combo.addItem(b.name + (_(" (default)") if i == 0 else ""), "" if i == 0 else b.id)
             combo.setItemData(combo.count - 1, b.description, qt.Qt.ToolTipRole)
+        if not from_core:  # not listed yet (packages missing) or none installed: the run decides
+            combo.addItem(_("default brain model"), "")
         combo.addItem(_("none: register and report only"), "none")
         p = self._parameterNode
         index = combo.findData(p.batchModelId) if p else -1
