@@ -528,6 +528,11 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                 combo.addItem(none, "")
                 combo.enabled = False
             else:
+                if combo is self.ui.modelComboBox and len(bundles) > 1:
+                    # No model named: the core picks by the image (the CT-tuned model for CT)
+                    combo.addItem(_("Automatic (by image: CT-tuned model for CT)"), "")
+                    combo.setItemData(combo.count - 1, _("The default annotation model, or the CT-tuned one when the "
+                                                         "volume is a CT (Hounsfield units)."), qt.Qt.ToolTipRole)
                 for b in bundles:
                     combo.addItem(b.name, b.id)
                     combo.setItemData(combo.count - 1, b.description, qt.Qt.ToolTipRole)
@@ -568,12 +573,14 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         if not p or index < 0:
             return
         p.modelId = self.ui.modelComboBox.itemData(index) or ""
-        bundle = self._models.get(p.modelId)
+        # "Automatic": the widgets follow the default model (both annotation models take the same inputs)
+        bundle = self._models.get(p.modelId) or next((b for b in self._models.values() if b.task == "annotation"), None)
         channels = bundle.meta.get("guidance", {}).get("channels", []) if bundle else []
         for widget, channel in ((self.ui.positivePlaceWidget, "positive"), (self.ui.negativePlaceWidget, "negative")):
             widget.enabled = channel in channels
             widget.toolTip = "" if channel in channels else _("The selected model takes no corrective clicks.")
-        self.ui.modelDescriptionLabel.text = bundle.description if bundle else ""
+        self.ui.modelDescriptionLabel.text = "" if not bundle else bundle.description if p.modelId else _(
+            "Picked for each volume: the CT-tuned annotation model for a CT, the default one otherwise.")
         # The first input is "Input volume"; multi-input models get a selector per further input
         self._buildInputSelectors("annotate", bundle.meta["inputs"][1:] if bundle else [], self.ui.annotateInputsFrame)
         self._lastAnnotateFields = None

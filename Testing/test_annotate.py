@@ -176,3 +176,21 @@ def test_positive_click_prior_adds_the_missed_part_on_a_real_case(shared_data):
     scores = [dice(m, truth) for m in (first.mask, without.mask, with_prior.mask)]
     print("pat0004 Dice: six points {:.3f}, +1 click {:.3f}, +1 click with prior {:.3f}".format(*scores))
     assert scores[2] > scores[0] and scores[2] >= scores[1]
+
+
+def test_default_model_follows_the_modality(shared_data):
+    """No model named: CT (Hounsfield units) gets the CT-tuned bundle, MRI the default one."""
+    from SegmentationDeepEditLib.annotate import default_model_for, looks_like_ct
+
+    ct = read_image(shared_data / "abdomen-ct" / "totalseg-example" / "ct.nii.gz")
+    mr = read_image(shared_data / "brain-tumor" / "tcga-du-7294" / "t1c.nii.gz")  # raw intensities
+    z = read_image(shared_data / "brain-tumor" / "brats2013-pat0004" / "t1c.nii.gz")  # z-scored
+    assert looks_like_ct(ct) and not looks_like_ct(mr) and not looks_like_ct(z)
+    assert default_model_for(ct).id == "deepedit-extreme-points-ct"
+    assert default_model_for(mr).id == "deepedit-extreme-points" == default_model_for(z).id
+    truth = read_image(shared_data / "abdomen-ct" / "totalseg-example" / "liver.nii.gz", what="label") > 0
+    r = annotate(ct, extreme_points_from_mask(truth), device="cpu")
+    assert r.model_id == "deepedit-extreme-points-ct"
+    named = annotate(ct, extreme_points_from_mask(truth), "deepedit-extreme-points", device="cpu")
+    assert named.model_id == "deepedit-extreme-points"  # a named model always wins
+    assert dice(r.mask, truth) > dice(named.mask, truth)

@@ -34,7 +34,7 @@ from .heatmap import gaussian_heatmap
 from .points import validate_extreme_points
 
 __all__ = ["ModelInput", "AnnotationResult", "prepare_input", "guidance_sigma_mm", "predict", "annotate",
-           "keep_enclosed_component", "click_threshold"]
+           "keep_enclosed_component", "click_threshold", "looks_like_ct", "default_model_for"]
 
 Progress = Optional[Callable[[str, float], None]]
 
@@ -232,6 +232,30 @@ def click_threshold(meta: dict, grid: Grid, positive: Optional[np.ndarray], nega
     return thr + shift
 
 
+def looks_like_ct(image: sitk.Image) -> bool:
+    """True for an image in Hounsfield units: at least 1 % of voxels at -500 or below (air, lung).
+
+    MR intensities are never that negative (raw values are >= 0, z-scored ones stay within a few
+    units); a CT crop without any air is not recognised and keeps the default model.
+    """
+    a = sitk.GetArrayViewFromImage(image)
+    step = max(1, int(round((a.size / 2e5) ** (1 / 3))))  # a sample of about 200,000 voxels is plenty
+    sample = np.asarray(a[::step, ::step, ::step], dtype=np.float32)
+    return bool(sample.size) and float(np.percentile(sample, 1)) <= -500.0
+
+
+def default_model_for(image: sitk.Image) -> Bundle:
+    """The annotation model used when none is named: the CT-tuned bundle for a CT image (when
+    installed), else the default annotation model. Naming a model always overrides this."""
+    from .bundle import CT_ANNOTATION_MODEL, list_bundles
+
+    if looks_like_ct(image):
+        for b in list_bundles():
+            if b.id == CT_ANNOTATION_MODEL and b.task == "annotation":
+                return b
+    return load_bundle(None)
+
+
 def annotate(
     images: Union[sitk.Image, Sequence[sitk.Image]],
     points_lps: np.ndarray,
@@ -249,7 +273,8 @@ def annotate(
     Args:
         images: the input image(s) the bundle declares (the first one defines the output grid).
         points_lps: (6, 3) LPS mm.
-        model: bundle id, folder or :class:`Bundle`; None for the default annotation model.
+        model: bundle id, folder or :class:`Bundle`; None: :func:`default_model_for` the image
+            (the CT-tuned model for CT, else the default annotation model).
         device: "auto", "cpu" or "cuda".
         tta: average the prediction over flips along each axis.
         positive, negative: corrective clicks (N, 3) LPS mm for bundles that take them.
@@ -261,12 +286,12 @@ def annotate(
     """
     t0 = time.perf_counter()
     report = progress or (lambda stage, frac: None)
-    bundle = load_bundle(model)
+    imgs = [images] if isinstance(images, sitk.Image) else list(images)
+    ref = imgs[0]
+    bundle = load_bundle(model) if model is not None else default_model_for(ref)
     meta = bundle.meta
     if meta["task"] != "annotation":
         raise InputError(f"model {bundle.id!r} is an automatic model, not an annotation model (use `deepedit segment`)")
-    imgs = [images] if isinstance(images, sitk.Image) else list(images)
-    ref = imgs[0]
     n_extreme = 6
     pts = validate_extreme_points(points_lps, ref, source=points_source, count=n_extreme)
     for extra, what in ((positive, "positive"), (negative, "negative")):

@@ -26,10 +26,12 @@ from .jsonfile import read_json
 
 __all__ = [
     "Bundle", "models_dirs", "list_bundles", "load_bundle", "verify_bundle", "build_network",
-    "load_network", "get_network", "save_bundle", "sha256_of", "DEFAULT_ANNOTATION_MODEL",
+    "load_network", "get_network", "save_bundle", "sha256_of", "DEFAULT_ANNOTATION_MODEL", "CT_ANNOTATION_MODEL",
 ]
 
 DEFAULT_ANNOTATION_MODEL = "deepedit-extreme-points"
+#: Annotation model used instead of the default for CT images, when installed (see annotate.default_model_for)
+CT_ANNOTATION_MODEL = "deepedit-extreme-points-ct"
 _SCHEMA_PATH = Path(__file__).with_name("schemas") / "bundle.schema.json"
 _REPO_MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models"
 

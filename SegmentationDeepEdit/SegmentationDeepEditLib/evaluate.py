@@ -75,12 +75,15 @@ def evaluate(cases: List[EvalCase], model=None, *, clicks: int = 5, seed: int = 
 
     from .bundle import load_bundle
 
-    bundle = load_bundle(model)
-    if "positive" not in bundle.meta.get("guidance", {}).get("channels", []):
-        clicks = 0  # the model takes no corrective clicks: six points only
+    from .annotate import default_model_for
+
+    named = load_bundle(model) if model is not None else None
     rows: List[dict] = []
     for ci, case in enumerate(cases):
         image = read_image(case.image)
+        bundle = named or default_model_for(image)  # no model named: the one `deepedit annotate` would use
+        n_clicks = clicks if "positive" in bundle.meta.get("guidance", {}).get("channels", []) else 0
+        note = "" if named else f"model {bundle.id} {bundle.version}"
         label = read_image(case.label, what="label")
         if label.GetSize() != image.GetSize() or not np.allclose(label.GetOrigin(), image.GetOrigin(), atol=1e-3):
             raise InputError(f"label geometry differs from the image {case.image.name}", case.label)
@@ -96,7 +99,7 @@ def evaluate(cases: List[EvalCase], model=None, *, clicks: int = 5, seed: int = 
             pos: List[np.ndarray] = []
             neg: List[np.ndarray] = []
             t0 = time.perf_counter()
-            for k in range(clicks + 1):
+            for k in range(n_clicks + 1):
                 t = time.perf_counter()
                 r = annotate(image, pts, bundle, device=device, tta=tta,
                              positive=np.asarray(pos).reshape(-1, 3) if pos else None,
@@ -104,8 +107,8 @@ def evaluate(cases: List[EvalCase], model=None, *, clicks: int = 5, seed: int = 
                 pred = sitk.GetArrayViewFromImage(r.mask) > 0
                 d = dice(pred, t_arr)
                 rows.append({"case": case.name, "region": region, "clicks": k, "dice": round(d, 4),
-                             "seconds": round(time.perf_counter() - t, 3), "note": ""})
-                if k == clicks:
+                             "seconds": round(time.perf_counter() - t, 3), "note": note})
+                if k == n_clicks:
                     break
                 c = _click(pred, t_arr, truth)
                 if c is None:
