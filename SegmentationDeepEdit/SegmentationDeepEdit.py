@@ -1121,14 +1121,17 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
         return bool(client is not None and client.running)
 
     @staticmethod
-    def stopWorker(kill: bool = False) -> None:
-        """Stop the worker (kill: at once, for Cancel) and delete its exchange files."""
-        client = SegmentationDeepEditLogic._client
+    def _stopClient(client, kill: bool) -> None:
         if client is None:
             return
         if kill:
             client.kill()
         client.close()
+
+    @staticmethod
+    def stopWorker(kill: bool = False) -> None:
+        """Stop the worker (kill: at once, for Cancel) and delete its exchange files."""
+        SegmentationDeepEditLogic._stopClient(SegmentationDeepEditLogic._client, kill)
         SegmentationDeepEditLogic._exchangeFiles = {}
 
     @classmethod
@@ -1147,12 +1150,8 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def stopBatchWorker(kill: bool = False) -> None:
-        client = SegmentationDeepEditLogic._batchClient
-        if client is None:
-            return
-        if kill:
-            client.kill()
-        client.close()
+        """Stop the batch worker (kill: at once, with the study processes it started)."""
+        SegmentationDeepEditLogic._stopClient(SegmentationDeepEditLogic._batchClient, kill)
 
     def sendBatchRequest(self, op: str, fields: dict) -> int:
         return self.batchWorker().send(op, **fields)

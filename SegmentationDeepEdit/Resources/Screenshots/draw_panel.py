@@ -52,16 +52,21 @@ def row(ax, y, name, draw):
     draw(y)
 
 
-def main() -> None:
-    fig = plt.figure(figsize=(W / 100, H / 100), dpi=100)
+def canvas(height: int, title: str):
+    """A figure of the panel's width with the drawing's title lines; returns (figure, axes)."""
+    fig = plt.figure(figsize=(W / 100, height / 100), dpi=100)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.set_xlim(0, W)
-    ax.set_ylim(H, 0)
+    ax.set_ylim(height, 0)
     ax.axis("off")
-    ax.add_patch(Rectangle((0, 0), W, H, fc="#eef1f4", ec="none"))
-
-    label(ax, 12, 16, "Drawing of the module panel (not a screenshot)", size=10, color="#b03030", weight="bold")
+    ax.add_patch(Rectangle((0, 0), W, height, fc="#eef1f4", ec="none"))
+    label(ax, 12, 16, f"Drawing of the {title} (not a screenshot)", size=10, color="#b03030", weight="bold")
     label(ax, 12, 34, "Layout of Resources/UI/SegmentationDeepEdit.ui; names and numbers are illustrative", size=8, color="#55606b")
+    return fig, ax
+
+
+def main() -> None:
+    fig, ax = canvas(H, "module panel")
 
     # tabs
     box(ax, 12, 50, 90, 24, "Annotate", fc="#ffffff", bold=True, align="center")
@@ -122,14 +127,7 @@ def main() -> None:
 def draw_batch_tab() -> None:
     """The Batch tab after a run: settings, the study table, load for review."""
     h = 560
-    fig = plt.figure(figsize=(W / 100, h / 100), dpi=100)
-    ax = fig.add_axes([0, 0, 1, 1])
-    ax.set_xlim(0, W)
-    ax.set_ylim(h, 0)
-    ax.axis("off")
-    ax.add_patch(Rectangle((0, 0), W, h, fc="#eef1f4", ec="none"))
-    label(ax, 12, 16, "Drawing of the Batch tab (not a screenshot)", size=10, color="#b03030", weight="bold")
-    label(ax, 12, 34, "Layout of Resources/UI/SegmentationDeepEdit.ui; names and numbers are illustrative", size=8, color="#55606b")
+    fig, ax = canvas(h, "Batch tab")
     box(ax, 12, 50, 90, 24, "Annotate", fc="#dde2e7", align="center")
     box(ax, 102, 50, 110, 24, "Auto-segment", fc="#dde2e7", align="center")
     box(ax, 212, 50, 70, 24, "Batch", fc="#ffffff", bold=True, align="center")
