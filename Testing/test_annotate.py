@@ -194,3 +194,20 @@ def test_default_model_follows_the_modality(shared_data):
     named = annotate(ct, extreme_points_from_mask(truth), "deepedit-extreme-points", device="cpu")
     assert named.model_id == "deepedit-extreme-points"  # a named model always wins
     assert dice(r.mask, truth) > dice(named.mask, truth)
+
+
+def test_click_distance_is_exact_on_an_oblique_grid():
+    from SegmentationDeepEditLib.annotate import _distance2_mm
+    from SegmentationDeepEditLib.geometry import grid_of, index_to_physical
+
+    img = sitk.Image([7, 5, 4], sitk.sitkUInt8)
+    img.SetSpacing([0.8, 1.3, 2.5])
+    img.SetOrigin([10.0, -20.0, 5.0])
+    rot = sitk.VersorTransform([0.3, -0.2, 0.9], 0.7).GetMatrix()
+    img.SetDirection(rot)
+    grid = grid_of(img)
+    p = np.array([12.0, -17.0, 9.0])
+    k, j, i = np.meshgrid(np.arange(4), np.arange(5), np.arange(7), indexing="ij")
+    centres = index_to_physical(grid, np.stack([i, j, k], -1).reshape(-1, 3)).reshape(4, 5, 7, 3)
+    brute = np.sum((centres - p) ** 2, axis=-1)
+    assert np.allclose(_distance2_mm(grid, p), brute, rtol=1e-5, atol=1e-3)

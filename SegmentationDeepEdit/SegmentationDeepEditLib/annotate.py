@@ -27,8 +27,7 @@ import SimpleITK as sitk
 from .bundle import Bundle, get_network, load_bundle
 from .device import pick_device, run_with_fallback
 from .errors import InputError
-from .geometry import (Grid, bounding_box_grid, grid_of, image_on_grid, index_box_covering, index_to_physical,
-                       physical_to_index,
+from .geometry import (Grid, bounding_box_grid, grid_of, image_on_grid, index_box_covering, physical_to_index,
                        resample_to_grid)
 from .heatmap import gaussian_heatmap
 from .points import validate_extreme_points
@@ -199,12 +198,16 @@ def keep_enclosed_component(mask: np.ndarray, lower: np.ndarray, upper: np.ndarr
     return (labels == keep).astype(np.uint8)
 
 
-def _voxel_centres(grid: Grid) -> np.ndarray:
-    """LPS mm of every voxel centre of a grid, as [k, j, i, 3]."""
-    size = grid.size
-    k, j, i = np.meshgrid(np.arange(size[2]), np.arange(size[1]), np.arange(size[0]), indexing="ij")
-    idx = np.stack([i, j, k], axis=-1).reshape(-1, 3)
-    return index_to_physical(grid, idx).reshape(size[2], size[1], size[0], 3)
+def _distance2_mm(grid: Grid, point_lps: np.ndarray) -> np.ndarray:
+    """Squared distance (mm², float32 [k, j, i]) from every voxel centre of the grid to one point.
+
+    The direction cosines are orthonormal, so in the grid's own axes the distance separates into
+    three 1-D terms: one array of the grid's size, whatever the orientation.
+    """
+    d = np.asarray(grid.direction, float).reshape(3, 3)
+    q = d.T @ (np.asarray(point_lps, float) - np.asarray(grid.origin, float))  # mm along index axes i, j, k
+    terms = [((np.arange(n) * sp - qq) ** 2).astype(np.float32) for n, sp, qq in zip(grid.size, grid.spacing, q)]
+    return terms[2][:, None, None] + terms[1][None, :, None] + terms[0][None, None, :]
 
 
 def click_threshold(meta: dict, grid: Grid, positive: Optional[np.ndarray], negative: Optional[np.ndarray]):
@@ -212,8 +215,8 @@ def click_threshold(meta: dict, grid: Grid, positive: Optional[np.ndarray], nega
 
     Bundle option ``output.click_prior = {"radius_mm": r, "strength": a}``: a click says what the
     voxels around it are, so the threshold there moves by ``a * exp(-d^2 / 2r^2)`` towards the
-    click's side (d: distance to the nearest click). Without the option, or without clicks, it is
-    the plain ``output.threshold``.
+    click's side (d: distance to the click; the nearest, strongest click wins). Without the
+    option, or without clicks, it is the plain ``output.threshold``.
     """
     thr = float(meta["output"]["threshold"])
     prior = meta["output"].get("click_prior")
@@ -222,13 +225,11 @@ def click_threshold(meta: dict, grid: Grid, positive: Optional[np.ndarray], nega
     if not prior or not clicks:
         return thr
     r, a = float(prior["radius_mm"]), float(prior["strength"])
-    centres = _voxel_centres(grid)
-    shift = np.zeros(centres.shape[:3], np.float32)
+    shift = np.zeros(grid.size[::-1], np.float32)
     for pts, sign in clicks:
         for p in pts:
-            d2 = np.sum((centres - p) ** 2, axis=-1)
-            w = np.exp(-d2 / (2 * r * r)).astype(np.float32)
-            shift = np.where(np.abs(w) > np.abs(shift), sign * a * w, shift)
+            w = np.float32(a) * np.exp(_distance2_mm(grid, p) / np.float32(-2 * r * r))
+            shift = np.where(w > np.abs(shift), np.float32(sign) * w, shift)
     return thr + shift
 
 
