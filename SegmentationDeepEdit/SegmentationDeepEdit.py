@@ -169,7 +169,7 @@ class SegmentationDeepEditParameterNode:
     tta - average the prediction over flips (slower, slightly smoother).
     autoUpdate - run when the sixth point is placed and whenever a point is moved or added.
     autoModelId, autoOutputSegmentation, autoDevice, autoTta, autoFast - the Auto-segment tab.
-    batchInputDir, batchOutputDir, batchModelId ("" = default brain model, "none" = register only),
+    batchInputDir, batchOutputDir, batchMappingFile (optional), batchModelId ("" = default brain model, "none" = register only),
     batchWorkers, batchResume - the Batch tab (the settings of ``deepedit batch``).
     (The extra input volumes of multi-input models are node references of the parameter node,
     roles "annotateInput.<name>" and "autoInput.<name>".)
@@ -192,6 +192,7 @@ class SegmentationDeepEditParameterNode:
     autoFast: bool = False
     batchInputDir: pathlib.Path
     batchOutputDir: pathlib.Path
+    batchMappingFile: pathlib.Path
     batchModelId: str = ""
     batchWorkers: Annotated[int, WithinRange(1, 64)] = 1
     batchResume: bool = False
@@ -1175,7 +1176,7 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
 
         p = parameterNode
         return batch_request(p.batchInputDir, p.batchOutputDir, model=p.batchModelId, workers=p.batchWorkers,
-                             resume=p.batchResume, device=p.autoDevice, plan_only=planOnly)
+                             resume=p.batchResume, device=p.autoDevice, mapping=p.batchMappingFile, plan_only=planOnly)
 
     @staticmethod
     def batchTableRows(plans: list, outputDir) -> list:

@@ -218,6 +218,11 @@ def test_batch_request_from_the_batch_tab(tmp_path):
     assert fields == {"input_dir": str(studies), "output_dir": str(tmp_path / "out"), "model": None, "workers": 2,
                       "resume": True, "device": "cpu"}
     assert SB.batch_request(studies, tmp_path / "out", model="none")["model"] == "none"
+    with pytest.raises(InputError, match="mapping file does not exist"):
+        SB.batch_request(studies, tmp_path / "out", mapping=tmp_path / "map.json")
+    (tmp_path / "map.json").write_text("{}")
+    assert SB.batch_request(studies, ".", mapping=tmp_path / "map.json", plan_only=True)["mapping"] == str(tmp_path / "map.json")
+    assert "mapping" not in SB.batch_request(studies, ".", mapping=".", plan_only=True)
 
 
 def test_batch_model_choices_are_brain_models_default_first():

@@ -383,17 +383,19 @@ def _chosen_folder(value: Any) -> str:
 
 
 def batch_request(input_dir: Any, output_dir: Any, *, model: str = "", workers: int = 1, resume: bool = False,
-                  device: str = "auto", plan_only: bool = False) -> Dict[str, Any]:
+                  device: str = "auto", mapping: Any = None, plan_only: bool = False) -> Dict[str, Any]:
     """The worker's ``batch`` (or ``batch_plan``) request for the Batch tab's settings.
 
     Args:
         input_dir, output_dir: folders from the tab's path widgets (``Path(".")`` or "" = not chosen).
         model: "" (the default brain model), "none" (register and report only) or a bundle id.
         workers: studies processed at once.
+        mapping: optional mapping file overriding identification (unset: "" or ".").
         plan_only: the request of "Find studies" (a dry run: no output folder needed).
 
     Raises:
-        InputError: a folder is not chosen or does not exist, or ``workers`` is below 1.
+        InputError: a folder is not chosen or does not exist, a mapping file is given but missing,
+            or ``workers`` is below 1.
     """
     inp, out = _chosen_folder(input_dir), _chosen_folder(output_dir)
     if not inp:
@@ -401,6 +403,11 @@ def batch_request(input_dir: Any, output_dir: Any, *, model: str = "", workers: 
     if not Path(inp).is_dir():
         raise InputError("the folder of studies does not exist", inp)
     fields: Dict[str, Any] = {"input_dir": inp}
+    mapping_file = _chosen_folder(mapping)
+    if mapping_file:
+        if not Path(mapping_file).is_file():
+            raise InputError("the mapping file does not exist", mapping_file)
+        fields["mapping"] = mapping_file
     if plan_only:
         return fields
     if not out:

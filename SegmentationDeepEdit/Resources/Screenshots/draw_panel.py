@@ -126,7 +126,7 @@ def main() -> None:
 
 def draw_batch_tab() -> None:
     """The Batch tab after a run: settings, the study table, load for review."""
-    h = 560
+    h = 588
     fig, ax = canvas(h, "Batch tab")
     box(ax, 12, 50, 90, 24, "Annotate", fc="#dde2e7", align="center")
     box(ax, 102, 50, 110, 24, "Auto-segment", fc="#dde2e7", align="center")
@@ -137,21 +137,23 @@ def draw_batch_tab() -> None:
                                              box(ax, x1 + w1 - 26, y, 26, 22, "...", fc="#f4f6f8", align="center")))
     row(ax, 114, "Output folder:", lambda y: (box(ax, x1, y, w1 - 30, 22, "/data/labelled/2026-11"),
                                             box(ax, x1 + w1 - 26, y, 26, 22, "...", fc="#f4f6f8", align="center")))
-    row(ax, 142, "Model:", lambda y: combo(ax, x1, y, w1, "Glioma regions (default)"))
-    row(ax, 170, "Parallel studies:", lambda y: box(ax, x1, y, 60, 22, "1"))
-    row(ax, 198, "Resume:", lambda y: box(ax, x1, y + 4, 14, 14))
+    row(ax, 142, "Mapping file:", lambda y: (box(ax, x1, y, w1 - 30, 22, "(optional)", color="#8a939c"),
+                                            box(ax, x1 + w1 - 26, y, 26, 22, "...", fc="#f4f6f8", align="center")))
+    row(ax, 170, "Model:", lambda y: combo(ax, x1, y, w1, "Glioma regions (default)"))
+    row(ax, 198, "Parallel studies:", lambda y: box(ax, x1, y, 60, 22, "1"))
+    row(ax, 226, "Resume:", lambda y: box(ax, x1, y + 4, 14, 14))
     bw = (W - 48 - 16) / 3
     for i, (text, fc) in enumerate([("Find studies", "#f4f6f8"), ("Run", "#d7e6fb"), ("Cancel", "#f4f6f8")]):
-        box(ax, 22 + i * (bw + 8), 228, bw, 26, text, fc=fc, align="center", rounded=True, bold=text == "Run")
-    box(ax, 22, 264, W - 44, 20, fc="#ffffff")
-    ax.add_patch(Rectangle((23, 265), (W - 46) * 0.67, 18, fc="#8fc1f2", ec="none"))
-    ax.text(22 + (W - 44) / 2, 274, "67% 2/3 studies (case-b: done)", va="center", ha="center", fontsize=8.5, family=FONT)
+        box(ax, 22 + i * (bw + 8), 256, bw, 26, text, fc=fc, align="center", rounded=True, bold=text == "Run")
+    box(ax, 22, 292, W - 44, 20, fc="#ffffff")
+    ax.add_patch(Rectangle((23, 293), (W - 46) * 0.67, 18, fc="#8fc1f2", ec="none"))
+    ax.text(22 + (W - 44) / 2, 302, "67% 2/3 studies (case-b: done)", va="center", ha="center", fontsize=8.5, family=FONT)
     cols = [("Study", 54), ("Status", 90), ("Sequences", 132), ("Secs", 40), ("QC", W - 44 - 316)]
     rows = [("case-a", "done", "t1c (reference), t2, flair", "31.8", "registration ok; WT=42 mL"),
             ("case-b", "done, review", "t1c (reference), t1, t2", "27.0", "review: 1 flagged; WT=18 mL"),
             ("case-c", "running", "t1c (reference), flair", "", ""),
             ("case-d", "will fail: no T1c", "t2, flair", "", "")]
-    y = 294
+    y = 322
     x = 22
     for name, w in cols:
         box(ax, x, y, w, 20, name, fc="#e4e8ec", size=8, bold=True)
@@ -162,11 +164,11 @@ def draw_batch_tab() -> None:
         for (name, w), v in zip(cols, values):
             box(ax, x, y + 20 * (r + 1), w, 20, v, fc=fc, size=7.5)
             x += w
-    box(ax, 22, 404, W - 44, 26, "Load selected study for review", fc="#f4f6f8", align="center", rounded=True)
-    label(ax, 22, 446, "3 studies: 2 done, 0 failed, 0 skipped", size=9)
-    label(ax, 22, 472, "The same run as  deepedit batch IN -o OUT  (one code path, in a worker", size=8, color="#55606b", style="italic")
-    label(ax, 22, 488, "process of its own): Cancel keeps finished studies, Resume finishes the rest.", size=8, color="#55606b", style="italic")
-    label(ax, 22, 504, "Load: registered volumes + segmentation, ready for the Segment Editor.", size=8, color="#55606b", style="italic")
+    box(ax, 22, 432, W - 44, 26, "Load selected study for review", fc="#f4f6f8", align="center", rounded=True)
+    label(ax, 22, 474, "3 studies: 2 done, 0 failed, 0 skipped", size=9)
+    label(ax, 22, 500, "The same run as  deepedit batch IN -o OUT  (one code path, in a worker", size=8, color="#55606b", style="italic")
+    label(ax, 22, 516, "process of its own): Cancel keeps finished studies, Resume finishes the rest.", size=8, color="#55606b", style="italic")
+    label(ax, 22, 532, "Load: registered volumes + segmentation, ready for the Segment Editor.", size=8, color="#55606b", style="italic")
     fig.savefig(OUT_BATCH, dpi=100)
     print(OUT_BATCH)
 
