@@ -45,22 +45,31 @@ class EvalCase:
     regions: List[str]
 
 
+def _case_entries(path: Path, required, hint: str = "") -> list:
+    """(number from 1, entry) of a cases file's ``cases``, each checked to have the ``required`` keys.
+
+    Raises:
+        InputError: unreadable file, an entry lacking a key (``hint`` is appended), or no cases.
+    """
+    p = Path(path)
+    entries = list(enumerate(read_json(p, "cases file").get("cases", []), start=1))
+    for n, c in entries:
+        missing = [k for k in required if k not in c]
+        if missing:
+            raise InputError(f"case {n} lacks {', '.join(missing)}{hint}", p)
+    if not entries:
+        raise InputError("no cases in the file", p)
+    return entries
+
+
 def load_cases(path: Path, data_root: Path) -> List[EvalCase]:
     """Read a cases file: ``{"cases": [{"name", "image", "label", "convention", "regions"}]}``.
 
     Relative paths are taken relative to ``data_root``.
     """
-    p = Path(path)
-    doc = read_json(p, "cases file")
-    out = []
-    for n, c in enumerate(doc.get("cases", []), start=1):
-        missing = [k for k in ("image", "label", "convention", "regions") if k not in c]
-        if missing:
-            raise InputError(f"case {n} lacks {', '.join(missing)}", p)
-        out.append(EvalCase(c.get("name", f"case{n}"), data_root / c["image"], data_root / c["label"], c["convention"], list(c["regions"])))
-    if not out:
-        raise InputError("no cases in the file", p)
-    return out
+    return [EvalCase(c.get("name", f"case{n}"), data_root / c["image"], data_root / c["label"], c["convention"],
+                     list(c["regions"]))
+            for n, c in _case_entries(path, ("image", "label", "convention", "regions"))]
 
 
 def evaluate(cases: List[EvalCase], model=None, *, clicks: int = 5, seed: int = 0, jitter_mm: float = 1.0,
@@ -227,18 +236,12 @@ class AutoCase:
 def load_auto_cases(path: Path, data_root: Path) -> List[AutoCase]:
     """Read a cases file for automatic models: ``{"cases": [{"name", "images": {input: path}, "label",
     "convention", "regions": [names] or {output region: truth region}}]}`` (paths relative to ``data_root``)."""
-    p = Path(path)
-    doc = read_json(p, "cases file")
     out = []
-    for n, c in enumerate(doc.get("cases", []), start=1):
-        missing = [k for k in ("images", "label", "convention", "regions") if k not in c]
-        if missing:
-            raise InputError(f"case {n} lacks {', '.join(missing)} (automatic models need 'images': {{input: path}})", p)
+    for n, c in _case_entries(path, ("images", "label", "convention", "regions"),
+                              " (automatic models need 'images': {input: path})"):
         regions = c["regions"] if isinstance(c["regions"], dict) else {r: r for r in c["regions"]}
         out.append(AutoCase(c.get("name", f"case{n}"), {k: data_root / v for k, v in c["images"].items()},
                             data_root / c["label"], c["convention"], dict(regions)))
-    if not out:
-        raise InputError("no cases in the file", p)
     return out
 
 

@@ -376,8 +376,8 @@ def segments_from_result(result: Dict[str, Any]) -> List[Dict[str, Any]]:
 # --------------------------------------------------------------------------------------
 
 
-def _chosen_folder(value: Any) -> str:
-    """A folder chosen in a path widget, or "" when none is (a pathlib.Path parameter left unset reads ".")."""
+def _chosen_path(value: Any) -> str:
+    """A folder or file chosen in a path widget, or "" when none is (a pathlib.Path parameter left unset reads ".")."""
     text = "" if value is None else str(value).strip()
     return "" if text in ("", ".") else text
 
@@ -397,13 +397,13 @@ def batch_request(input_dir: Any, output_dir: Any, *, model: str = "", workers: 
         InputError: a folder is not chosen or does not exist, a mapping file is given but missing,
             or ``workers`` is below 1.
     """
-    inp, out = _chosen_folder(input_dir), _chosen_folder(output_dir)
+    inp, out = _chosen_path(input_dir), _chosen_path(output_dir)
     if not inp:
         raise InputError("choose the folder of studies first")
     if not Path(inp).is_dir():
         raise InputError("the folder of studies does not exist", inp)
     fields: Dict[str, Any] = {"input_dir": inp}
-    mapping_file = _chosen_folder(mapping)
+    mapping_file = _chosen_path(mapping)
     if mapping_file:
         if not Path(mapping_file).is_file():
             raise InputError("the mapping file does not exist", mapping_file)
