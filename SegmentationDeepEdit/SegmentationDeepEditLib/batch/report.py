@@ -250,13 +250,15 @@ def table_rows(plans: Sequence[Dict[str, Any]] = (), output_dir: Optional[Path] 
     Returns:
         Rows ``{column: text}`` with the keys :data:`TABLE_COLUMNS`.
     """
+    from .manifest import MANIFEST_NAME  # not at the top: manifest imports this module (write_json)
+
     rows: Dict[str, Dict[str, str]] = {}
     for plan in plans:
         row = _plan_row(plan)
         rows[row["study"]] = row
     studies: Dict[str, Any] = {}
     if output_dir is not None:
-        mpath = Path(output_dir) / "manifest.json"
+        mpath = Path(output_dir) / MANIFEST_NAME
         if mpath.is_file():
             try:
                 studies = json.loads(mpath.read_text(encoding="utf-8")).get("studies") or {}
@@ -289,15 +291,13 @@ def review_files(output_dir: Path, study: str) -> Dict[str, Any]:
         InputError: the study has no finished output in ``output_dir``.
     """
     from ..errors import InputError
+    from ..jsonfile import read_json
 
     folder = Path(output_dir) / study
     rpath = folder / "report.json"
     if not study or not rpath.is_file():
         raise InputError(f"study {study!r} has no finished output here (no report.json); run the batch first", folder)
-    try:
-        report = json.loads(rpath.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise InputError(f"the report of study {study!r} is not valid JSON ({e})", rpath) from None
+    report = read_json(rpath, f"report of study {study!r}")
     files = set(report.get("files") or [])
     ref = (report.get("reference") or {}).get("sequence")
     order = ([ref] if ref else []) + [s for s in SEQUENCES if s != ref]
