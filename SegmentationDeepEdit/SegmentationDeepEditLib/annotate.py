@@ -33,7 +33,7 @@ from .heatmap import gaussian_heatmap
 from .points import validate_extreme_points
 
 __all__ = ["ModelInput", "AnnotationResult", "prepare_input", "guidance_sigma_mm", "predict", "annotate",
-           "keep_enclosed_component", "click_threshold", "looks_like_ct", "default_model_for"]
+           "keep_enclosed_component", "click_threshold", "looks_like_ct", "default_model_for", "normalise_input"]
 
 Progress = Optional[Callable[[str, float], None]]
 
@@ -84,17 +84,25 @@ class AnnotationResult:
         return n * float(np.prod(self.mask.GetSpacing())) / 1000.0
 
 
-def _normalise(arr: np.ndarray, inside: np.ndarray, spec: dict) -> np.ndarray:
-    out = np.zeros_like(arr, dtype=np.float32)
-    if not inside.any():
-        return out
-    vals = arr[inside]
+def normalise_input(arr: np.ndarray, inside: np.ndarray, spec: dict, min_voxels: int = 1) -> np.ndarray:
+    """One input channel normalised as its bundle input ``spec`` says; 0 outside ``inside``.
+
+    ``ct_window``: HU clipped to ``window`` and scaled to [0, 1]. ``zscore``: mean 0, std 1 over the
+    voxels inside (only the non-zero ones with ``foreground: "nonzero"``: a skull-stripped brain);
+    fewer than ``min_voxels`` of them give an all-zero channel. Used by annotation and by
+    automatic segmentation, so both normalise the same way.
+    """
+    out = np.zeros(arr.shape, dtype=np.float32)
     if spec["normalization"] == "ct_window":
         lo, hi = spec.get("window", (-200.0, 300.0))
-        out[inside] = (np.clip(vals, lo, hi) - lo) / (hi - lo)
-    else:
-        mean, std = float(vals.mean()), float(vals.std())
-        out[inside] = (vals - mean) / (std if std > 1e-6 else 1.0)
+        out[inside] = (np.clip(arr[inside], lo, hi) - lo) / (hi - lo)
+        return out
+    fg = inside & (arr != 0) if spec.get("foreground") == "nonzero" else inside
+    if fg.sum() < max(min_voxels, 1):
+        return out
+    vals = arr[fg]
+    mean, std = float(vals.mean()), float(vals.std())
+    out[fg] = (vals - mean) / (std if std > 1e-6 else 1.0)
     return out
 
 
@@ -132,7 +140,7 @@ def prepare_input(
         arr = sitk.GetArrayFromImage(resample_to_grid(f, grid, default=np.nan))
         ins = np.isfinite(arr)
         inside = ins if inside is None else inside
-        channels.append(_normalise(np.nan_to_num(arr), ins, spec))
+        channels.append(normalise_input(np.nan_to_num(arr), ins, spec))
     clicks = {"extreme": points_lps, "positive": positive, "negative": negative}
     guidance = meta.get("guidance", {"channels": [], "sigma_mm": 1.0})
     for name in guidance["channels"]:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from .annotate import normalise_input
 from .bundle import Bundle, get_network, load_bundle
 from .device import cpu_supports_bf16, pick_device, run_with_fallback
 from .errors import InputError, ModelError
@@ -223,21 +224,6 @@ def model_grid(meta: dict, reference: sitk.Image, *, fast: bool = False) -> Grid
     return grid
 
 
-def _normalise(arr: np.ndarray, inside: np.ndarray, spec: dict) -> np.ndarray:
-    out = np.zeros(arr.shape, dtype=np.float32)
-    if spec["normalization"] == "ct_window":
-        lo, hi = spec.get("window", (-200.0, 300.0))
-        out[inside] = (np.clip(arr[inside], lo, hi) - lo) / (hi - lo)
-        return out
-    fg = inside & (arr != 0) if spec.get("foreground") == "nonzero" else inside
-    if fg.sum() < 10:
-        return out
-    vals = arr[fg]
-    mean, std = float(vals.mean()), float(vals.std())
-    out[fg] = (vals - mean) / (std if std > 1e-6 else 1.0)
-    return out
-
-
 def prepare_volume(meta: dict, images: Mapping[str, Optional[sitk.Image]], grid: Grid) -> np.ndarray:
     """Network input [C, k, j, i] float32 on the model grid, one channel per bundle input (zeros when missing)."""
     chans = []
@@ -255,11 +241,11 @@ def prepare_volume(meta: dict, images: Mapping[str, Optional[sitk.Image]], grid:
             f.SetUseNearestNeighborExtrapolator(True)
             f.SetOutputPixelType(sitk.sitkFloat32)
             a = sitk.GetArrayFromImage(f.Execute(sitk.Cast(img, sitk.sitkFloat32)))
-            chans.append(_normalise(a, np.ones(a.shape, bool), spec))
+            chans.append(normalise_input(a, np.ones(a.shape, bool), spec, min_voxels=10))
             continue
         a = sitk.GetArrayFromImage(resample_to_grid(sitk.Cast(img, sitk.sitkFloat32), grid, default=np.nan))
         inside = np.isfinite(a)
-        chans.append(_normalise(np.nan_to_num(a), inside, spec))
+        chans.append(normalise_input(np.nan_to_num(a), inside, spec, min_voxels=10))
     return np.stack(chans).astype(np.float32)
 
 
