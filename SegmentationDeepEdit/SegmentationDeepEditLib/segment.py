@@ -41,7 +41,7 @@ from .geometry import (Grid, bounding_box_grid, corners_lps, grid_of, image_on_g
                        index_to_physical, resample_to_grid)
 
 __all__ = ["SegmentResult", "Cancelled", "check_inputs", "align_inputs", "model_grid", "prepare_volume",
-           "d4_transforms", "TTA_LEVELS_2D", "predict_volume", "probabilities_to_label", "segment_images",
+           "d4_transforms", "TTA_LEVELS_2D", "predict_volume", "segment_images",
            "label_segments", "clean_label"]
 
 Progress = Optional[Callable[[str, float], None]]
@@ -367,19 +367,6 @@ def predict_volume(net, array: np.ndarray, meta: dict, device, *, tta: int = 0, 
             done[0] += 1
             report("inference", done[0] / len(flips))
     return (acc / len(flips))[0].cpu().numpy()
-
-
-def probabilities_to_label(meta: dict, probs: np.ndarray) -> np.ndarray:
-    """Label values [k, j, i] uint8 from probabilities [C_out, k, j, i] (regions or classes)."""
-    seg = _seg(meta)
-    out = np.zeros(probs.shape[1:], np.uint8)
-    if seg["output_kind"] == "regions":
-        thr = float(meta["output"]["threshold"])
-        for r in seg["paint"]:  # outermost first: later regions overwrite
-            out[probs[int(r["channel"])] >= thr] = int(r["value"])
-        return out
-    values = np.asarray(seg["class_values"], np.uint8)
-    return values[np.argmax(probs, axis=0)]
 
 
 def label_segments(meta: dict) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
