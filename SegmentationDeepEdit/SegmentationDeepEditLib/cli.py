@@ -168,7 +168,7 @@ def _cmd_segment(args) -> dict:
     from .bundle import load_bundle
     from .imageio import check_output_path, read_image, write_segmentation
     from .progress import StageProgress
-    from .segment import segment_images
+    from .segment import check_input_names, segment_images
 
     paths = {}
     for item in args.input:
@@ -182,12 +182,7 @@ def _cmd_segment(args) -> dict:
     if b.task != "segmentation":
         raise InputError(f"model {b.id!r} is an annotation model; use `deepedit annotate` (automatic models: "
                          "see `deepedit models list`)")
-    known = [i["name"] for i in b.meta["inputs"]]
-    extra = [n for n in paths if n not in known]
-    if extra:
-        raise InputError(f"model {b.id!r} has no input named {', '.join(map(repr, extra))}; its inputs are "
-                         + ", ".join(n + (" (optional)" if i.get("optional") else "") for n, i in
-                                     ((i["name"], i) for i in b.meta["inputs"])))
+    check_input_names(b.meta, paths)  # before reading anything
     out = check_output_path(Path(args.output), inputs=list(paths.values()), overwrite=args.overwrite)
     images = {n: read_image(p) for n, p in paths.items()}
     tta = 0 if args.no_tta else args.tta

@@ -40,7 +40,7 @@ from .errors import InputError, ModelError
 from .geometry import (Grid, bounding_box_grid, corners_lps, grid_of, image_on_grid, index_box_covering,
                        index_to_physical, resample_to_grid)
 
-__all__ = ["SegmentResult", "Cancelled", "check_inputs", "align_inputs", "model_grid", "prepare_volume",
+__all__ = ["SegmentResult", "Cancelled", "check_input_names", "check_inputs", "align_inputs", "model_grid", "prepare_volume",
            "d4_transforms", "TTA_LEVELS_2D", "predict_volume", "segment_images",
            "label_segments", "clean_label"]
 
@@ -101,6 +101,24 @@ def _seg(meta: dict) -> dict:
     return meta["segmentation"]
 
 
+def check_input_names(meta: dict, names) -> None:
+    """Refuse input names the bundle does not declare, and missing required inputs (before any image is read).
+
+    Raises:
+        InputError: naming the bundle's inputs.
+    """
+    specs = meta["inputs"]
+    declared = [s["name"] for s in specs]
+    extra = sorted(set(names) - set(declared))
+    if extra:
+        raise InputError(f"model {meta['id']!r} has no input named {', '.join(map(repr, extra))}; its inputs are "
+                         f"{', '.join(_describe_input(s) for s in specs)}")
+    missing = [s["name"] for s in specs if s["name"] not in names and not s.get("optional")]
+    if missing:
+        raise InputError(f"model {meta['id']!r} needs input(s) {', '.join(missing)} (give each as --input NAME=PATH; "
+                         f"its inputs are {', '.join(_describe_input(s) for s in specs)})")
+
+
 def check_inputs(meta: dict, images: Mapping[str, Optional[sitk.Image]],
                  sources: Optional[Mapping[str, str]] = None) -> Tuple[Dict[str, Optional[sitk.Image]], List[str]]:
     """Match the given images to the bundle's inputs by name.
@@ -112,17 +130,9 @@ def check_inputs(meta: dict, images: Mapping[str, Optional[sitk.Image]],
         InputError: unknown names, missing required inputs, or images that are not 3D scalar.
     """
     specs = meta["inputs"]
-    names = [s["name"] for s in specs]
     sources = sources or {}
     given = {k: v for k, v in images.items() if v is not None}
-    extra = sorted(set(given) - set(names))
-    if extra:
-        raise InputError(f"model {meta['id']!r} has no input named {', '.join(map(repr, extra))}; its inputs are "
-                         f"{', '.join(_describe_input(s) for s in specs)}")
-    missing = [s["name"] for s in specs if s["name"] not in given and not s.get("optional")]
-    if missing:
-        raise InputError(f"model {meta['id']!r} needs input(s) {', '.join(missing)} (give each as --input NAME=PATH; "
-                         f"its inputs are {', '.join(_describe_input(s) for s in specs)})")
+    check_input_names(meta, given)
     warnings = []
     out: Dict[str, Optional[sitk.Image]] = {}
     for s in specs:
