@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .geometry import grid_of, resample_to_grid
-from .imageio import atomic_output, check_output_path
+from .imageio import atomic_output, check_output_path, slice_normal
 
 __all__ = ["write_dicom_seg", "sorted_source_datasets"]
 
@@ -37,12 +37,12 @@ def sorted_source_datasets(files: Sequence[PathLike]):
             raise InputError(f"cannot read the DICOM source image ({type(e).__name__})", f) from None
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             raise InputError("the DICOM source image has no position or orientation", f)
-        iop = np.asarray(ds.ImageOrientationPatient, float)
-        normal = np.cross(iop[:3], iop[3:])
-        items.append((float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))), str(f), ds))
+        items.append((str(f), ds))
     if not items:
         raise InputError("no DICOM source images were given for the DICOM SEG")
-    items.sort(key=lambda t: t[0])
+    normal = slice_normal(items[0][1].ImageOrientationPatient)  # the orientations must agree (checked below)
+    items = sorted(((float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))), f, ds) for f, ds in items),
+                   key=lambda t: t[0])
     # scanners write the same orientation with jitter in the last digits (1e-8 here); highdicom
     # wants one shared value: use the first slice's (in memory only; the files are not touched)
     iop0 = items[0][2].ImageOrientationPatient

@@ -44,6 +44,7 @@ __all__ = [
     "read_image",
     "list_dicom_series",
     "read_dicom_series",
+    "slice_normal",
     "check_output_path",
     "atomic_output",
     "write_image",
@@ -748,7 +749,9 @@ def _scan_dicom_folder(folder: Path) -> Tuple[Dict[str, Tuple[Any, List[_Slice]]
     return series, skipped
 
 
-def _normal(orientation: np.ndarray) -> np.ndarray:
+def slice_normal(orientation) -> np.ndarray:
+    """Unit normal of DICOM slices from their ImageOrientationPatient (6 direction cosines)."""
+    orientation = np.asarray(orientation, dtype=float)
     n = np.cross(orientation[:3], orientation[3:])
     norm = float(np.linalg.norm(n))
     return n / norm if norm > 0 else n
@@ -756,7 +759,7 @@ def _normal(orientation: np.ndarray) -> np.ndarray:
 
 def _sorted_slices(slices: List[_Slice]) -> List[_Slice]:
     """Sort slices by position along the normal of the first slice's orientation."""
-    n = _normal(slices[0].orientation)
+    n = slice_normal(slices[0].orientation)
     return sorted(slices, key=lambda s: (float(np.dot(s.position, n)), s.path.name))
 
 
@@ -890,7 +893,7 @@ def read_dicom_series(
             p,
         )
 
-    normal = _normal(first.orientation)
+    normal = slice_normal(first.orientation)
     positions = np.array([float(np.dot(s.position, normal)) for s in slices])
     gaps = np.diff(positions)
     dup = np.flatnonzero(gaps < 1e-3)
