@@ -46,7 +46,7 @@ from .labels import values_mask
 from .metrics import dice
 from .points import extreme_points_from_mask
 
-__all__ = ["TrainCase", "load_config", "build_cases", "make_sample", "train"]
+__all__ = ["TrainCase", "load_config", "build_cases", "make_sample", "train", "save_checkpoint", "load_checkpoint"]
 
 
 @dataclass
@@ -162,6 +162,35 @@ def _validate(net, cases: List[TrainCase], meta: dict, device, seed: int) -> flo
     return float(np.mean(scores))
 
 
+def save_checkpoint(path: Path, net, opt, sched, step: int) -> None:
+    """Write network, optimiser (with its plain scalar attributes: Ranger21 keeps its step counts there),
+    scheduler and step atomically (temporary file, then rename)."""
+    import torch
+
+    path = Path(path)
+    scalars = {k: v for k, v in vars(opt).items() if isinstance(v, (bool, int, float)) and not k.startswith("_")}
+    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "optimizer_scalars": scalars}
+    if sched is not None:
+        state["scheduler"] = sched.state_dict()
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, str(tmp))
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, net, opt, sched, device) -> int:
+    """Restore what :func:`save_checkpoint` wrote into ``net``, ``opt`` and ``sched``; returns the step."""
+    import torch
+
+    ck = torch.load(str(path), map_location=device, weights_only=True)
+    net.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    for k, v in ck.get("optimizer_scalars", {}).items():
+        setattr(opt, k, v)
+    if sched is not None and "scheduler" in ck:
+        sched.load_state_dict(ck["scheduler"])
+    return int(ck["step"])
+
+
 def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto", resume: bool = False,
           steps: Optional[int] = None, bundle_dir: Optional[Path] = None, quiet: bool = False) -> dict:
     """Train (or resume) a run; returns a summary with the final validation Dice and paths.
@@ -215,26 +244,13 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start = 0
     if resume:
-        ck = torch.load(str(ckpt_path), map_location=dev, weights_only=True)
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if sched is not None and "scheduler" in ck:
-            sched.load_state_dict(ck["scheduler"])
-        start = int(ck["step"])
+        start = load_checkpoint(ckpt_path, net, opt, sched, dev)
     log_path = run_dir / "log.csv"
     new_log = not (resume and log_path.is_file())
     logf = open(log_path, "a" if not new_log else "w", newline="")
     writer = csv.writer(logf)
     if new_log:
         writer.writerow(["step", "loss", "val_dice", "lr", "seconds"])
-
-    def save_ckpt(step: int) -> None:
-        tmp = run_dir / ".checkpoint.pt.tmp"
-        state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step}
-        if sched is not None:
-            state["scheduler"] = sched.state_dict()
-        torch.save(state, str(tmp))
-        tmp.replace(ckpt_path)
 
     bs = int(config.get("batch_size", 2))
     val_every = int(config.get("val_every", 200))
@@ -280,7 +296,7 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", val_dice=f"{val:.3f}")
             if done % ck_every == 0 or done == total:
                 logf.flush()
-                save_ckpt(done)
+                save_checkpoint(ckpt_path, net, opt, sched, done)
     finally:
         logf.close()
     meta = dict(meta)

@@ -48,6 +48,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .bundle import build_network, save_bundle
+from .train import load_checkpoint, save_checkpoint
 from .errors import InputError
 from .geometry import resample_to_grid
 from .imageio import read_image
@@ -313,14 +314,7 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
 
     start = 0
     if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=True)
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        for k, v in ck.get("optimizer_scalars", {}).items():
-            setattr(opt, k, v)
-        if sched is not None and "scheduler" in ck:
-            sched.load_state_dict(ck["scheduler"])
-        start = int(ck["step"])
+        start = load_checkpoint(ckpt_path, net, opt, sched, dev)
     use_bf16 = dev.type == "cpu" and bool(config.get("cpu_bf16", True)) and cpu_supports_bf16()
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if use_bf16 else \
         (lambda: torch.autocast("cuda", dtype=torch.float16)) if dev.type == "cuda" else \
@@ -338,15 +332,6 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     losses: List[float] = []
     last_val: List[float] = []
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not show_progress, desc="train")
-
-    def save_ckpt(step: int):
-        scalars = {k: v for k, v in vars(opt).items() if isinstance(v, (bool, int, float)) and not k.startswith("_")}
-        ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "optimizer_scalars": scalars}
-        if sched is not None:
-            ck["scheduler"] = sched.state_dict()
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(ck, tmp)
-        tmp.replace(ckpt_path)
 
     net.train()
     for step in bar:
@@ -379,7 +364,7 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
                 csv.writer(f).writerow([done, round(float(np.mean(losses[-val_every:])), 5)]
                                        + [round(float(v), 4) for v in last_val] + [round(time.perf_counter() - t0, 1)])
         if done % ckpt_every == 0 or done == steps:
-            save_ckpt(done)
+            save_checkpoint(ckpt_path, net, opt, sched, done)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
                         val=",".join(f"{v:.3f}" for v in last_val) if last_val else "-")
     bar.close()
