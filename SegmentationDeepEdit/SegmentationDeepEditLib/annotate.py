@@ -256,12 +256,16 @@ def looks_like_ct(image: sitk.Image) -> bool:
 def default_model_for(image: sitk.Image) -> Bundle:
     """The annotation model used when none is named: the CT-tuned bundle for a CT image (when
     installed), else the default annotation model. Naming a model always overrides this."""
-    from .bundle import CT_ANNOTATION_MODEL, list_bundles
+    from .bundle import CT_ANNOTATION_MODEL
+    from .errors import ModelError
 
     if looks_like_ct(image):
-        for b in list_bundles():
-            if b.id == CT_ANNOTATION_MODEL and b.task == "annotation":
-                return b
+        try:
+            b = load_bundle(CT_ANNOTATION_MODEL)
+        except ModelError:  # not installed
+            b = None
+        if b is not None and b.task == "annotation":
+            return b
     return load_bundle(None)
 
 
