@@ -121,11 +121,15 @@ def image_on_grid(array_kji: np.ndarray, grid: Grid) -> sitk.Image:
 
 def resample_to_grid(
     image: sitk.Image, grid: Grid, *, interpolator: int = sitk.sitkLinear, default: float = 0.0,
-    pixel_type: int | None = None,
+    pixel_type: int | None = None, extrapolate: bool = False,
 ) -> sitk.Image:
-    """Resample ``image`` onto ``grid`` (identity transform, physical space preserved)."""
+    """Resample ``image`` onto ``grid`` (identity transform, physical space preserved).
+
+    Outside the image, voxels get ``default``, or with ``extrapolate`` the nearest edge voxel's value.
+    """
     out_type = image.GetPixelID() if pixel_type is None else pixel_type
-    return sitk.Resample(image, grid.reference_image(), sitk.Transform(), interpolator, float(default), out_type)
+    return sitk.Resample(image, grid.reference_image(), sitk.Transform(), interpolator, float(default), out_type,
+                         bool(extrapolate))
 
 
 def crop(image: sitk.Image, lower: Sequence[int], upper: Sequence[int]) -> sitk.Image:

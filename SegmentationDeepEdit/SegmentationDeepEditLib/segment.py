@@ -245,12 +245,7 @@ def prepare_volume(meta: dict, images: Mapping[str, Optional[sitk.Image]], grid:
         if spec.get("outside") == "replicate":
             # beyond the image's edges, continue its edge voxels: a field of view that cuts
             # through the anatomy (a CT ending inside the liver) must not look like air
-            f = sitk.ResampleImageFilter()
-            f.SetReferenceImage(grid.reference_image())
-            f.SetInterpolator(sitk.sitkLinear)
-            f.SetUseNearestNeighborExtrapolator(True)
-            f.SetOutputPixelType(sitk.sitkFloat32)
-            a = sitk.GetArrayFromImage(f.Execute(sitk.Cast(img, sitk.sitkFloat32)))
+            a = sitk.GetArrayFromImage(resample_to_grid(sitk.Cast(img, sitk.sitkFloat32), grid, extrapolate=True))
             chans.append(normalise_input(a, np.ones(a.shape, bool), spec, min_voxels=10))
             continue
         a = sitk.GetArrayFromImage(resample_to_grid(sitk.Cast(img, sitk.sitkFloat32), grid, default=np.nan))
