@@ -128,6 +128,13 @@ def batch_models(bundles: Sequence[Any]) -> List[Any]:
     return sorted(usable, key=lambda b: (b.id != DEFAULT_BRAIN_MODEL, b.id))
 
 
+def _bundle_step(b: Any, device: str) -> SegmentStep:
+    """The step that runs bundle ``b``: its required and optional inputs by name."""
+    return SegmentStep("bundle", model_id=b.id, model_version=b.version, device=device,
+                       inputs=tuple(i["name"] for i in b.meta["inputs"] if not i.get("optional")),
+                       optional=tuple(i["name"] for i in b.meta["inputs"] if i.get("optional")))
+
+
 def resolve_segment_step(model: Optional[str], *, custom: Optional[Segmenter] = None, device: str = "auto") -> SegmentStep:
     """Decide the segmentation step of a batch run (before any study is processed).
 
@@ -160,9 +167,7 @@ def resolve_segment_step(model: Optional[str], *, custom: Optional[Segmenter] = 
         if runner is None:
             return SegmentStep("skip", reason=f"model {b.id!r} is installed but this version cannot run automatic "
                                               "models yet")
-        return SegmentStep("bundle", model_id=b.id, model_version=b.version, device=device,
-                           inputs=tuple(i["name"] for i in b.meta["inputs"] if not i.get("optional")),
-                           optional=tuple(i["name"] for i in b.meta["inputs"] if i.get("optional")))
+        return _bundle_step(b, device)
     b = load_bundle(model)
     if b.task != "segmentation":
         raise InputError(f"model {b.id!r} is an annotation model (it needs points); batch needs an automatic model")
@@ -172,9 +177,7 @@ def resolve_segment_step(model: Optional[str], *, custom: Optional[Segmenter] = 
         raise InputError(f"model {b.id!r} needs inputs {', '.join(bad)}, which a brain MRI study does not have")
     if runner is None:
         raise InputError(f"model {b.id!r} is an automatic model, and this version cannot run automatic models yet")
-    return SegmentStep("bundle", model_id=b.id, model_version=b.version, device=device,
-                       inputs=tuple(i["name"] for i in b.meta["inputs"] if not i.get("optional")),
-                       optional=tuple(i["name"] for i in b.meta["inputs"] if i.get("optional")))
+    return _bundle_step(b, device)
 
 
 def region_volumes_ml(label: sitk.Image, segments: Sequence[Dict[str, Any]]) -> Dict[str, float]:
