@@ -553,7 +553,7 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     def populateBatchModels(self, automatic) -> None:
         """Batch model choices: the default brain model, the other brain models, and "none" (register only)."""
-        from_core = self.logic.batchModels(automatic or []) if automatic else []
+        from_core = self.logic.batchModels(automatic) if automatic else []
         combo = self.ui.batchModelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
