@@ -279,3 +279,53 @@ def test_native_phase_ct_changes_contrast_only():
     assert abs(float(np.median(ha[fat])) - float(np.median(hb[fat]))) < 1.0  # non-enhancing tissue unchanged
     with pytest.raises(InputError, match="phase"):
         make_ct_case(5, phase="arterial")
+
+
+def test_varied_liver_shape_reaches_further_left_and_keeps_the_rest():
+    from SegmentationDeepEditLib.synthetic import make_ct_case
+
+    lefts = []
+    for seed in range(4):
+        a = make_ct_case(seed, spacing=3.0, oblique=False)
+        b = make_ct_case(seed, spacing=3.0, oblique=False, liver_shape="varied")
+        assert a.info["liver_shape"] == "standard" and b.info["liver_shape"] == "varied"
+        assert a.images["ct"].GetSize() == b.images["ct"].GetSize()
+        la, lb = sitk.GetArrayFromImage(a.label) > 0, sitk.GetArrayFromImage(b.label) > 0
+        assert la.sum() > 0 and lb.sum() > 0 and not np.array_equal(la, lb)
+        # the same body (the liver's texture, lesions and noise are drawn after its shape)
+        assert np.array_equal(sitk.GetArrayFromImage(a.masks["body"]), sitk.GetArrayFromImage(b.masks["body"]))
+        # the left lobe's reach: extent of the liver along the patient's left (+x in LPS)
+        def reach(case, mask):
+            idx = np.argwhere(mask)[:, ::-1].astype(float)  # i, j, k
+            pts = np.array([case.label.TransformContinuousIndexToPhysicalPoint(p) for p in idx[::7]])
+            return pts[:, 0].max()
+        lefts.append(reach(b, lb) - reach(a, la))
+    assert max(lefts) > 15.0  # at least one case's left lobe reaches well further across
+    with pytest.raises(InputError, match="liver_shape"):
+        make_ct_case(5, liver_shape="round")
+
+
+def test_varied_core_contrast_moves_non_enhancing_core_towards_edema():
+    from SegmentationDeepEditLib.synthetic import make_brain_case
+
+    a = make_brain_case(6200, rim="absent", spacing=2.0, oblique=False)
+    b = make_brain_case(6200, rim="absent", spacing=2.0, oblique=False, core_contrast="varied")
+    la = sitk.GetArrayFromImage(a.label)
+    assert np.array_equal(la, sitk.GetArrayFromImage(b.label))  # same tumour, same label
+    assert b.info["core_contrast"] == "varied"
+    ia, ib = a.info["intensities"], b.info["intensities"]
+    # T1c: the standard core is darker than edema, the varied one 0.92-1.30 x edema
+    assert ia["t1c"]["nonenh"] < ia["t1c"]["edema"]
+    assert 0.92 <= ib["t1c"]["nonenh"] / ib["t1c"]["edema"] <= 1.30
+    assert 0.72 <= ib["flair"]["nonenh"] / ib["flair"]["edema"] <= 0.98
+    # and the images show it: core vs edema medians in T1c
+    core, edema = la == 1, la == 2
+    t1c_a, t1c_b = (sitk.GetArrayFromImage(c.images["t1c"]) for c in (a, b))
+    ratio_a = np.median(t1c_a[core]) / np.median(t1c_a[edema])
+    ratio_b = np.median(t1c_b[core]) / np.median(t1c_b[edema])
+    assert ratio_b > ratio_a
+    # the T1 and T2 images are unchanged
+    for name in ("t1", "t2"):
+        assert np.array_equal(sitk.GetArrayFromImage(a.images[name]), sitk.GetArrayFromImage(b.images[name]))
+    with pytest.raises(InputError, match="core_contrast"):
+        make_brain_case(5, core_contrast="bright")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def test_partial_labels_allow_any_of_their_classes():
         T.targets_for(np.zeros((1, 1, 1)), "brats2013", targets)
 
 
-@pytest.mark.parametrize("name", ["glioma-regions", "glioma-regions-finetune", "liver-lesion", "brain-tumor-2d",
+@pytest.mark.parametrize("name", ["glioma-regions", "glioma-regions-finetune", "glioma-regions-core", "liver-lesion",
+                                  "liver-lesion-phases", "liver-lesion-shapes", "brain-tumor-2d",
                                   "liver-lesion-ahnet-recipe"])
 def test_presets_build_their_networks_and_name_known_conventions(name):
     cfg = json.loads((REPO / "Resources" / "Training" / f"{name}.json").read_text())
@@ -97,6 +99,10 @@ def test_presets_build_their_networks_and_name_known_conventions(name):
     net = build_network(cfg["bundle"])
     assert sum(p.numel() for p in net.parameters()) > 1000
     assert cfg["bundle"]["segmentation"]["output_convention"] in CONVENTIONS
+    from SegmentationDeepEditLib import synthetic
     for src in cfg["data"] + cfg.get("validation", []):
         if "convention" in src and cfg["targets"]["kind"] == "classes":
             assert src["convention"] in cfg["targets"]["class_sets"]
+        if "synthetic" in src:  # generator options are real keyword arguments of the generator
+            make = synthetic.make_brain_case if src["synthetic"] == "brain" else synthetic.make_ct_case
+            assert set(src.get("options", {})) <= set(inspect.signature(make).parameters) - {"seed"}

@@ -638,7 +638,7 @@ def _grow_glioma(rng, anat: _BrainAnatomy, rim: Optional[str]):
 
 def make_brain_case(seed: int, *, spacing: SpacingArg = None, size_mm: SpacingArg = None, oblique: bool = True,
                     thick_slices: Optional[Union[bool, float]] = None, rim: Optional[str] = None,
-                    orientation: Optional[str] = None) -> SyntheticCase:
+                    orientation: Optional[str] = None, core_contrast: str = "standard") -> SyntheticCase:
     """Synthetic glioma MRI (T1, T1c, T2, FLAIR) with a BraTS-convention label.
 
     Args:
@@ -656,6 +656,12 @@ def make_brain_case(seed: int, *, spacing: SpacingArg = None, size_mm: SpacingAr
             low-grade-like); default drawn (55 / 27 / 18 %).
         orientation: storage orientation ``"axial"``, ``"coronal"`` or ``"sagittal"``
             (the slice axis is k); default drawn (50 / 20 / 30 %).
+        core_contrast: ``"standard"`` (the default) or ``"varied"``: the non-enhancing
+            tumour core's T1c and FLAIR intensities are drawn per case over a range measured
+            on real BraTS 2013 training cases (pat0001-0003: non-enhancing tumour 0.1-1.4 SD
+            brighter than edema in T1c and 0.3-1.4 SD darker in FLAIR), so that it can look
+            much like edema, instead of the standard fixed contrast (darker than edema in
+            both). Drawn from a separate random stream: the rest equals the standard case.
 
     Returns:
         A :class:`SyntheticCase` with ``kind="brain"``, float32 images ``t1``, ``t1c``,
@@ -671,6 +677,8 @@ def make_brain_case(seed: int, *, spacing: SpacingArg = None, size_mm: SpacingAr
         raise InputError(f"orientation must be one of {sorted(_ORIENTATIONS)}, got {orientation!r}")
     if rim not in (None, "full", "partial", "absent"):
         raise InputError(f"rim must be None, 'full', 'partial' or 'absent', got {rim!r}")
+    if core_contrast not in ("standard", "varied"):
+        raise InputError(f"core_contrast must be 'standard' or 'varied', got {core_contrast!r}")
     anat = _brain_anatomy()
     grid, s = anat.grid, anat.grid.spacing
     rng = _rng(seed, 1)
@@ -695,6 +703,7 @@ def make_brain_case(seed: int, *, spacing: SpacingArg = None, size_mm: SpacingAr
     m_tis = np.clip(1 - m_core - m_ed, 0, 1)
     tex = fl["tex"]
     interior = "nonenh" if tparams["rim"] == "absent" else "necrosis"
+    rc = _rng(seed, 9)
 
     # --- contrasts
     intensities = {}
@@ -703,6 +712,10 @@ def make_brain_case(seed: int, *, spacing: SpacingArg = None, size_mm: SpacingAr
     bias_strength = {}
     for c, name in enumerate(_BRAIN_SEQUENCES):
         mu = {t: v[c] * float(rng.uniform(0.88, 1.12)) for t, v in _BRAIN_TISSUE.items()}
+        if core_contrast == "varied" and name in ("t1c", "flair"):
+            # relative to this case's edema: T1c 0.92-1.30 x (brighter), FLAIR 0.72-0.98 x (darker)
+            lo, hi = (0.92, 1.30) if name == "t1c" else (0.72, 0.98)
+            mu["nonenh"] = mu["edema"] * float(rc.uniform(lo, hi))
         if name == "t1c":  # keep the contrast agent's effect relative to pre-contrast tissue
             mu["enh"] = max(mu["enh"], 1.3 * mu["wm"])
         scale = float(rng.uniform(200.0, 1500.0))
@@ -780,6 +793,7 @@ def make_brain_case(seed: int, *, spacing: SpacingArg = None, size_mm: SpacingAr
     info = {
         "generator_version": GENERATOR_VERSION,
         "kind": "brain",
+        "core_contrast": core_contrast,
         "template": "MNI152 2009 (nilearn), tissue maps resampled to %.1f mm" % s,
         "spacing": sp,
         "size": size,
@@ -816,7 +830,7 @@ _CT_SLICE_P = (0.05, 0.05, 0.1, 0.15, 0.2, 0.2, 0.25)
 
 
 def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True, n_lesions: Optional[int] = None,
-                 size_mm: SpacingArg = None, phase: str = "portal") -> SyntheticCase:
+                 size_mm: SpacingArg = None, phase: str = "portal", liver_shape: str = "standard") -> SyntheticCase:
     """Synthetic portal-venous abdominal CT with liver and liver-lesion labels.
 
     The phantom, in LPS mm (the patient's right is -x, anterior is -y), has a body of
@@ -843,6 +857,13 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
             30-45, hypodense lesions at least 30 HU below the liver); the native values come
             from a separate random stream, so everything else equals the portal case of the
             same seed.
+        liver_shape: ``"standard"`` (the default) or ``"varied"``: a wider range of liver
+            shapes, as real livers vary: the left lobe may reach further across the midline
+            (up to 160 mm left of the body axis), be thinner front to back (down to 15 mm) and
+            hang lower; the right lobe's inferior surface may be flatter (a longer lateral
+            tip). The shape is drawn from a separate random stream: body, bones and organs
+            equal the standard case of the same seed; the draws after the liver's shape
+            (its texture, lesions, image noise) differ.
 
     Returns:
         A :class:`SyntheticCase` with ``kind="ct"``, the int16 image ``ct`` (HU), a uint8
@@ -922,6 +943,8 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
             ("liver_vessels", (30.0, 45.0)))})
     elif phase != "portal":
         raise InputError(f"phase must be 'portal' or 'native', got {phase!r}")
+    if liver_shape not in ("standard", "varied"):
+        raise InputError(f"liver_shape must be 'standard' or 'varied', got {liver_shape!r}")
     w = 0.6  # partial-volume width, mm
 
     # z-invariant layers, built in 2D: air, subcutaneous fat, muscle wall, abdominal cavity
@@ -1090,6 +1113,13 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
                      liver_height * float(rng.uniform(0.22, 0.32))])
     ll_c = np.array([float(rng.uniform(0.0, 30.0)), -0.55 * b_in + ll_r[1] * 0.6,
                      -ll_r[2] - float(rng.uniform(0.0, 10.0))])
+    if liver_shape == "varied":
+        rv = _rng(seed, 8)
+        inf_slope = float(rv.uniform(0.15, 0.6)) * liver_height / a_in
+        ll_r = np.array([float(rv.uniform(50.0, 110.0)), float(rv.uniform(15.0, 42.0)),
+                         liver_height * float(rv.uniform(0.18, 0.38))])
+        ll_c = np.array([float(rv.uniform(0.0, 50.0)), -0.55 * b_in + ll_r[1] * 0.6,
+                         -ll_r[2] - float(rv.uniform(0.0, 35.0))])
     liver_box = zbox([-a_in - 2, -b_in - 2, -liver_height - 15], [ll_c[0] + ll_r[0] + 15, b_in + 2, z_top + 8])
     lx, ly, lz = grid.axes(liver_box)
     lshape = tuple(sl.stop - sl.start for sl in liver_box)
@@ -1229,6 +1259,7 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
         "body_half_axes_mm": [a_body, b_body],
         "subcutaneous_fat_mm": t_fat,
         "liver_height_mm": liver_height,
+        "liver_shape": liver_shape,
         "liver_centre_lps": rl_c + translation,
         "hu": hu,
         "noise_sd_hu": noise_sd,
