@@ -32,3 +32,24 @@ def test_evaluate_bad_cases_file(tmp_path, capsys):
     code = main(["evaluate", "--cases", str(tmp_path / "c.json"), "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 1 and "c.json" in err and "case 1 lacks" in err
+
+
+def test_no_array_view_of_a_temporary_image():
+    """A NumPy view of an image returned by a call reads freed memory once the image is collected.
+
+    It did in evaluate_automatic: the TTA1 scores of a case changed with the order of the TTA
+    levels (TCGA-DU-7294 ET 1.000 / 0.667 / 0.000) and a truth region could appear empty.
+    The view of an image that nothing holds must be a copy (GetArrayFromImage) instead.
+    """
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"GetArrayViewFromImage\(\s*[A-Za-z_][\w\.]*\(")
+    offenders = []
+    for folder in ("SegmentationDeepEdit", "Testing", "benchmarks"):
+        for path in (root / folder).rglob("*.py"):
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if pattern.search(line) and "pattern" not in line:
+                    offenders.append(f"{path.relative_to(root)}:{n}")
+    assert not offenders, offenders

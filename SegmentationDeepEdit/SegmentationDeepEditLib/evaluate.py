@@ -281,8 +281,8 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
                                sources={k: str(v) for k, v in case.images.items() if k in takes})
             secs = time.perf_counter() - t
             for pred_region, truth_region in case.regions.items():
-                pred = sitk.GetArrayViewFromImage(region_mask(r.label, out_conv, pred_region)) > 0
-                truth = sitk.GetArrayViewFromImage(region_mask(label, case.convention, truth_region)) > 0
+                pred = sitk.GetArrayFromImage(region_mask(r.label, out_conv, pred_region)) > 0
+                truth = sitk.GetArrayFromImage(region_mask(label, case.convention, truth_region)) > 0
                 d = (1.0 if not pred.any() else 0.0) if not truth.any() else dice(pred, truth)
                 rows.append({"case": case.name, "region": pred_region, "setting": f"tta={r.tta}" + (" fast" if fast else ""),
                              "dice": round(float(d), 4), "seconds": round(secs, 2),
