@@ -821,9 +821,11 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                 segmentationNode = self.logic.applySegmentationResult(result, ctx["volumeNode"], ctx["segmentationNode"])
                 if p:
                     p.autoOutputSegmentation = segmentationNode
-                self.ui.statusLabel.text = _("{count} segments in {seconds:.1f} s on {device}").format(
+                summary = _("{count} segments in {seconds:.1f} s on {device}").format(
                     count=len(result.get("segments", [])), seconds=float(result.get("seconds", {}).get("request", 0)),
                     device=str(result.get("device", "")).upper())
+                # the core's warnings (missing optional input, input unlike the training data...)
+                self.ui.statusLabel.text = "\n".join([summary] + [str(w) for w in result.get("warnings") or []])
         except Exception as e:
             self._reportError(_("The result could not be written into the segmentation."), str(e), ctx["showErrors"])
 

@@ -95,3 +95,11 @@ def test_bundled_models_verify():
     for b in bundles:
         info = B.verify_bundle(b)
         assert info["weights_bytes"] < 20e6, f"{b.id}: weights too large for the repository"
+
+
+def test_label_terminology_must_be_a_full_slicer_entry(tiny_bundle):
+    meta = json.loads((tiny_bundle.path / "metadata.json").read_text())
+    meta["labels"][0]["terminology"] = "SCT^10200004^Liver"  # a bare code: Slicer cannot parse it as a tag
+    (tiny_bundle.path / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="terminology"):
+        B.load_bundle(tiny_bundle.path)

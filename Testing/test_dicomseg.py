@@ -57,3 +57,16 @@ def test_dicom_seg_refuses_sources_that_are_not_dicom(tmp_path):
     with pytest.raises(InputError, match="not.dcm"):
         write_dicom_seg(label, [{"value": 1, "name": "x", "color": [1, 0, 0]}], [bad], tmp_path / "seg.dcm")
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_segment_codes_from_a_slicer_terminology_entry_or_a_bare_code():
+    from SegmentationDeepEditLib.dicomseg import _category_and_type
+
+    entry = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+             "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^")
+    cat, typ = _category_and_type(entry)
+    assert (cat.value, cat.meaning, typ.value, typ.meaning) == ("123037004", "Anatomical Structure", "10200004", "Liver")
+    cat, typ = _category_and_type("SCT^10200004^Liver")
+    assert cat is None and typ.value == "10200004" and typ.scheme_designator == "SCT"
+    assert _category_and_type(None) == (None, None)
+    assert _category_and_type("Tumour") == (None, None)

@@ -196,6 +196,8 @@ def test_liver_fast_mode_on_held_out_real_ct(shared_data):
     truth = sitk.GetArrayFromImage(read_image(d / "liver.nii.gz")) > 0
     pred = np.isin(sitk.GetArrayViewFromImage(r.label), [1, 2])
     assert dice(pred, truth) >= 0.80  # measured 0.867 (full mode 0.873); see the model card
+    # a non-contrast CT (liver ~47 HU): the user is told the model was trained on portal-venous CT
+    assert any("HU (median)" in w and "portal-venous" in w for w in r.warnings), r.warnings
 
 
 @pytest.mark.realdata
@@ -334,3 +336,45 @@ def test_clean_label_fills_a_core_enclosed_by_enhancing_rim():
     assert (clean_label(meta, ring_open) == ring_open).all()
     with pytest.raises(Exception, match="region 'XX'"):
         clean_label(_meta_with({"fill_holes": [{"region": "XX", "value": 1}]}), label)
+
+
+def test_intensity_checks_warn_when_the_labelled_tissue_is_outside_the_trained_range():
+    from SegmentationDeepEditLib.segment import intensity_warnings
+
+    meta = load_bundle(LIVER).meta
+    label = np.zeros((10, 20, 20), np.uint8)
+    label[2:8, 5:15, 5:15] = 1  # 600 liver voxels
+    label[4:6, 8:10, 8:10] = 2  # a lesion (not checked)
+    for hu, warned in ((110.0, False), (45.0, True), (260.0, True)):
+        ct = np.full(label.shape, -100.0, np.float32)
+        ct[label == 1] = hu
+        ct[label == 2] = 300.0  # the lesion does not count
+        msgs = intensity_warnings(meta, label, {"ct": _img(ct)})
+        assert bool(msgs) == warned, (hu, msgs)
+        if warned:
+            assert f"{hu:.0f} HU" in msgs[0] and "80-200 HU" in msgs[0]
+    small = np.zeros_like(label)
+    small[5, 5, 5:20] = 1  # under 100 voxels: too few to judge
+    assert intensity_warnings(meta, small, {"ct": _img(np.full(label.shape, 40.0, np.float32))}) == []
+    assert intensity_warnings(load_bundle(GLIOMA).meta, label, {"t1c": _img(np.zeros(label.shape))}) == []
+
+
+def test_cli_liver_seg_nrrd_carries_the_slicer_terminology(tmp_path, capsys):
+    """The liver's terminology is a full Slicer entry: .seg.nrrd writing once failed on a bare code."""
+    import slicerio
+
+    from SegmentationDeepEditLib.imageio import write_image
+    from SegmentationDeepEditLib.synthetic import make_ct_case
+
+    c = make_ct_case(9701, spacing=3.0, n_lesions=0)
+    ct = tmp_path / "ct.nii.gz"
+    write_image(c.images["ct"], ct)
+    out = tmp_path / "liver.seg.nrrd"
+    assert main(["segment", "--model", LIVER, "--fast", "--input", f"ct={ct}", "-o", str(out)]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "HU (median)" not in err  # a portal-venous liver: no intensity warning
+    seg = slicerio.read_segmentation(str(out))
+    liver = next(s for s in seg["segments"] if s["name"] == "Liver")
+    assert liver["terminology"]["type"][1] == "10200004"
+    assert liver["terminology"]["category"][1] == "123037004"
+    assert dice(seg["voxels"] == liver["labelValue"], sitk.GetArrayFromImage(c.label).transpose(2, 1, 0) > 0) > 0.8

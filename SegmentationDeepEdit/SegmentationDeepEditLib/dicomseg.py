@@ -3,7 +3,8 @@
 The label map is resampled (nearest neighbour) onto the grid of the source series, as read
 from its files sorted along the slice normal, and written as a BINARY segmentation with one
 segment per label value, whose frames reference the source instances. Segment properties come
-from the segment's Slicer terminology string ("SCT^code^meaning") when it has one, otherwise
+from the segment's Slicer terminology entry string (its category and type codes; a lone
+"SCT^code^meaning" is taken as the type, category Organ) when it has one, otherwise
 "Morphologically abnormal structure" / "Neoplasm". The SEG repeats the source's patient and
 study attributes, as the DICOM standard requires; nothing of them is logged or printed.
 """
@@ -59,14 +60,24 @@ def sorted_source_datasets(files: Sequence[PathLike]):
     return [t[2] for t in items], [t[1] for t in items]
 
 
-def _coded(term: Optional[str], fallback):
+def _coded(code: Optional[str]):
+    """A ``scheme^value^meaning`` code as a CodedConcept, or None when it names no value."""
     from highdicom.sr import CodedConcept
 
-    if term:
-        parts = str(term).split("^")
-        if len(parts) >= 3 and parts[1].strip():
-            return CodedConcept(value=parts[1].strip(), scheme_designator=parts[0].strip() or "SCT", meaning=parts[2].strip())
-    return fallback
+    parts = str(code or "").split("^")
+    if len(parts) >= 3 and parts[1].strip():
+        return CodedConcept(value=parts[1].strip(), scheme_designator=parts[0].strip() or "SCT", meaning=parts[2].strip())
+    return None
+
+
+def _category_and_type(term: Optional[str]):
+    """(category, type) codes of a Slicer terminology entry string
+    (``context~category~type~modifier~...``) or of a single ``scheme^value^meaning`` type code
+    (category None); (None, None) without terminology."""
+    items = str(term or "").split("~")
+    if len(items) >= 3:
+        return _coded(items[1]), _coded(items[2])
+    return None, _coded(items[0])
 
 
 def write_dicom_seg(
@@ -111,8 +122,11 @@ def write_dicom_seg(
                                                    family=codes.cid7162.ArtificialIntelligence)
     descriptions: List[Any] = []
     for n, s in enumerate(segments, start=1):
-        prop_type = _coded(s.get("terminology"), type_default)
-        category = codes.SCT.Organ if prop_type is not type_default else category_default
+        category, prop_type = _category_and_type(s.get("terminology"))
+        if prop_type is None:
+            category, prop_type = category_default, type_default
+        elif category is None:
+            category = codes.SCT.Organ
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=n, segment_label=str(s["name"])[:64], segmented_property_category=category,
             segmented_property_type=prop_type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,

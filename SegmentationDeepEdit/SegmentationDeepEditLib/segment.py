@@ -425,6 +425,26 @@ def clean_label(meta: dict, label: np.ndarray) -> np.ndarray:
     return out
 
 
+def intensity_warnings(meta: dict, label: np.ndarray, images: Mapping[str, Optional[sitk.Image]]) -> List[str]:
+    """Warnings from the bundle's ``segmentation.intensity_checks`` (an input outside what the model saw).
+
+    Each check takes the median of one input over the voxels the model labelled with ``values``;
+    outside ``range`` its ``message`` is returned, formatted with ``median``, ``low`` and ``high``.
+    ``label`` and the images are on the reference grid; fewer than 100 labelled voxels: no check.
+    """
+    out = []
+    for chk in _seg(meta).get("intensity_checks", []):
+        img = images.get(chk["input"])
+        mask = np.isin(label, chk["values"])
+        if img is None or int(mask.sum()) < 100:
+            continue
+        median = float(np.median(sitk.GetArrayViewFromImage(img)[mask]))
+        low, high = chk["range"]
+        if not low <= median <= high:
+            out.append(chk["message"].format(median=median, low=low, high=high))
+    return out
+
+
 def _postprocess(meta: dict, probs: np.ndarray, mgrid: Grid, ref: sitk.Image) -> np.ndarray:
     """Probabilities on the model grid -> label array on the reference grid (channel by channel)."""
     seg = _seg(meta)
@@ -524,6 +544,7 @@ def segment_images(
     segments, regions = label_segments(meta)
     if not out.any():
         warnings.append("the model found nothing: check that the inputs are the sequences the model expects")
+    warnings.extend(intensity_warnings(meta, out, aligned))
     t3 = time.perf_counter()
     report("done", 1.0)
     return SegmentResult(label=label, segments=segments, regions=regions, model_id=bundle.id,
