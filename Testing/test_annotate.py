@@ -121,6 +121,9 @@ def test_demo_command_end_to_end(tmp_path):
     assert json.loads((out / "result.json").read_text())["dice"] == summary["dice"]
     seg = read_image(out / "segmentation.seg.nrrd", what="segmentation")
     assert same_geometry(seg, read_image(out / "image.nrrd"))
+    import slicerio  # the segment carries the bundle's Slicer terminology (Morphologically Altered Structure / Mass)
+    term = slicerio.read_segmentation(str(out / "segmentation.seg.nrrd"))["segments"][0]["terminology"]
+    assert term["category"][1] == "49755003" and term["type"][1] == "4147007"
     # a second run refuses to overwrite
     again = subprocess.run([sys.executable, "-m", "SegmentationDeepEditLib.cli", "demo", "-o", str(out)],
                            capture_output=True, text=True, timeout=600)

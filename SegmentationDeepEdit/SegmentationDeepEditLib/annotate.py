@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -61,6 +61,7 @@ class AnnotationResult:
         mask: uint8 0/1 image with exactly the input image's geometry.
         model_id, model_version: the bundle used.
         segment_name, color: label name and RGB colour (0..1) from the bundle.
+        terminology: the label's Slicer terminology entry string from the bundle, or None.
         device: the torch device actually used ("cpu" or "cuda").
         seconds: wall time per stage (prepare, inference, postprocess, total).
         grid: the model grid that was used.
@@ -76,6 +77,11 @@ class AnnotationResult:
     seconds: Dict[str, float]
     grid: Grid
     warnings: List[str] = field(default_factory=list)
+    terminology: Optional[str] = None
+
+    def segment_description(self) -> Dict[str, Any]:
+        """The mask's segment (value 1) as :func:`imageio.write_segmentation` takes it."""
+        return {"value": 1, "name": self.segment_name, "color": tuple(self.color), "terminology": self.terminology}
 
     @property
     def volume_ml(self) -> float:
@@ -346,4 +352,4 @@ def annotate(
         mask=mask, model_id=bundle.id, model_version=bundle.version, segment_name=label["name"],
         color=tuple(label["color"]), device=used.type,
         seconds={"prepare": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2, "total": t3 - t0},
-        grid=mi.grid, warnings=warnings)
+        grid=mi.grid, warnings=warnings, terminology=label.get("terminology"))

@@ -156,7 +156,7 @@ def _cmd_annotate(args) -> dict:
     with StageProgress("annotate", enabled=not args.json) as bar:
         r = annotate(image, pts, args.model, device=args.device, tta=args.tta, positive=pos, negative=neg,
                      points_source=args.points, progress=bar)
-    write_segmentation(r.mask, out, [{"value": 1, "name": r.segment_name, "color": tuple(r.color)}], overwrite=args.overwrite)
+    write_segmentation(r.mask, out, [r.segment_description()], overwrite=args.overwrite)
     for w in r.warnings:
         print(f"deepedit annotate: warning: {w}", file=sys.stderr)
     return {"output": str(out), "model": r.model_id, "model_version": r.model_version, "device": r.device,
