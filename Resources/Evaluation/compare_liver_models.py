@@ -1,0 +1,65 @@
+"""Liver Dice of one or more liver bundles on generated CTs and on the real held-out CT, side by side.
+
+The comparison behind the liver model card's shipping rules: generated CTs that no training run
+used (standard portal-venous seeds 9700-9702, varied liver shapes 9900-9902, native phase
+9800-9802; `SegmentationDeepEditLib.synthetic.make_ct_case`) and the TotalSegmentator example CT
+(../shared/data, or $DEEPEDIT_SHARED_DATA) in full and --fast mode. Liver = label 1 or 2.
+
+Run: python Resources/Evaluation/compare_liver_models.py liver-lesion runs/liver-v4/bundle
+(bundle ids or bundle folders; about 30 s per bundle on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from SegmentationDeepEditLib.metrics import dice
+from SegmentationDeepEditLib.segment import segment_images
+from SegmentationDeepEditLib.synthetic import make_ct_case
+
+REPO = Path(__file__).resolve().parents[2]
+GENERATED = {
+    "generated standard portal": [(s, {}) for s in (9700, 9701, 9702)],
+    "generated varied shapes": [(s, {"liver_shape": "varied"}) for s in (9900, 9901, 9902)],
+    "generated native phase": [(s, {"phase": "native"}) for s in (9800, 9801, 9802)],
+}
+
+
+def liver(label: sitk.Image) -> np.ndarray:
+    return np.isin(sitk.GetArrayFromImage(label), [1, 2])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", help="bundle ids or folders")
+    args = ap.parse_args()
+    data = Path(os.environ.get("DEEPEDIT_SHARED_DATA") or REPO.parent / "shared" / "data") / "abdomen-ct" / "totalseg-example"
+    if not (data / "ct.nii.gz").is_file():
+        raise SystemExit(f"real CT not found at {data}: the comparison needs ../shared/data")
+    scores = {m: {} for m in args.models}
+    for name, cases in GENERATED.items():
+        for seed, options in cases:
+            case = make_ct_case(seed, **options)
+            truth = liver(case.label)
+            for m in args.models:
+                pred = liver(segment_images(m, {"ct": case.images["ct"]}, device="cpu").label)
+                scores[m].setdefault(name, []).append(dice(pred, truth))
+    ct = sitk.ReadImage(str(data / "ct.nii.gz"))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "liver.nii.gz"))) > 0
+    for m in args.models:
+        for fast in (False, True):
+            pred = liver(segment_images(m, {"ct": ct}, fast=fast, device="cpu").label)
+            scores[m]["real CT" + (" --fast" if fast else "")] = [dice(pred, truth)]
+    rows = list(GENERATED) + ["real CT", "real CT --fast"]
+    print(f"{'set':28s}" + "".join(f"{m[-24:]:>26s}" for m in args.models))
+    for r in rows:
+        print(f"{r:28s}" + "".join(f"{np.mean(scores[m][r]):26.3f}" for m in args.models))
+
+
+if __name__ == "__main__":
+    main()
