@@ -88,7 +88,8 @@ def test_partial_labels_allow_any_of_their_classes():
         T.targets_for(np.zeros((1, 1, 1)), "brats2013", targets)
 
 
-@pytest.mark.parametrize("name", ["glioma-regions", "glioma-regions-finetune", "glioma-regions-core", "liver-lesion",
+@pytest.mark.parametrize("name", ["glioma-regions", "glioma-regions-finetune", "glioma-regions-core", "glioma-regions-core-control",
+                                  "liver-lesion", "liver-lesion-control",
                                   "liver-lesion-phases", "liver-lesion-shapes", "brain-tumor-2d",
                                   "liver-lesion-ahnet-recipe"])
 def test_presets_build_their_networks_and_name_known_conventions(name):
@@ -100,6 +101,9 @@ def test_presets_build_their_networks_and_name_known_conventions(name):
     assert sum(p.numel() for p in net.parameters()) > 1000
     assert cfg["bundle"]["segmentation"]["output_convention"] in CONVENTIONS
     from SegmentationDeepEditLib import synthetic
+    from SegmentationDeepEditLib.slicer_bridge import terminology_of_label
+    for lab in cfg["bundle"]["labels"]:  # a full Slicer entry, as the bundle schema demands at save time
+        assert "terminology" not in lab or terminology_of_label(lab) == lab["terminology"], lab
     for src in cfg["data"] + cfg.get("validation", []):
         if "convention" in src and cfg["targets"]["kind"] == "classes":
             assert src["convention"] in cfg["targets"]["class_sets"]
