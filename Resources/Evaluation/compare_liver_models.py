@@ -12,17 +12,16 @@ Run: python Resources/Evaluation/compare_liver_models.py liver-lesion runs/liver
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from SegmentationDeepEditLib.cli import DEFAULT_DATA_ROOT
+from SegmentationDeepEditLib.labels import region_mask
 from SegmentationDeepEditLib.metrics import dice
 from SegmentationDeepEditLib.segment import segment_images
 from SegmentationDeepEditLib.synthetic import make_ct_case
 
-REPO = Path(__file__).resolve().parents[2]
 GENERATED = {
     "generated standard portal": [(s, {}) for s in (9700, 9701, 9702)],
     "generated varied shapes": [(s, {"liver_shape": "varied"}) for s in (9900, 9901, 9902)],
@@ -31,14 +30,14 @@ GENERATED = {
 
 
 def liver(label: sitk.Image) -> np.ndarray:
-    return np.isin(sitk.GetArrayFromImage(label), [1, 2])
+    return sitk.GetArrayFromImage(region_mask(label, "liver-lesion", "liver")) > 0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="bundle ids or folders")
     args = ap.parse_args()
-    data = Path(os.environ.get("DEEPEDIT_SHARED_DATA") or REPO.parent / "shared" / "data") / "abdomen-ct" / "totalseg-example"
+    data = DEFAULT_DATA_ROOT / "abdomen-ct" / "totalseg-example"
     if not (data / "ct.nii.gz").is_file():
         raise SystemExit(f"real CT not found at {data}: the comparison needs ../shared/data")
     scores = {m: {} for m in args.models}
