@@ -824,8 +824,7 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                 summary = _("{count} segments in {seconds:.1f} s on {device}").format(
                     count=len(result.get("segments", [])), seconds=float(result.get("seconds", {}).get("request", 0)),
                     device=str(result.get("device", "")).upper())
-                # the core's warnings (missing optional input, input unlike the training data...)
-                self.ui.statusLabel.text = "\n".join([summary] + [str(w) for w in result.get("warnings") or []])
+                self.ui.statusLabel.text = _withWarnings(summary, result)
         except Exception as e:
             self._reportError(_("The result could not be written into the segmentation."), str(e), ctx["showErrors"])
 
@@ -985,10 +984,13 @@ class AnnotationOutcome:
             device=str(r.get("device", "")).upper())
         if r.get("model_loaded"):
             text += " " + _("(including loading the model)")
-        warnings = list(r.get("warnings") or [])
-        if warnings:
-            text += "\n" + "\n".join(warnings)
-        return text
+        return _withWarnings(text, r)
+
+
+def _withWarnings(text: str, result: dict) -> str:
+    """A status text followed by the worker reply's warnings (missing optional input, input unlike
+    the training data, empty result...), one per line."""
+    return "\n".join([text] + [str(w) for w in result.get("warnings") or []])
 
 
 class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
