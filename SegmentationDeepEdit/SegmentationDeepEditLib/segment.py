@@ -435,8 +435,10 @@ def intensity_warnings(meta: dict, label: np.ndarray, images: Mapping[str, Optio
     out = []
     for chk in _seg(meta).get("intensity_checks", []):
         img = images.get(chk["input"])
+        if img is None:
+            continue
         mask = np.isin(label, chk["values"])
-        if img is None or int(mask.sum()) < 100:
+        if int(mask.sum()) < 100:
             continue
         median = float(np.median(sitk.GetArrayViewFromImage(img)[mask]))
         low, high = chk["range"]
