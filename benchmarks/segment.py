@@ -7,8 +7,10 @@ everything a user waits for; the time of `segment_images` alone is printed too.
 Cases (../shared/data, or $DEEPEDIT_SHARED_DATA):
 - glioma-regions: brats2013-pat0004 t1c + flair (240x240x155, 1 mm; no T2), TTA 0 and 1 (flips);
 - brain-tumor-2d: the same case (155 axial slices), TTA 0, 1, 2, 3;
-- liver-lesion: TotalSegmentator example CT (122x101x30, 3 mm), full and --fast, and the
-  112-slice ct-full as a larger volume.
+- liver-lesion: TotalSegmentator example CT (122x101x30, 3 mm), full and --fast, the
+  112-slice ct-full as a larger volume, and ct-full resampled (linear) to 0.78 x 0.78 x 1.25 mm
+  (466x385x267 voxels, 96 MB of int16: the size of a thin-slice clinical reconstruction) in a
+  temporary folder.
 Targets (issue 4): glioma under 30 s with TTA; liver fast under 60 s; 2D with TTA3 under 30 s.
 Run: `python benchmarks/segment.py [--repeats N]` (median over N runs per setting).
 """
@@ -28,7 +30,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _settings(data: Path):
+def _clinical_size_ct(src: Path, folder: Path) -> Path:
+    """``src`` resampled (linear) to 0.78 x 0.78 x 1.25 mm over the same extent, written to ``folder``."""
+    import SimpleITK as sitk
+
+    im = sitk.ReadImage(str(src))
+    spacing = (0.78, 0.78, 1.25)
+    size = [int((n - 1) * s / t) + 1 for n, s, t in zip(im.GetSize(), im.GetSpacing(), spacing)]
+    out = sitk.Resample(im, size, sitk.Transform(), sitk.sitkLinear, im.GetOrigin(), spacing, im.GetDirection(),
+                        -1024, sitk.sitkInt16)
+    path = folder / "ct-clinical-size.nii.gz"
+    sitk.WriteImage(out, str(path))
+    return path
+
+
+def _settings(data: Path, tmp: Path, wanted):
     brats = data / "brain-tumor" / "brats2013-pat0004"
     ct = data / "abdomen-ct" / "totalseg-example"
     brain = [f"t1c={brats / 't1c.nii.gz'}", f"flair={brats / 'flair.nii.gz'}"]
@@ -40,6 +56,10 @@ def _settings(data: Path):
         for fast in (True, False):
             yield "liver-lesion", f"{name} {'fast' if fast else 'full'}", [f"ct={ct / (name + '.nii.gz')}"], \
                 (["--fast"] if fast else [])
+    if "liver-lesion" in wanted:
+        big = _clinical_size_ct(ct / "ct-full.nii.gz", tmp)
+        for fast in (True, False):
+            yield "liver-lesion", f"466x385x267 {'fast' if fast else 'full'}", [f"ct={big}"], (["--fast"] if fast else [])
 
 
 _WRAP = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
@@ -74,7 +94,7 @@ def main() -> None:
     print(f"torch threads: {os.cpu_count()} cores on this machine")
     print(f"{'model':16s} {'setting':16s} {'wall s':>8s} {'pipeline s':>10s} {'peak RSS MB':>12s}")
     with tempfile.TemporaryDirectory() as tmp:
-        for model, setting, inputs, extra in _settings(data):
+        for model, setting, inputs, extra in _settings(data, Path(tmp), wanted):
             if model not in wanted:
                 continue
             walls, pipes, peaks = [], [], []
