@@ -27,6 +27,33 @@ def test_evaluate_real_held_out_case_with_clicks(shared_data, tmp_path, capsys):
     assert {"region", "clicks", "n", "mean", "std", "p25", "p75"} <= set(summary[0])
 
 
+def test_evaluate_automatic_cases_with_brats2023_input_names(tmp_path, capsys):
+    """A cases file written with BraTS 2023 names (t1n, t1c, t2w, t2f) scores the same as one with the model's names."""
+    import SimpleITK as sitk
+
+    from SegmentationDeepEditLib.synthetic import make_brain_case
+
+    c = make_brain_case(4, spacing=1.5, oblique=False, thick_slices=False, orientation="axial")
+    for k, suffix in (("t1", "t1n"), ("t1c", "t1c"), ("t2", "t2w"), ("flair", "t2f")):
+        sitk.WriteImage(c.images[k], str(tmp_path / f"case-{suffix}.nii.gz"))
+    sitk.WriteImage(c.label, str(tmp_path / "case-seg.nii.gz"))
+    names = {"ours": {"t1c": "case-t1c.nii.gz", "t2": "case-t2w.nii.gz", "flair": "case-t2f.nii.gz"},
+             "brats2023": {s: f"case-{s}.nii.gz" for s in ("t1n", "t1c", "t2w", "t2f")}}
+    rows = {}
+    for kind, images in names.items():
+        cases = {"cases": [{"name": kind, "images": images, "label": "case-seg.nii.gz", "convention": "brats2017",
+                            "regions": ["WT", "TC"]}]}
+        (tmp_path / f"{kind}.json").write_text(json.dumps(cases))
+        out = tmp_path / f"eval-{kind}"
+        code = main(["evaluate", "--model", "glioma-regions", "--cases", str(tmp_path / f"{kind}.json"),
+                     "--data-root", str(tmp_path), "-o", str(out), "--tta", "0", "--device", "cpu", "--json"])
+        assert code == 0, capsys.readouterr().err
+        rows[kind] = [(r["region"], r["dice"], r["note"]) for r in csv.DictReader(open(out / "per_case.csv"))]
+    assert rows["ours"] == rows["brats2023"] and len(rows["ours"]) == 2
+    assert all(note == "" for _, _, note in rows["ours"])  # t2 given (as t2w): nothing missing
+    assert float({r: d for r, d, _ in rows["ours"]}["WT"]) > 0.5
+
+
 def test_evaluate_bad_cases_file(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"cases": [{"image": "x.nii.gz"}]}))
     code = main(["evaluate", "--cases", str(tmp_path / "c.json"), "-o", str(tmp_path / "o")])

@@ -19,7 +19,7 @@ from SegmentationDeepEditLib.imageio import read_image
 from SegmentationDeepEditLib.labels import region_mask
 from SegmentationDeepEditLib.metrics import dice
 from SegmentationDeepEditLib.segment import (align_inputs, check_inputs, d4_transforms, predict_volume,
-                                             segment_images)
+                                             resolve_input_names, segment_images)
 
 GLIOMA = "glioma-regions"
 LIVER = "liver-lesion"
@@ -58,6 +58,55 @@ def test_inputs_by_name_missing_extra_optional():
     assert imgs["t2"] is None and len(warnings) == 1 and "'t2' is missing" in warnings[0]
     imgs, warnings = check_inputs(meta, {"t1c": a, "flair": a, "t2": a})
     assert warnings == [] and imgs["t2"] is a
+
+
+def test_input_names_accept_the_usual_other_names_and_file_names():
+    meta = _regions(GLIOMA)
+    # BraTS 2023 names, BraTS 2021 names, upper case: matched to the bundle's names, with a note each
+    got, notes = resolve_input_names(meta, [("t1c", 1), ("t2w", 2), ("t2f", 3)])
+    assert got == {"t1c": 1, "t2": 2, "flair": 3} and notes == ["input name 't2w' taken as 't2'",
+                                                                 "input name 't2f' taken as 'flair'"]
+    got, notes = resolve_input_names(meta, [("T1ce", 1), ("FLAIR", 3)])
+    assert got == {"t1c": 1, "flair": 3} and notes == ["input name 'T1ce' taken as 't1c'"]
+    got, _ = resolve_input_names(meta, [("t1gd", 1), ("flair", 3)])
+    assert got == {"t1c": 1, "flair": 3}
+    # no name: the file name says which sequence it is
+    files = ["/d/BraTS-GLI-00001-000-t1c.nii.gz", "/d/BraTS-GLI-00001-000-t2w.nii.gz", "/d/BraTS-GLI-00001-000-t2f.nii.gz"]
+    got, notes = resolve_input_names(meta, [(None, f) for f in files])
+    assert got == {"t1c": files[0], "t2": files[1], "flair": files[2]} and len(notes) == 3
+    assert "'BraTS-GLI-00001-000-t2f.nii.gz' taken as input 'flair'" in notes[2]
+    # a T1 (pre-contrast) by its name: not an input of this model, said so
+    with pytest.raises(InputError, match="by its name this is a t1 image, which model 'glioma-regions' does not take") as e:
+        resolve_input_names(meta, [(None, "/d/BraTS-GLI-00001-000-t1n.nii.gz")])
+    assert e.value.path == "/d/BraTS-GLI-00001-000-t1n.nii.gz"
+    with pytest.raises(InputError, match="cannot tell from the file name"):
+        resolve_input_names(meta, [(None, "/d/volume3.nii.gz")])
+    with pytest.raises(InputError, match="no input named 'dwi'"):
+        resolve_input_names(meta, [("t1c", 1), ("dwi", 2)])
+    got, notes = resolve_input_names(meta, [("t1", 0), ("t1c", 1), ("flair", 3), ("seg", 9)], ignore_unknown=True)
+    assert got == {"t1c": 1, "flair": 3} and len(notes) == 2
+    with pytest.raises(InputError, match="would both be input 'flair'"):
+        resolve_input_names(meta, [("flair", 1), ("t2f", 2)])
+    # a one-input bundle takes any single file
+    got, notes = resolve_input_names(_regions(LIVER), [(None, "/d/abdomen.nii.gz")])
+    assert got == {"ct": "/d/abdomen.nii.gz"} and notes == []
+
+
+def test_cli_segment_with_brats2023_file_names_equals_the_named_run(tmp_path, capsys):
+    c, paths = _synthetic_brain(tmp_path)
+    brats = {}
+    for k, suffix in (("t1c", "t1c"), ("t2", "t2w"), ("flair", "t2f")):
+        brats[k] = tmp_path / f"BraTS-GLI-00042-000-{suffix}.nii.gz"
+        brats[k].write_bytes(paths[k].read_bytes())
+    named, bare = tmp_path / "named.nii.gz", tmp_path / "bare.nii.gz"
+    assert main(["segment", "--model", GLIOMA, "--no-tta", "-o", str(named)]
+                + sum((["--input", f"{k}={v}"] for k, v in paths.items()), [])) == 0
+    capsys.readouterr()
+    assert main(["segment", "--model", GLIOMA, "--no-tta", "-o", str(bare)]
+                + sum((["--input", str(v)] for v in reversed(list(brats.values()))), [])) == 0
+    err = capsys.readouterr().err
+    assert "'BraTS-GLI-00042-000-t2f.nii.gz' taken as input 'flair'" in err and "taken as input 't2'" in err
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(named)), sitk.GetArrayFromImage(read_image(bare)))
 
 
 def test_inputs_of_other_geometry_are_resampled_onto_the_reference():
@@ -254,8 +303,10 @@ def test_cli_segment_writes_layered_regions_in_seg_nrrd(tmp_path, capsys):
     (["--input", "t1c={t1c}"], "needs input(s) flair"),
     (["--input", "t1c={t1c}", "--input", "flair={far}"], "not aligned; register"),
     (["--input", "t1c={t1c}", "--input", "flair={rgb}"], "rgb.nrrd"),
-    (["--input", "t1c={t1c}", "--input", "t1c={flair}"], "given twice"),
-    (["--input", "t1c"], "not NAME=PATH"),
+    (["--input", "t1c={t1c}", "--input", "t1c={flair}"], "input 't1c' given twice"),
+    (["--input", "t1c={t1c}", "--input", "T1ce={flair}", "--input", "flair={flair}"], "would both be input 't1c'"),
+    (["--input", "t1c"], "not NAME=PATH, nor an existing file"),
+    (["--input", "{t1c}", "--input", "{far}"], "cannot tell from the file name which input"),
 ])
 def test_cli_segment_bad_inputs_exit_1_and_write_nothing(tmp_path, capsys, argv, needle):
     c, paths = _synthetic_brain(tmp_path)

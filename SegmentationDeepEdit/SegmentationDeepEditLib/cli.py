@@ -55,10 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     s = sub.add_parser("segment", parents=[common], formatter_class=fmt, help="run an automatic segmentation model",
-                       epilog=_examples("deepedit segment --model glioma-regions --input t1c=t1c.nii.gz --input t2=t2.nii.gz --input flair=flair.nii.gz -o seg.seg.nrrd"))
+                       epilog=_examples("deepedit segment --model glioma-regions --input t1c=t1c.nii.gz --input t2=t2.nii.gz --input flair=flair.nii.gz -o seg.seg.nrrd",
+                                        "deepedit segment --model glioma-regions --input BraTS-GLI-00001-000-t1c.nii.gz --input BraTS-GLI-00001-000-t2w.nii.gz --input BraTS-GLI-00001-000-t2f.nii.gz -o seg.seg.nrrd"))
     s.add_argument("--model", required=True, help="automatic model id (see `deepedit models list`)")
     s.add_argument("--input", action="append", required=True, metavar="NAME=PATH",
-                   help="an input image by the model's input name (e.g. t1c=..., flair=..., ct=...); repeat")
+                   help="an input image by the model's input name (e.g. t1c=..., flair=..., ct=...; the usual other "
+                   "names are understood: t1ce, t1gd, t2w, t2f, t1n...), or PATH alone when the file name says "
+                   "which sequence it is (BraTS-GLI-00001-000-t2f.nii.gz) or the model has one input; repeat")
     s.add_argument("-o", "--output", required=True, help="output file: .seg.nrrd (named segments; overlapping regions "
                    "such as ET/TC/WT as layers), .nii.gz or .nrrd (label map)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -168,21 +171,24 @@ def _cmd_segment(args) -> dict:
     from .bundle import load_bundle
     from .imageio import check_output_path, read_image, write_segmentation
     from .progress import StageProgress
-    from .segment import check_input_names, segment_images
+    from .segment import check_input_names, resolve_input_names, segment_images
 
-    paths = {}
+    pairs = []
     for item in args.input:
         name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise InputError(f"--input {item!r} is not NAME=PATH")
-        if name in paths:
-            raise InputError(f"input {name!r} given twice")
-        paths[name] = path
+        if not sep or Path(item).is_file():  # a bare PATH (also one with "=" in it)
+            name, path = None, item
+        if (sep and not name) or not path or (name is None and not Path(path).is_file()):
+            raise InputError(f"--input {item!r} is not NAME=PATH, nor an existing file")
+        pairs.append((name, path))
     b = load_bundle(args.model)
     if b.task != "segmentation":
         raise InputError(f"model {b.id!r} is an annotation model; use `deepedit annotate` (automatic models: "
                          "see `deepedit models list`)")
+    paths, notes = resolve_input_names(b.meta, pairs)
     check_input_names(b.meta, paths)  # before reading anything
+    for n in notes:
+        print(f"deepedit segment: {n}", file=sys.stderr)
     out = check_output_path(Path(args.output), inputs=list(paths.values()), overwrite=args.overwrite)
     images = {n: read_image(p) for n, p in paths.items()}
     tta = 0 if args.no_tta else args.tta

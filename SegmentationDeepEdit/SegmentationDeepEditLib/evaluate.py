@@ -256,7 +256,7 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
     from .imageio import read_image
     from .labels import CONVENTIONS, region_mask
     from .metrics import dice
-    from .segment import segment_images
+    from .segment import resolve_input_names, segment_images
 
     bundle = load_bundle(model)
     if bundle.task != "segmentation":
@@ -266,8 +266,8 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
         raise InputError(f"model {bundle.id!r} declares no known output_convention")
     rows: List[dict] = []
     for ci, case in enumerate(cases):
-        takes = {i["name"] for i in bundle.meta["inputs"]}
-        images = {k: read_image(v) for k, v in case.images.items() if k in takes}
+        paths, _ = resolve_input_names(bundle.meta, list(case.images.items()), ignore_unknown=True)
+        images = {k: read_image(v) for k, v in paths.items()}
         label = read_image(case.label, what="label")
         ref = images.get(bundle.meta["segmentation"]["reference"])
         if ref is not None and (label.GetSize() != ref.GetSize()
@@ -278,7 +278,7 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
         for level in tta_levels:
             t = time.perf_counter()
             r = segment_images(bundle, images, device=device, tta=level, fast=fast,
-                               sources={k: str(v) for k, v in case.images.items() if k in takes})
+                               sources={k: str(v) for k, v in paths.items()})
             secs = time.perf_counter() - t
             for pred_region, truth_region in case.regions.items():
                 pred = sitk.GetArrayFromImage(region_mask(r.label, out_conv, pred_region)) > 0

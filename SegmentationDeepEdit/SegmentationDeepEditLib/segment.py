@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -40,7 +41,7 @@ from .errors import InputError, ModelError
 from .geometry import (Grid, bounding_box_grid, corners_lps, grid_of, image_on_grid, index_box_covering,
                        index_to_physical, resample_to_grid)
 
-__all__ = ["SegmentResult", "Cancelled", "check_input_names", "check_inputs", "align_inputs", "model_grid", "prepare_volume",
+__all__ = ["SegmentResult", "Cancelled", "resolve_input_names", "check_input_names", "check_inputs", "align_inputs", "model_grid", "prepare_volume",
            "d4_transforms", "TTA_LEVELS_2D", "predict_volume", "segment_images",
            "label_segments", "clean_label"]
 
@@ -99,6 +100,77 @@ def _seg(meta: dict) -> dict:
     if meta.get("task") != "segmentation" or "segmentation" not in meta:
         raise InputError(f"model {meta.get('id')!r} is not an automatic segmentation model")
     return meta["segmentation"]
+
+
+def resolve_input_names(meta: dict, given: Sequence[Tuple[Optional[str], Any]], *,
+                        ignore_unknown: bool = False) -> Tuple[Dict[str, Any], List[str]]:
+    """Match (name, value) pairs to the bundle's input names, accepting the usual other names.
+
+    A name is matched to a declared input in this order: the same name (any case); else the
+    sequence :func:`~SegmentationDeepEditLib.batch.identify.identify` reads in it, when that is
+    a declared input (BraTS 2023 ``t1n``/``t2w``/``t2f``, BraTS 2021 ``t1ce``, ``t1gd``,
+    ``FLAIR``...). A pair without a name (``None``) is the bundle's only input when it has one,
+    else the sequence identified from the value's file name (``BraTS-GLI-00001-000-t2f.nii.gz``).
+
+    Args:
+        meta: the bundle's metadata.
+        given: (name or None, value) pairs; values are passed through (paths or images).
+        ignore_unknown: leave out names that match no input (with a note) instead of refusing them.
+
+    Returns:
+        ({declared input name: value}, notes saying what was matched how).
+
+    Raises:
+        InputError: a name or file that matches no input, two values for one input.
+    """
+    from .batch.identify import identify
+
+    declared = [sp["name"] for sp in meta["inputs"]]
+    by_lower = {d.lower(): d for d in declared}
+    out: Dict[str, Any] = {}
+    came_from: Dict[str, str] = {}
+    notes: List[str] = []
+    for name, value in given:
+        if name is None:
+            fname = Path(str(value)).name
+            if len(declared) == 1:
+                target, how = declared[0], None
+            else:
+                ident = identify(file_name=fname)
+                target = ident.sequence if ident.sequence in declared else None
+                if target is None and ident.sequence and ident.sequence != "ignore":
+                    if ignore_unknown:
+                        notes.append(f"file {fname!r} ({ident.sequence} by its name) is not used by model {meta['id']!r}")
+                        continue
+                    raise InputError(f"by its name this is a {ident.sequence} image, which model {meta['id']!r} does not "
+                                     f"take (its inputs: {', '.join(_describe_input(sp) for sp in meta['inputs'])}); "
+                                     "leave it out, or give it as NAME=PATH", str(value))
+                if target is None:
+                    raise InputError(f"cannot tell from the file name which input of model {meta['id']!r} "
+                                     f"({', '.join(declared)}) this is; give it as NAME=PATH", str(value))
+                how = f"file {fname!r} taken as input {target!r} (from its name)"
+            label = f"file {fname!r}"
+        else:
+            target, how, label = by_lower.get(name.lower()), None, f"input {name!r}"
+            if target is None:
+                ident = identify(file_name=name)
+                if ident.sequence in declared:
+                    target, how = ident.sequence, f"input name {name!r} taken as {ident.sequence!r}"
+            if target is None:
+                if ignore_unknown:
+                    notes.append(f"input {name!r} is not used by model {meta['id']!r}")
+                    continue
+                raise InputError(f"model {meta['id']!r} has no input named {name!r}; its inputs are "
+                                 f"{', '.join(_describe_input(sp) for sp in meta['inputs'])}")
+        if target in out and came_from[target] == label:
+            raise InputError(f"{label} given twice", str(value) if name is None else None)
+        if target in out:
+            raise InputError(f"{came_from[target]} and {label} would both be input {target!r} of model "
+                             f"{meta['id']!r}: give one", str(value) if name is None else None)
+        out[target], came_from[target] = value, label
+        if how:
+            notes.append(how)
+    return out, notes
 
 
 def check_input_names(meta: dict, names) -> None:

@@ -286,14 +286,14 @@ class Worker:
         inputs = request.get("inputs") or {}
         if not isinstance(inputs, dict):
             raise InputError("'inputs' must map input names to image files")
-        from .segment import segment_images
+        from .segment import resolve_input_names, segment_images
 
         t0 = time.perf_counter()
         progress("read", 0.02)
+        named, _ = resolve_input_names(b.meta, [(n, p) for n, p in inputs.items() if p])
         images = {}
-        for name, path in inputs.items():
-            if path:
-                images[name], _ = self._read(path, f"input {name}")
+        for name, path in named.items():
+            images[name], _ = self._read(path, f"input {name}")
         t_read = time.perf_counter() - t0
         device = request.get("device") or "auto"
         tta = request.get("tta")
