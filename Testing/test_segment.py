@@ -54,10 +54,15 @@ def test_inputs_by_name_missing_extra_optional():
         check_inputs(meta, {"t1c": a, "flair": a, "t1": a})
     with pytest.raises(InputError, match="needs input\\(s\\) flair"):
         check_inputs(meta, {"t1c": a})
-    imgs, warnings = check_inputs(meta, {"t1c": a, "flair": a})
+    b, c = _img(np.full((8, 8, 8), 2.0)), _img(np.full((8, 8, 8), 3.0))
+    imgs, warnings = check_inputs(meta, {"t1c": a, "flair": b})
     assert imgs["t2"] is None and len(warnings) == 1 and "'t2' is missing" in warnings[0]
-    imgs, warnings = check_inputs(meta, {"t1c": a, "flair": a, "t2": a})
-    assert warnings == [] and imgs["t2"] is a
+    imgs, warnings = check_inputs(meta, {"t1c": a, "flair": b, "t2": c})
+    assert warnings == [] and imgs["t2"] is c
+    # one image given as two inputs: refused, naming the file of the second
+    with pytest.raises(InputError, match="inputs 't1c' and 'flair' are the same image") as e:
+        check_inputs(meta, {"t1c": a, "flair": _img(np.ones((8, 8, 8)))}, {"flair": "/d/t1c-again.nii.gz"})
+    assert e.value.path == "/d/t1c-again.nii.gz"
 
 
 def test_input_names_accept_the_usual_other_names_and_file_names():

@@ -148,6 +148,9 @@ def test_segment_request_runs_an_automatic_model(client):
     img, _ = _oblique_image()
     a = write_exchange_image(img, client.scratch / "t1c.mha")
     b = write_exchange_image(img, client.scratch / "flair.mha")
+    with pytest.raises(WorkerError, match="'t1c' and 'flair' are the same image"):
+        client.request("segment", timeout=60, model="throwaway-auto", inputs={"t1c": str(a), "flair": str(b)})
+    b = write_exchange_image(sitk.Cast(img, sitk.sitkFloat32) * 0.5 + 3.0, client.scratch / "flair.mha")
     reply = client.request("segment", timeout=120, model="throwaway-auto", inputs={"t1c": str(a), "flair": str(b)},
                            device="cpu", tta=0)
     label = sitk.ReadImage(reply["label"])

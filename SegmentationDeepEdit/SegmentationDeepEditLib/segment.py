@@ -216,7 +216,20 @@ def check_inputs(meta: dict, images: Mapping[str, Optional[sitk.Image]],
             raise InputError(f"input {s['name']!r} must be a 3D scalar image (it has {img.GetDimension()} dimensions and "
                              f"{img.GetNumberOfComponentsPerPixel()} channel(s) per voxel)", where)
         out[s["name"]] = img
+    _refuse_identical_inputs(out, sources)
     return out, warnings
+
+
+def _refuse_identical_inputs(images: Mapping[str, Optional[sitk.Image]], sources: Mapping[str, str]) -> None:
+    """Refuse one image given as two inputs (a T1c passed as FLAIR too gives a confident, wrong result)."""
+    given = [(n, im) for n, im in images.items() if im is not None]
+    for a in range(len(given)):
+        for b in range(a + 1, len(given)):
+            (na, ia), (nb, ib) = given[a], given[b]
+            if ia.GetSize() == ib.GetSize() and ia.GetPixelID() == ib.GetPixelID() and \
+                    np.array_equal(sitk.GetArrayViewFromImage(ia), sitk.GetArrayViewFromImage(ib)):
+                raise InputError(f"inputs {na!r} and {nb!r} are the same image: each input must be its own sequence "
+                                 f"(leave an optional input out instead of repeating another)", sources.get(nb))
 
 
 def _describe_input(spec: dict) -> str:
