@@ -3,7 +3,9 @@
 The comparison behind the liver model card's shipping rules: generated CTs that no training run
 used (standard portal-venous seeds 9700-9702, varied liver shapes 9900-9902, native phase
 9800-9802; `SegmentationDeepEditLib.synthetic.make_ct_case`) and the TotalSegmentator example CT
-(../shared/data, or $DEEPEDIT_SHARED_DATA) in full and --fast mode. Liver = label 1 or 2.
+(../shared/data, or $DEEPEDIT_SHARED_DATA) in full and --fast mode. Liver = label 1 or 2. The
+generated sets are also scored for the lesions (label 2), the only lesion truth there is, and every
+set in --fast mode too.
 
 Run: python Resources/Evaluation/compare_liver_models.py liver-lesion runs/liver-v4/bundle
 (bundle ids or bundle folders; about 30 s per bundle on 2 CPU cores).
@@ -29,8 +31,8 @@ GENERATED = {
 }
 
 
-def liver(label: sitk.Image) -> np.ndarray:
-    return sitk.GetArrayFromImage(region_mask(label, "liver-lesion", "liver")) > 0
+def liver(label: sitk.Image, region: str = "liver") -> np.ndarray:
+    return sitk.GetArrayFromImage(region_mask(label, "liver-lesion", region)) > 0
 
 
 def main() -> None:
@@ -44,20 +46,22 @@ def main() -> None:
     for name, cases in GENERATED.items():
         for seed, options in cases:
             case = make_ct_case(seed, **options)
-            truth = liver(case.label)
             for m in args.models:
-                pred = liver(segment_images(m, {"ct": case.images["ct"]}, device="cpu").label)
-                scores[m].setdefault(name, []).append(dice(pred, truth))
+                for fast in (False, True):
+                    label = segment_images(m, {"ct": case.images["ct"]}, fast=fast, device="cpu").label
+                    for region in ("liver", "lesion"):
+                        key = name + (" --fast" if fast else "") + ("" if region == "liver" else " lesion")
+                        scores[m].setdefault(key, []).append(dice(liver(label, region), liver(case.label, region)))
     ct = sitk.ReadImage(str(data / "ct.nii.gz"))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "liver.nii.gz"))) > 0
     for m in args.models:
         for fast in (False, True):
             pred = liver(segment_images(m, {"ct": ct}, fast=fast, device="cpu").label)
             scores[m]["real CT" + (" --fast" if fast else "")] = [dice(pred, truth)]
-    rows = list(GENERATED) + ["real CT", "real CT --fast"]
-    print(f"{'set':28s}" + "".join(f"{m[-24:]:>26s}" for m in args.models))
+    rows = [n + f + r for n in GENERATED for r in ("", " lesion") for f in ("", " --fast")] + ["real CT", "real CT --fast"]
+    print(f"{'set':40s}" + "".join(f"{m[-24:]:>26s}" for m in args.models))
     for r in rows:
-        print(f"{r:28s}" + "".join(f"{np.mean(scores[m][r]):26.3f}" for m in args.models))
+        print(f"{r:40s}" + "".join(f"{np.mean(scores[m][r]):26.3f}" for m in args.models))
 
 
 if __name__ == "__main__":
