@@ -330,6 +330,17 @@ def test_cli_segment_bad_inputs_exit_1_and_write_nothing(tmp_path, capsys, argv,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["t1c.nii.gz", "t2.nii.gz", "flair.nii.gz", "far.nii.gz", "rgb.nrrd"])
 
 
+def test_a_few_slices_give_a_3d_model_warning_not_silence():
+    from SegmentationDeepEditLib.synthetic import make_ct_case
+
+    ct = make_ct_case(11, spacing=(1.5, 1.5, 3.0), oblique=False).images["ct"]
+    mid = ct.GetSize()[2] // 2
+    full = segment_images(LIVER, {"ct": ct}, fast=True, device="cpu")
+    assert not any("covers only" in w for w in full.warnings), full.warnings
+    thin = segment_images(LIVER, {"ct": ct[:, :, mid - 1:mid + 2]}, fast=True, device="cpu")
+    assert any("covers only 9 mm along its axis k (3 voxels)" in w for w in thin.warnings), thin.warnings
+
+
 def test_cli_segment_refuses_annotation_model_and_fast_without_fast_mode(tmp_path, capsys):
     _, paths = _synthetic_brain(tmp_path)
     out = tmp_path / "o.nii.gz"

@@ -46,6 +46,8 @@ __all__ = ["SegmentResult", "Cancelled", "resolve_input_names", "check_input_nam
            "label_segments", "clean_label"]
 
 Progress = Optional[Callable[[str, float], None]]
+#: 3D models warn when the reference image is thinner than this along any axis (a few slices).
+THIN_VOLUME_MM = 30.0
 
 
 class Cancelled(InputError):
@@ -285,7 +287,6 @@ def model_grid(meta: dict, reference: sitk.Image, *, fast: bool = False) -> Grid
     crop = seg.get("crop", {"kind": "none"})
     if crop["kind"] == "nonzero":
         # the background of a skull-stripped image: 0, or the constant every corner shares
-        # (a volume z-scored as a whole has a non-zero constant background)
         # (a volume z-scored as a whole has a non-zero constant background), with
         # ``"background": "corners"``; else 0 (what the 3D bundles were trained with)
         background = 0.0
@@ -613,6 +614,13 @@ def segment_images(
     ref_name = seg["reference"]
     aligned = align_inputs(imgs, ref_name, sources)
     ref = aligned[ref_name]
+    if int(seg.get("dims", 3)) == 3:
+        extent = np.asarray(ref.GetSize(), float) * np.asarray(ref.GetSpacing(), float)
+        if extent.min() < THIN_VOLUME_MM:
+            axis = int(extent.argmin())
+            warnings.append(f"the {ref_name} image covers only {extent[axis]:.0f} mm along its axis {'ijk'[axis]} "
+                            f"({ref.GetSize()[axis]} voxels): this 3D model needs anatomy around the target and will "
+                            "see the edge slices repeated; the result is unreliable")
     grid = model_grid(meta, ref, fast=fast)
     arr = prepare_volume(meta, aligned, grid)
     t1 = time.perf_counter()
