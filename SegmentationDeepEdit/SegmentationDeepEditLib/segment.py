@@ -619,8 +619,8 @@ def segment_images(
         if extent.min() < THIN_VOLUME_MM:
             axis = int(extent.argmin())
             warnings.append(f"the {ref_name} image covers only {extent[axis]:.0f} mm along its axis {'ijk'[axis]} "
-                            f"({ref.GetSize()[axis]} voxels): this 3D model needs anatomy around the target and will "
-                            "see the edge slices repeated; the result is unreliable")
+                            f"({ref.GetSize()[axis]} voxels): this 3D model needs the anatomy around the target "
+                            "(beyond the image it sees padding); the result is unreliable")
     grid = model_grid(meta, ref, fast=fast)
     arr = prepare_volume(meta, aligned, grid)
     t1 = time.perf_counter()
