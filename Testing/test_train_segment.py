@@ -67,6 +67,53 @@ def test_short_run_lowers_the_loss_writes_a_bundle_and_resumes_exactly(tmp_path,
         np.testing.assert_allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-5, err_msg=k)
 
 
+def test_weight_averaging_ships_the_mean_of_its_snapshots_and_resumes_exactly(tmp_path, monkeypatch):
+    cfg = dict(_config(), average_weights={"from_step": 10, "every": 10})  # snapshots after steps 10, 20, 30
+    seen = []
+    real_save = T.save_checkpoint
+
+    def spy(path, net, opt, sched, step, extra=None):
+        seen.append({k: v.detach().float().clone() for k, v in net.state_dict().items()})
+        return real_save(path, net, opt, sched, step, extra=extra)
+
+    monkeypatch.setattr(T, "save_checkpoint", spy)
+    a = T.train_segmentation(cfg, tmp_path / "a", data_root=tmp_path, device="cpu", show_progress=False)
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    assert len(seen) == 3 and a["averaged_snapshots"] == 3
+    b = load_bundle(tmp_path / "a" / "bundle")
+    assert b.meta["training"]["averaged_weights"] == {"snapshots": 3, "from_step": 10, "every": 10}
+    shipped = load_network(b).state_dict()
+    for k in shipped:
+        mean = (seen[0][k] + seen[1][k] + seen[2][k]) / 3
+        np.testing.assert_allclose(shipped[k].numpy(), mean.numpy(), atol=1e-6, err_msg=k)
+        assert not np.allclose(shipped[k].numpy(), seen[2][k].numpy()) or seen[0][k].equal(seen[2][k])
+    assert (tmp_path / "a" / "log.csv").read_text().splitlines()[-1].startswith("mean of 3 snapshots")
+
+    # interrupted after the step-20 checkpoint (two snapshots in it), resumed: the same average
+    real = T.sample_batch
+    calls = {"n": 0}
+
+    def crash(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(T, "sample_batch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_segmentation(cfg, tmp_path / "b", data_root=tmp_path, device="cpu", show_progress=False)
+    monkeypatch.setattr(T, "sample_batch", real)
+    T.train_segmentation(cfg, tmp_path / "b", data_root=tmp_path, device="cpu", resume=True, show_progress=False)
+    resumed = load_network(load_bundle(tmp_path / "b" / "bundle")).state_dict()
+    for k in shipped:
+        np.testing.assert_allclose(shipped[k].numpy(), resumed[k].numpy(), atol=1e-5, err_msg=k)
+
+    with pytest.raises(InputError, match="average_weights needs"):
+        T.train_segmentation(dict(_config(), average_weights={"from_step": 40, "every": 10}), tmp_path / "c",
+                             data_root=tmp_path, device="cpu", show_progress=False)
+    assert not (tmp_path / "c").exists()
+
+
 def test_partial_labels_allow_any_of_their_classes():
     # BraTS 2017 "necrotic/non-enhancing core" (1) may be necrosis (1) or non-enhancing tumour (3)
     targets = {"kind": "classes", "n": 5, "class_sets": {"brats2017": {"1": [1, 3], "2": [2], "4": [4]}}}

@@ -162,9 +162,10 @@ def _validate(net, cases: List[TrainCase], meta: dict, device, seed: int) -> flo
     return float(np.mean(scores))
 
 
-def save_checkpoint(path: Path, net, opt, sched, step: int) -> None:
+def save_checkpoint(path: Path, net, opt, sched, step: int, extra: Optional[dict] = None) -> None:
     """Write network, optimiser (with its plain scalar attributes: Ranger21 keeps its step counts there),
-    scheduler and step atomically (temporary file, then rename)."""
+    scheduler, step and ``extra`` (tensors and numbers, e.g. averaged weights) atomically (temporary
+    file, then rename)."""
     import torch
 
     path = Path(path)
@@ -172,13 +173,16 @@ def save_checkpoint(path: Path, net, opt, sched, step: int) -> None:
     state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "optimizer_scalars": scalars}
     if sched is not None:
         state["scheduler"] = sched.state_dict()
+    if extra:
+        state["extra"] = extra
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, str(tmp))
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, net, opt, sched, device) -> int:
-    """Restore what :func:`save_checkpoint` wrote into ``net``, ``opt`` and ``sched``; returns the step."""
+def load_checkpoint(path: Path, net, opt, sched, device, extra: Optional[dict] = None) -> int:
+    """Restore what :func:`save_checkpoint` wrote into ``net``, ``opt``, ``sched`` (and the dict
+    ``extra``, updated in place); returns the step."""
     import torch
 
     ck = torch.load(str(path), map_location=device, weights_only=True)
@@ -188,6 +192,8 @@ def load_checkpoint(path: Path, net, opt, sched, device) -> int:
         setattr(opt, k, v)
     if sched is not None and "scheduler" in ck:
         sched.load_state_dict(ck["scheduler"])
+    if extra is not None:
+        extra.update(ck.get("extra", {}))
     return int(ck["step"])
 
 

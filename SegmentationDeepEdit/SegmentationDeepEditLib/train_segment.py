@@ -26,7 +26,11 @@ A run is described by its JSON config (kept in ``Resources/Training/``) and its 
   voxel), ``weight`` per source (relative probability of drawing its cases), ``init_from`` (a bundle
   id or folder whose weights start the run: fine-tuning), ``train_spacings`` (extra model spacings to prepare each case at: scale augmentation),
   ``augment``: ``flip_axes`` (model-grid array axes 0=k, 1=j, 2=i), ``intensity_scale``,
-  ``intensity_shift``, ``drop_inputs`` ({input: probability of zeroing it}).
+  ``intensity_shift``, ``drop_inputs`` ({input: probability of zeroing it});
+- ``average_weights``: ``{"from_step": N, "every": K}``: stochastic weight averaging (Izmailov
+  et al. 2018): the equal-weight mean of the network's weights after steps N, N+K, N+2K, ... up
+  to the last step is what the bundle ships (and what the final validation scores); the running
+  mean is kept in the checkpoint, so a resumed run averages exactly as an uninterrupted one.
 
 The random stream of step ``n`` is seeded by ``(seed, n)``: a resumed run draws what an
 uninterrupted one would. Outputs: ``checkpoint.pt`` (``weights_only`` readable), ``log.csv``
@@ -253,6 +257,18 @@ def _validate(net, cases: List[SegCase], meta: dict, targets: dict, device) -> L
     return list(np.mean(np.array(scores), axis=0)) if scores else []
 
 
+def _average_into(averaged: dict, net) -> None:
+    """Fold the network's current weights into the running equal-weight mean ``averaged``."""
+    n = int(averaged.get("n", 0))
+    cur = {k: v.detach().float().cpu().clone() for k, v in net.state_dict().items()}
+    if n == 0:
+        averaged["state"] = cur
+    else:
+        for k, v in averaged["state"].items():
+            v += (cur[k] - v) / (n + 1)
+    averaged["n"] = n + 1
+
+
 def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto", resume: bool = False,
                        steps: Optional[int] = None, bundle_dir: Optional[Path] = None,
                        show_progress: bool = True) -> dict:
@@ -267,6 +283,9 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     steps = int(config["steps"] if steps is None else steps)
     total_steps = steps
     seed = int(config.get("seed", 0))
+    avg_cfg = config.get("average_weights")
+    if avg_cfg is not None and (int(avg_cfg.get("every", 0)) < 1 or not 0 < int(avg_cfg.get("from_step", 0)) <= steps):
+        raise InputError(f"average_weights needs every >= 1 and 0 < from_step <= steps ({steps}), got {avg_cfg}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -312,9 +331,10 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     region_loss = _region_loss_fn(config) if targets["kind"] == "regions" else None
     n_classes = int(targets.get("n", 0))
 
+    averaged: dict = {}  # {"n": snapshots so far, "state": running mean of the weights}
     start = 0
     if resume and ckpt_path.exists():
-        start = load_checkpoint(ckpt_path, net, opt, sched, dev)
+        start = load_checkpoint(ckpt_path, net, opt, sched, dev, extra=averaged)
     use_bf16 = dev.type == "cpu" and bool(config.get("cpu_bf16", True)) and cpu_supports_bf16()
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if use_bf16 else \
         (lambda: torch.autocast("cuda", dtype=torch.float16)) if dev.type == "cuda" else \
@@ -358,16 +378,25 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
             sched.step()
         losses.append(float(loss.detach()))
         done = step + 1
+        if avg_cfg is not None and done >= int(avg_cfg["from_step"]) and \
+                (done - int(avg_cfg["from_step"])) % int(avg_cfg["every"]) == 0:
+            _average_into(averaged, net)
         if done % val_every == 0 or done == steps:
             last_val = _validate(net, val_cases, meta, targets, dev) if val_cases else []
             with open(log_path, "a", newline="") as f:
                 csv.writer(f).writerow([done, round(float(np.mean(losses[-val_every:])), 5)]
                                        + [round(float(v), 4) for v in last_val] + [round(time.perf_counter() - t0, 1)])
         if done % ckpt_every == 0 or done == steps:
-            save_checkpoint(ckpt_path, net, opt, sched, done)
+            save_checkpoint(ckpt_path, net, opt, sched, done, extra=averaged)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
                         val=",".join(f"{v:.3f}" for v in last_val) if last_val else "-")
     bar.close()
+    if averaged:
+        net.load_state_dict({k: v.to(dev) for k, v in averaged["state"].items()})
+        last_val = _validate(net, val_cases, meta, targets, dev) if val_cases else []
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow([f"mean of {int(averaged['n'])} snapshots", ""]
+                                   + [round(float(v), 4) for v in last_val] + [round(time.perf_counter() - t0, 1)])
     summary = {"run_dir": str(run_dir), "steps": steps, "cases": len(cases), "validation_cases": len(val_cases),
                "load_seconds": round(load_s, 1), "train_seconds": round(time.perf_counter() - t0, 1),
                "final_loss": round(float(np.mean(losses[-50:])), 4) if losses else None,
@@ -376,6 +405,9 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
         meta.setdefault("training", {})
         meta["training"] = {**meta["training"], "steps": total_steps, "seed": seed,
                             "validation_dice_model_grid": summary["validation_dice"]}
+        if averaged:
+            meta["training"]["averaged_weights"] = {"snapshots": int(averaged["n"]), **avg_cfg}
+            summary["averaged_snapshots"] = int(averaged["n"])
         state = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
         b = save_bundle(Path(bundle_dir) if bundle_dir else run_dir / "bundle", meta, state)
         summary["bundle"] = str(b.path)
