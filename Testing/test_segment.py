@@ -86,6 +86,8 @@ def test_input_names_accept_the_usual_other_names_and_file_names():
     assert e.value.path == "/d/BraTS-GLI-00001-000-t1n.nii.gz"
     with pytest.raises(InputError, match="cannot tell from the file name"):
         resolve_input_names(meta, [(None, "/d/volume3.nii.gz")])
+    with pytest.raises(InputError, match="by its name this is not an image model 'glioma-regions' takes .*label map or mask"):
+        resolve_input_names(meta, [("t1c", 1), ("flair", 3), (None, "/d/BraTS-GLI-00001-000-seg.nii.gz")])
     with pytest.raises(InputError, match="no input named 'dwi'"):
         resolve_input_names(meta, [("t1c", 1), ("dwi", 2)])
     got, notes = resolve_input_names(meta, [("t1", 0), ("t1c", 1), ("flair", 3), ("seg", 9)], ignore_unknown=True)
@@ -310,7 +312,7 @@ def test_cli_segment_writes_layered_regions_in_seg_nrrd(tmp_path, capsys):
     (["--input", "t1c={t1c}", "--input", "flair={rgb}"], "rgb.nrrd"),
     (["--input", "t1c={t1c}", "--input", "t1c={flair}"], "input 't1c' given twice"),
     (["--input", "t1c={t1c}", "--input", "T1ce={flair}", "--input", "flair={flair}"], "would both be input 't1c'"),
-    (["--input", "t1c"], "not NAME=PATH, nor an existing file"),
+    (["--input", "t1c"], "not NAME=PATH, nor an existing file or folder"),
     (["--input", "{t1c}", "--input", "{far}"], "cannot tell from the file name which input"),
 ])
 def test_cli_segment_bad_inputs_exit_1_and_write_nothing(tmp_path, capsys, argv, needle):

@@ -176,10 +176,10 @@ def _cmd_segment(args) -> dict:
     pairs = []
     for item in args.input:
         name, sep, path = item.partition("=")
-        if not sep or Path(item).is_file():  # a bare PATH (also one with "=" in it)
+        if not sep or Path(item).exists():  # a bare PATH: a file or a DICOM folder (also one with "=" in it)
             name, path = None, item
-        if (sep and not name) or not path or (name is None and not Path(path).is_file()):
-            raise InputError(f"--input {item!r} is not NAME=PATH, nor an existing file")
+        if (sep and not name) or not path or (name is None and not Path(path).exists()):
+            raise InputError(f"--input {item!r} is not NAME=PATH, nor an existing file or folder")
         pairs.append((name, path))
     b = load_bundle(args.model)
     if b.task != "segmentation":

@@ -147,6 +147,9 @@ def resolve_input_names(meta: dict, given: Sequence[Tuple[Optional[str], Any]], 
                     raise InputError(f"by its name this is a {ident.sequence} image, which model {meta['id']!r} does not "
                                      f"take (its inputs: {', '.join(_describe_input(sp) for sp in meta['inputs'])}); "
                                      "leave it out, or give it as NAME=PATH", str(value))
+                if target is None and ident.sequence == "ignore":
+                    raise InputError(f"by its name this is not an image model {meta['id']!r} takes ("
+                                     f"{'; '.join(ident.reasons)}): leave it out, or give it as NAME=PATH", str(value))
                 if target is None:
                     raise InputError(f"cannot tell from the file name which input of model {meta['id']!r} "
                                      f"({', '.join(declared)}) this is; give it as NAME=PATH", str(value))
