@@ -13,7 +13,7 @@ import torch
 
 from SegmentationDeepEditLib.bundle import list_bundles, load_bundle
 from SegmentationDeepEditLib.cli import main
-from SegmentationDeepEditLib.errors import InputError
+from SegmentationDeepEditLib.errors import InputError, ModelError
 from SegmentationDeepEditLib.geometry import grid_of, same_geometry
 from SegmentationDeepEditLib.imageio import read_image
 from SegmentationDeepEditLib.labels import region_mask
@@ -387,6 +387,28 @@ def test_clean_label_drops_small_islands_and_keeps_large_foci():
     assert (out[:12] == label[:12]).all()
     meta = _meta_with({})
     assert clean_label(meta, label) is label  # nothing declared: nothing done
+
+
+def test_clean_label_keeps_a_small_focus_that_holds_tumour_core():
+    from SegmentationDeepEditLib.segment import clean_label
+
+    label = np.zeros((20, 40, 40), np.uint8)
+    label[2:12, 2:12, 2:12] = 2  # main tumour, 1000 voxels of 8 uL (8 mL)
+    label[14:18, 25:30, 25:29] = 2  # a satellite, 80 voxels (8 %: under the fraction)
+    label[14:18, 26:29, 25:28] = 4  # with 36 enhancing voxels (0.29 mL of core)
+    label[14, 2, 30] = 4  # a one-voxel "vessel"
+    rule = {"min_fraction": 0.1, "keep_if": {"region": "TC", "min_ml": 0.25}}
+    out = clean_label(_meta_with({"components": rule}), label, voxel_ml=0.008)
+    assert (out[14:18, 25:30, 25:30] == label[14:18, 25:30, 25:30]).all()  # 0.29 mL of core: kept
+    assert out[14, 2, 30] == 0 and (out[:12] == label[:12]).all()  # 0.008 mL of core: dropped; main tumour kept
+    assert clean_label(_meta_with({"components": {"min_fraction": 0.1}}), label)[14:18, 25:30, 25:30].sum() == 0
+    stricter = {"min_fraction": 0.1, "keep_if": {"region": "TC", "min_ml": 0.5}}
+    assert clean_label(_meta_with({"components": stricter}), label, voxel_ml=0.008)[14:18, 25:30, 25:30].sum() == 0
+    with pytest.raises(ValueError, match="voxel_ml"):
+        clean_label(_meta_with({"components": rule}), label)
+    with pytest.raises(ModelError, match="keep_if names region 'XX'"):
+        clean_label(_meta_with({"components": {"min_fraction": 0.1, "keep_if": {"region": "XX", "min_ml": 1}}}), label,
+                    voxel_ml=0.008)
 
 
 def test_clean_label_fills_a_core_enclosed_by_enhancing_rim():

@@ -81,7 +81,7 @@ def scores_of(model: str, which: str, ttas=(0, 1)) -> dict:
             for t in THRESHOLDS:
                 m = copy.deepcopy(meta)
                 m["output"]["threshold"] = t
-                pred = S.clean_label(m, S._postprocess(m, probs, grid, ref))
+                pred = S.clean_label(m, S._postprocess(m, probs, grid, ref), voxel_ml=float(np.prod(ref.GetSpacing())) / 1000)
                 for r, vals in values.items():
                     out.setdefault(f"{r} tta{tta} t{t}", []).append(dice(np.isin(pred, vals), truths[r]))
         print(f"  {which}: {name} done", flush=True)

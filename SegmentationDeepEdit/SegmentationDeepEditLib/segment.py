@@ -470,12 +470,15 @@ def label_segments(meta: dict) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any
     return segments, regions
 
 
-def clean_label(meta: dict, label: np.ndarray) -> np.ndarray:
+def clean_label(meta: dict, label: np.ndarray, voxel_ml: Optional[float] = None) -> np.ndarray:
     """The bundle's declared clean-up (``segmentation.postprocess``) of a label array [k, j, i].
 
     - ``components: {"min_fraction": f}``: connected components of the foreground (any label
       value, face-connected) smaller than ``f`` times the largest are set to 0 (stray islands:
       vessels, bowel, the far side of a flip). Several large foci of a multifocal tumour stay.
+      With ``"keep_if": {"region": name, "min_ml": v}`` a small component that holds at least
+      ``v`` mL of that region (e.g. 1 mL of tumour core: a satellite focus, not a vessel) stays
+      too; this needs ``voxel_ml``, the volume of one voxel in mL.
     - ``fill_holes: [{"region": name, "value": v}]``: voxels enclosed by the region (a 3D hole,
       or a hole within an axial slice) that are not in it get the value ``v``; e.g. necrosis
       inside an enhancing rim is tumour core.
@@ -488,6 +491,7 @@ def clean_label(meta: dict, label: np.ndarray) -> np.ndarray:
     seg = _seg(meta)
     pp = seg.get("postprocess") or {}
     out = label
+    regions = {r["name"]: r["values"] for r in seg.get("regions", [])}
     comp = pp.get("components")
     if comp and out.any():
         fg = out > 0
@@ -495,9 +499,17 @@ def clean_label(meta: dict, label: np.ndarray) -> np.ndarray:
         if n > 1:
             sizes = np.bincount(lab.ravel())[1:]
             small = np.concatenate([[False], sizes < float(comp["min_fraction"]) * sizes.max()])
+            keep = comp.get("keep_if")
+            if keep:
+                if keep["region"] not in regions:
+                    raise ModelError(f"postprocess.components.keep_if names region {keep['region']!r}, which the "
+                                     "bundle does not declare")
+                if voxel_ml is None:
+                    raise ValueError("clean_label needs voxel_ml for postprocess.components.keep_if")
+                held = np.bincount(lab[np.isin(out, regions[keep["region"]])], minlength=n + 1) * float(voxel_ml)
+                small &= held < float(keep["min_ml"])
             out = out.copy()
             out[small[lab]] = 0
-    regions = {r["name"]: r["values"] for r in seg.get("regions", [])}
     for rule in pp.get("fill_holes", []):
         if rule["region"] not in regions:
             raise ModelError(f"postprocess.fill_holes names region {rule['region']!r}, which the bundle does not declare")
@@ -637,7 +649,7 @@ def segment_images(
     probs, used = run_with_fallback(run, dev, device)
     t2 = time.perf_counter()
     report("postprocess", 0.9)
-    out = clean_label(meta, _postprocess(meta, probs, grid, ref))
+    out = clean_label(meta, _postprocess(meta, probs, grid, ref), voxel_ml=float(np.prod(ref.GetSpacing())) / 1000.0)
     label = image_on_grid(out, grid_of(ref))
     segments, regions = label_segments(meta)
     if not out.any():
