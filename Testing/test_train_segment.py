@@ -114,6 +114,29 @@ def test_weight_averaging_ships_the_mean_of_its_snapshots_and_resumes_exactly(tm
     assert not (tmp_path / "c").exists()
 
 
+def test_init_from_a_run_bundle_of_an_older_schema_checks_only_the_weights(tmp_path):
+    from SegmentationDeepEditLib.errors import ModelError
+
+    T.train_segmentation(_config(steps=2), tmp_path / "a", data_root=tmp_path, device="cpu", show_progress=False)
+    old = tmp_path / "a" / "bundle" / "metadata.json"
+    meta = json.loads(old.read_text())
+    meta["labels"][0]["terminology"] = "SCT^49755003^Morphologically altered structure"  # bare code: refused today
+    old.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="terminology"):
+        load_bundle(tmp_path / "a" / "bundle")
+    T.train_segmentation(dict(_config(steps=4), init_from=str(tmp_path / "a" / "bundle"), lr=1e-12), tmp_path / "b",
+                         data_root=tmp_path, device="cpu", show_progress=False)
+    from safetensors.torch import load_file
+    wa, wb = load_file(str(tmp_path / "a" / "bundle" / "model.safetensors")), load_file(str(tmp_path / "b" / "bundle" / "model.safetensors"))
+    for k in wa:
+        np.testing.assert_allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-6, err_msg=k)
+    meta["weights"]["sha256"] = "0" * 64
+    old.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="SHA-256 mismatch"):
+        T.train_segmentation(dict(_config(steps=4), init_from=str(tmp_path / "a" / "bundle")), tmp_path / "c",
+                             data_root=tmp_path, device="cpu", show_progress=False)
+
+
 def test_partial_labels_allow_any_of_their_classes():
     # BraTS 2017 "necrotic/non-enhancing core" (1) may be necrosis (1) or non-enhancing tumour (3)
     targets = {"kind": "classes", "n": 5, "class_sets": {"brats2017": {"1": [1, 3], "2": [2], "4": [4]}}}

@@ -186,6 +186,22 @@ def _read_state_dict(bundle: Bundle) -> Dict[str, Any]:
         raise ModelError(f"cannot read weights: {e}", wp) from None
 
 
+def read_weights_for_init(source: Union[str, Path]) -> Dict[str, Any]:
+    """The weights of a bundle id or folder, to start a training run from (``init_from``).
+
+    Only the weights and their hash are checked, not the rest of the metadata: a run folder's
+    bundle written under an older schema (e.g. bare terminology codes) still starts a run, whose
+    own metadata comes from its config.
+    """
+    folder = Path(source)
+    if not (folder / "metadata.json").is_file():
+        return _read_state_dict(load_bundle(str(source)))
+    meta = read_json(folder / "metadata.json", "model bundle metadata.json", ModelError)
+    if not isinstance(meta.get("weights"), dict) or "file" not in meta["weights"] or "sha256" not in meta["weights"]:
+        raise ModelError("metadata.json names no weights file and hash", folder / "metadata.json")
+    return _read_state_dict(Bundle(folder.resolve(), meta))
+
+
 def load_network(bundle: Union[str, Bundle, None], device: Any = "cpu"):
     """Verify the weights' hash, build the network, load the weights, move to ``device``, eval mode."""
     import torch

@@ -53,7 +53,7 @@ import SimpleITK as sitk
 
 from .bundle import build_network, save_bundle
 from .train import load_checkpoint, save_checkpoint
-from .errors import InputError
+from .errors import InputError, ModelError
 from .geometry import resample_to_grid
 from .imageio import read_image
 from .labels import CONVENTIONS, values_mask
@@ -306,10 +306,13 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
 
     net = build_network(meta).to(dev)
     if config.get("init_from"):
-        from .bundle import load_network
+        from .bundle import read_weights_for_init
 
-        init = Path(config["init_from"])
-        net.load_state_dict(load_network(str(init) if init.exists() else config["init_from"], "cpu").state_dict())
+        try:
+            net.load_state_dict(read_weights_for_init(config["init_from"]), strict=True)
+        except RuntimeError as e:
+            raise ModelError(f"init_from {config['init_from']!r}: its weights do not fit this config's network: "
+                             f"{str(e).splitlines()[0]}") from None
     if meta["network"].get("channels_last") and dev.type == "cpu":
         net = net.to(memory_format=torch.channels_last_3d)
     opt_name = config.get("optimizer", "adamw")
@@ -324,8 +327,9 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
                            num_batches_per_epoch=spe, weight_decay=float(config.get("weight_decay", 1e-4)))
     elif opt_name == "adamw":
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=float(config.get("weight_decay", 1e-4)))
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
-                                                    pct_start=max(0.1, 2.5 / max(total_steps, 1)))
+        if total_steps >= 3:  # one-cycle needs a warm-up and a decay step; shorter (smoke) runs keep lr constant
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
+                                                        pct_start=min(0.5, max(0.1, 2.5 / total_steps)))
     else:
         raise InputError(f"unknown optimizer {opt_name!r} (ranger21 or adamw)")
     region_loss = _region_loss_fn(config) if targets["kind"] == "regions" else None
