@@ -32,6 +32,23 @@ def _config(steps=30):
             "bundle": meta}
 
 
+def _interrupt_at_step_25(config, run_dir, monkeypatch):
+    """Start a run and kill it (KeyboardInterrupt) while it draws its 25th batch, after the step-20 checkpoint."""
+    real = T.sample_batch
+    calls = {"n": 0}
+
+    def crash(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(T, "sample_batch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_segmentation(config, run_dir, data_root=run_dir.parent, device="cpu", show_progress=False)
+    monkeypatch.setattr(T, "sample_batch", real)
+
+
 def test_short_run_lowers_the_loss_writes_a_bundle_and_resumes_exactly(tmp_path, monkeypatch):
     torch.manual_seed(0)
     a = T.train_segmentation(_config(), tmp_path / "a", data_root=tmp_path, device="cpu", show_progress=False)
@@ -45,19 +62,7 @@ def test_short_run_lowers_the_loss_writes_a_bundle_and_resumes_exactly(tmp_path,
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in build_network(b.meta).parameters())
 
     # the same run interrupted after its step-20 checkpoint, then resumed: identical weights
-    real = T.sample_batch
-    calls = {"n": 0}
-
-    def crash(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 25:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(T, "sample_batch", crash)
-    with pytest.raises(KeyboardInterrupt):
-        T.train_segmentation(_config(), tmp_path / "b", data_root=tmp_path, device="cpu", show_progress=False)
-    monkeypatch.setattr(T, "sample_batch", real)
+    _interrupt_at_step_25(_config(), tmp_path / "b", monkeypatch)
     with pytest.raises(InputError, match="--resume"):
         T.train_segmentation(_config(), tmp_path / "b", data_root=tmp_path, device="cpu", show_progress=False)
     T.train_segmentation(_config(), tmp_path / "b", data_root=tmp_path, device="cpu", resume=True, show_progress=False)
@@ -90,19 +95,7 @@ def test_weight_averaging_ships_the_mean_of_its_snapshots_and_resumes_exactly(tm
     assert (tmp_path / "a" / "log.csv").read_text().splitlines()[-1].startswith("mean of 3 snapshots")
 
     # interrupted after the step-20 checkpoint (two snapshots in it), resumed: the same average
-    real = T.sample_batch
-    calls = {"n": 0}
-
-    def crash(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 25:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(T, "sample_batch", crash)
-    with pytest.raises(KeyboardInterrupt):
-        T.train_segmentation(cfg, tmp_path / "b", data_root=tmp_path, device="cpu", show_progress=False)
-    monkeypatch.setattr(T, "sample_batch", real)
+    _interrupt_at_step_25(cfg, tmp_path / "b", monkeypatch)
     T.train_segmentation(cfg, tmp_path / "b", data_root=tmp_path, device="cpu", resume=True, show_progress=False)
     resumed = load_network(load_bundle(tmp_path / "b" / "bundle")).state_dict()
     for k in shipped:
