@@ -46,10 +46,16 @@ def test_evaluate_automatic_cases_with_brats2023_input_names(tmp_path, capsys):
         (tmp_path / f"{kind}.json").write_text(json.dumps(cases))
         out = tmp_path / f"eval-{kind}"
         code = main(["evaluate", "--model", "glioma-regions", "--cases", str(tmp_path / f"{kind}.json"),
-                     "--data-root", str(tmp_path), "-o", str(out), "--tta", "0", "--device", "cpu", "--json"])
+                     "--data-root", str(tmp_path), "-o", str(out), "--tta", "0", "--device", "cpu", "--json"]
+                    + (["--no-pictures"] if kind == "ours" else []))
         assert code == 0, capsys.readouterr().err
         rows[kind] = [(r["region"], r["dice"], r["note"]) for r in csv.DictReader(open(out / "per_case.csv"))]
     assert rows["ours"] == rows["brats2023"] and len(rows["ours"]) == 2
+    # one picture per case and region (model and truth outlines), none with --no-pictures
+    pictures = sorted(p.name for p in (tmp_path / "eval-brats2023" / "pictures").iterdir())
+    assert pictures == ["brats2023-TC.png", "brats2023-WT.png"]
+    assert (tmp_path / "eval-brats2023" / "pictures" / "brats2023-WT.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "eval-ours" / "pictures").exists()
     assert all(note == "" for _, _, note in rows["ours"])  # t2 given (as t2w): nothing missing
     assert float({r: d for r, d, _ in rows["ours"]}["WT"]) > 0.5
 

@@ -11,7 +11,9 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="annotation models: any value turns flip TTA on; automatic models: comma-separated levels to "
                         "compare, e.g. 0,1,2,3 (default: the model's own)")
     e.add_argument("--fast", action="store_true", help="automatic models: use the coarser fast grid")
+    e.add_argument("--no-pictures", action="store_true",
+                   help="automatic models: no PNG per case and region (three slices, model and truth outlines) "
+                   "in OUTPUT/pictures")
 
     d = sub.add_parser("demo", parents=[common], formatter_class=fmt,
                        help="generate a case, annotate it from six points, write result, picture and Dice",
@@ -275,15 +280,21 @@ def _cmd_evaluate(args) -> dict:
             except ValueError:
                 raise InputError(f"--tta {args.tta!r} is not a comma-separated list of levels") from None
         cases = load_auto_cases(Path(args.cases), Path(args.data_root))
-        with StageProgress("evaluate", enabled=not args.json) as bar:
-            rows = evaluate_automatic(cases, args.model, tta_levels=levels, fast=args.fast, device=args.device,
-                                      progress=bar)
-        summary = write_auto_results(rows, Path(args.output))
+        with tempfile.TemporaryDirectory(prefix="deepedit-eval-") as staging:
+            with StageProgress("evaluate", enabled=not args.json) as bar:
+                rows = evaluate_automatic(cases, args.model, tta_levels=levels, fast=args.fast, device=args.device,
+                                          progress=bar, picture_dir=None if args.no_pictures else Path(staging))
+            summary = write_auto_results(rows, Path(args.output))
+            if not args.no_pictures:
+                pictures = Path(args.output) / "pictures"
+                shutil.rmtree(pictures, ignore_errors=True)  # the pictures of an earlier run in this folder
+                shutil.copytree(staging, pictures)
         if not args.json:
             print(format_auto_table(summary))
             for r in rows:
                 print(f"  {r['case']:40s} {r['region']:8s} {r['setting']:>10s} Dice {r['dice']:.3f}  {r['note']}")
-            print(f"per-case results in {Path(args.output) / 'per_case.csv'}")
+            print(f"per-case results in {Path(args.output) / 'per_case.csv'}"
+                  + ("" if args.no_pictures else f", pictures in {Path(args.output) / 'pictures'}"))
         return {"summary": summary, "rows": rows, "output": str(args.output)}
     if args.clicks < 0:
         raise InputError("--clicks must be 0 or more")

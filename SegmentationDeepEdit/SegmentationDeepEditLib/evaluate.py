@@ -19,10 +19,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -246,11 +247,13 @@ def load_auto_cases(path: Path, data_root: Path) -> List[AutoCase]:
 
 
 def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast: bool = False, device: str = "auto",
-                       progress=None) -> List[dict]:
+                       progress=None, picture_dir: Optional[Path] = None) -> List[dict]:
     """Dice per case, region and TTA level of an automatic model, on each case's reference grid.
 
     Region rule: a region absent from the truth scores 1 when the prediction is empty too, else 0.
-    Returns rows ``{case, region, setting, dice, seconds, note}``.
+    Returns rows ``{case, region, setting, dice, seconds, note}``. With ``picture_dir``, one PNG
+    per case and region at the last TTA level: three orthogonal slices of the reference input
+    with the model's outline (yellow) and the truth's (green), the Dice in the title.
     """
     from .bundle import load_bundle
     from .imageio import read_image
@@ -281,9 +284,18 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
                                sources={k: str(v) for k, v in paths.items()})
             secs = time.perf_counter() - t
             for pred_region, truth_region in case.regions.items():
-                pred = sitk.GetArrayFromImage(region_mask(r.label, out_conv, pred_region)) > 0
-                truth = sitk.GetArrayFromImage(region_mask(label, case.convention, truth_region)) > 0
+                pred_img = region_mask(r.label, out_conv, pred_region)
+                truth_img = region_mask(label, case.convention, truth_region)
+                pred = sitk.GetArrayFromImage(pred_img) > 0
+                truth = sitk.GetArrayFromImage(truth_img) > 0
                 d = (1.0 if not pred.any() else 0.0) if not truth.any() else dice(pred, truth)
+                if picture_dir is not None and level == tta_levels[-1]:
+                    from .render import render_overlay
+
+                    stem = re.sub(r"[^A-Za-z0-9._]+", "-", f"{case.name} {pred_region}").strip("-")
+                    render_overlay(ref, [pred_img, truth_img], Path(picture_dir) / f"{stem}.png",
+                                   labels=(f"{bundle.id} {pred_region}", f"truth {truth_region}"),
+                                   title=f"{case.name}: {pred_region}, tta {r.tta}{' fast' if fast else ''}, Dice {d:.3f}")
                 rows.append({"case": case.name, "region": pred_region, "setting": f"tta={r.tta}" + (" fast" if fast else ""),
                              "dice": round(float(d), 4), "seconds": round(secs, 2),
                              "note": (note + ("; " if note and not truth.any() else "") +
