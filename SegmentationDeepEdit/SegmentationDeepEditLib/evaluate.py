@@ -293,8 +293,9 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
                     from .render import render_overlay
 
                     stem = re.sub(r"[^A-Za-z0-9._]+", "-", f"{case.name} {pred_region}").strip("-")
-                    render_overlay(ref, [pred_img, truth_img], Path(picture_dir) / f"{stem}.png",
-                                   labels=(f"{bundle.id} {pred_region}", f"truth {truth_region}"),
+                    render_overlay(ref, [truth_img, pred_img], Path(picture_dir) / f"{stem}.png",  # centred on the truth
+                                   colors=((0.2, 0.9, 0.3), (1.0, 0.8, 0.1)),
+                                   labels=(f"truth {truth_region}", f"{bundle.id} {pred_region}"),
                                    title=f"{case.name}: {pred_region}, tta {r.tta}{' fast' if fast else ''}, Dice {d:.3f}")
                 rows.append({"case": case.name, "region": pred_region, "setting": f"tta={r.tta}" + (" fast" if fast else ""),
                              "dice": round(float(d), 4), "seconds": round(secs, 2),
