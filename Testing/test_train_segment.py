@@ -82,9 +82,17 @@ def test_weight_averaging_ships_the_mean_of_its_snapshots_and_resumes_exactly(tm
         return real_save(path, net, opt, sched, step, extra=extra)
 
     monkeypatch.setattr(T, "save_checkpoint", spy)
-    a = T.train_segmentation(cfg, tmp_path / "a", data_root=tmp_path, device="cpu", show_progress=False)
+    a = T.train_segmentation(dict(cfg, snapshot_every=10), tmp_path / "a", data_root=tmp_path, device="cpu",
+                             show_progress=False)
     monkeypatch.setattr(T, "save_checkpoint", real_save)
     assert len(seen) == 3 and a["averaged_snapshots"] == 3
+    from safetensors.torch import load_file  # the kept snapshots are the weights after steps 10, 20, 30
+
+    snaps = sorted((tmp_path / "a" / "snapshots").iterdir())
+    assert [s.name for s in snaps] == ["step-00010.safetensors", "step-00020.safetensors", "step-00030.safetensors"]
+    for snap, weights in zip(snaps, seen):
+        kept = load_file(str(snap))
+        assert all(np.allclose(kept[k].numpy(), weights[k].numpy()) for k in weights)
     b = load_bundle(tmp_path / "a" / "bundle")
     assert b.meta["training"]["averaged_weights"] == {"snapshots": 3, "from_step": 10, "every": 10}
     shipped = load_network(b).state_dict()

@@ -27,6 +27,9 @@ A run is described by its JSON config (kept in ``Resources/Training/``) and its 
   id or folder whose weights start the run: fine-tuning), ``train_spacings`` (extra model spacings to prepare each case at: scale augmentation),
   ``augment``: ``flip_axes`` (model-grid array axes 0=k, 1=j, 2=i), ``intensity_scale``,
   ``intensity_shift``, ``drop_inputs`` ({input: probability of zeroing it});
+- ``snapshot_every``: K: the network's weights after every K-th step are also kept as
+  ``snapshots/step-NNNNN.safetensors`` in the run folder (for a curve of a score against training
+  length; a snapshot loads into the bundle's network like its own weights);
 - ``average_weights``: ``{"from_step": N, "every": K}``: stochastic weight averaging (Izmailov
   et al. 2018): the equal-weight mean of the network's weights after steps N, N+K, N+2K, ... up
   to the last step is what the bundle ships (and what the final validation scores); the running
@@ -257,6 +260,16 @@ def _validate(net, cases: List[SegCase], meta: dict, targets: dict, device) -> L
     return list(np.mean(np.array(scores), axis=0)) if scores else []
 
 
+def _write_snapshot(path: Path, net) -> None:
+    """The network's weights as safetensors, written atomically."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
 def _average_into(averaged: dict, net) -> None:
     """Fold the network's current weights into the running equal-weight mean ``averaged``."""
     n = int(averaged.get("n", 0))
@@ -390,6 +403,8 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
             with open(log_path, "a", newline="") as f:
                 csv.writer(f).writerow([done, round(float(np.mean(losses[-val_every:])), 5)]
                                        + [round(float(v), 4) for v in last_val] + [round(time.perf_counter() - t0, 1)])
+        if config.get("snapshot_every") and done % int(config["snapshot_every"]) == 0:
+            _write_snapshot(run_dir / "snapshots" / f"step-{done:05d}.safetensors", net)
         if done % ckpt_every == 0 or done == steps:
             save_checkpoint(ckpt_path, net, opt, sched, done, extra=averaged)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
