@@ -260,20 +260,25 @@ def _validate(net, cases: List[SegCase], meta: dict, targets: dict, device) -> L
     return list(np.mean(np.array(scores), axis=0)) if scores else []
 
 
+def _weights_of(net) -> dict:
+    """The network's weights as float32 CPU tensors of their own (a copy, contiguous)."""
+    return {k: v.detach().float().cpu().clone().contiguous() for k, v in net.state_dict().items()}
+
+
 def _write_snapshot(path: Path, net) -> None:
     """The network's weights as safetensors, written atomically."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    save_file(_weights_of(net), str(tmp))
     tmp.replace(path)
 
 
 def _average_into(averaged: dict, net) -> None:
     """Fold the network's current weights into the running equal-weight mean ``averaged``."""
     n = int(averaged.get("n", 0))
-    cur = {k: v.detach().float().cpu().clone() for k, v in net.state_dict().items()}
+    cur = _weights_of(net)
     if n == 0:
         averaged["state"] = cur
     else:
@@ -427,7 +432,6 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
         if averaged:
             meta["training"]["averaged_weights"] = {"snapshots": int(averaged["n"]), **avg_cfg}
             summary["averaged_snapshots"] = int(averaged["n"])
-        state = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
-        b = save_bundle(Path(bundle_dir) if bundle_dir else run_dir / "bundle", meta, state)
+        b = save_bundle(Path(bundle_dir) if bundle_dir else run_dir / "bundle", meta, _weights_of(net))
         summary["bundle"] = str(b.path)
     return summary
