@@ -18,7 +18,7 @@ from SegmentationDeepEditLib.geometry import grid_of, same_geometry
 from SegmentationDeepEditLib.imageio import read_image
 from SegmentationDeepEditLib.labels import region_mask
 from SegmentationDeepEditLib.metrics import dice
-from SegmentationDeepEditLib.segment import (align_inputs, check_inputs, d4_transforms, predict_volume,
+from SegmentationDeepEditLib.segment import (align_inputs, check_inputs, d4_transforms, predict_volume, tta_flips_3d,
                                              resolve_input_names, segment_images)
 
 GLIOMA = "glioma-regions"
@@ -205,6 +205,20 @@ def test_3d_flip_tta_is_the_identity_for_a_symmetric_model():
     b = predict_volume(net, x, meta, torch.device("cpu"), tta=1, bf16=False)
     assert a.shape == (3, 24, 20, 28)
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("axes,changes", [(["k"], False), (["j", "k"], False), (["i"], True)])
+def test_3d_tta_flip_axes_name_the_model_grid_axes(axes, changes):
+    # _Shifted adds a ramp along i (left-right): flips along j or k leave it alone, a flip along i does not
+    meta = {"id": "t", "task": "segmentation", "output": {"activation": "sigmoid", "threshold": 0.5},
+            "network": {"class": "x", "args": {}},
+            "segmentation": {"dims": 3, "roi": [16, 16, 16], "overlap": 0.25, "tta_flip_axes": axes}}
+    x = np.random.default_rng(3).normal(size=(2, 20, 18, 24)).astype(np.float32)
+    net = _Shifted(3, 2, 3).eval()
+    a = predict_volume(net, x, meta, torch.device("cpu"), tta=0, bf16=False)
+    b = predict_volume(net, x, meta, torch.device("cpu"), tta=1, bf16=False)
+    assert (np.abs(a - b).max() > 1e-2) == changes
+    assert len(tta_flips_3d(meta, 1)) == 1 + len(axes) and tta_flips_3d(meta, 0) == ((),)
 
 
 def test_cancel_stops_before_anything_is_returned():

@@ -41,7 +41,7 @@ from .errors import InputError, ModelError
 from .geometry import (Grid, bounding_box_grid, corners_lps, grid_of, image_on_grid, index_box_covering,
                        index_to_physical, resample_to_grid)
 
-__all__ = ["SegmentResult", "Cancelled", "resolve_input_names", "check_input_names", "check_inputs", "align_inputs", "model_grid", "prepare_volume",
+__all__ = ["SegmentResult", "Cancelled", "resolve_input_names", "check_input_names", "check_inputs", "align_inputs", "model_grid", "prepare_volume", "tta_flips_3d",
            "d4_transforms", "TTA_LEVELS_2D", "predict_volume", "segment_images",
            "label_segments", "clean_label"]
 
@@ -366,7 +366,18 @@ def d4_transforms(level: int) -> List[Tuple[int, bool]]:
 
 
 TTA_LEVELS_2D = (0, 1, 2, 3)
-_FLIPS_3D = ((), (2,), (3,), (4,))
+# model-grid axis (LPS, identity direction) -> dimension of an [N, C, k, j, i] tensor
+_FLIP_DIMS = {"i": 4, "j": 3, "k": 2}
+
+
+def tta_flips_3d(meta: dict, tta: int) -> Tuple[Tuple[int, ...], ...]:
+    """The flips a 3D bundle averages at TTA level ``tta``: the identity, then one flip per axis
+    in ``segmentation.tta_flip_axes`` (model-grid axes "i" left-right, "j" anterior-posterior,
+    "k" inferior-superior; default all three)."""
+    if int(tta) <= 0:
+        return ((),)
+    axes = _seg(meta).get("tta_flip_axes", ["k", "j", "i"])
+    return ((),) + tuple((_FLIP_DIMS[a],) for a in axes)
 
 
 def _apply_d4(x, k: int, flip: bool):
@@ -399,7 +410,8 @@ def predict_volume(net, array: np.ndarray, meta: dict, device, *, tta: int = 0, 
 
     3D bundles run sliding windows of ``segmentation.roi`` (overlap ``segmentation.overlap``,
     Gaussian weighting), so memory stays bounded whatever the volume; ``tta`` > 0 averages
-    over the identity and a flip along each axis. 2D bundles run batches of axial slices,
+    over the identity and a flip along each axis of ``segmentation.tta_flip_axes`` (default all
+    three). 2D bundles run batches of axial slices,
     ``tta`` is the D4 level (0-3).
     """
     import torch
@@ -440,7 +452,7 @@ def predict_volume(net, array: np.ndarray, meta: dict, device, *, tta: int = 0, 
     from monai.inferers import sliding_window_inference
 
     roi = tuple(int(r) for r in seg.get("roi", (96, 96, 96)))
-    flips = _FLIPS_3D if int(tta) > 0 else _FLIPS_3D[:1]
+    flips = tta_flips_3d(meta, tta)
     channels_last = bool(meta["network"].get("channels_last")) and device.type == "cpu"
     done = [0]
 
