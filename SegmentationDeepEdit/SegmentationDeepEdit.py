@@ -770,34 +770,27 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self.ui.statusLabel.text = _("Cancelled.")
 
     def onPollWorker(self) -> None:
-        for message in self.logic.pollWorker():
-            if "log" in message:
+        from SegmentationDeepEditLib.slicer_bridge import route_worker_messages
+
+        for event in route_worker_messages(self.logic.pollWorker(), self._pending):
+            ctx, message = event.context, event.message
+            if event.kind == "log":
                 logging.info(f"SegmentationDeepEdit worker: {message['log']}")
-                continue
-            if "exited" in message:
-                if self._pending:
-                    lost = self._pending
-                    self._pending = {}
-                    for ctx in lost.values():
-                        self._reportError(_("The inference worker stopped."), _(
-                            "It exited with code {code} before answering; the application log has its messages.").format(
-                            code=message["exited"]), ctx["showErrors"])
-                continue
-            ctx = self._pending.get(message.get("id"))
-            if ctx is None:
-                continue  # ready message, or an answer to a cancelled request
-            if "progress" in message:
+            elif event.kind == "lost":
+                for lost in event.contexts:
+                    self._reportError(_("The inference worker stopped."), _(
+                        "It exited with code {code} before answering; the application log has its messages.").format(
+                        code=message["exited"]), lost["showErrors"])
+            elif event.kind == "progress":
                 if ctx["kind"] != "load":
                     self.ui.progressBar.value = int(round(100 * float(message["progress"])))
                     self.ui.progressBar.format = f"%p% {message.get('stage', '')}"
-                continue
-            del self._pending[message["id"]]
-            if "error" in message:
+            elif event.kind == "error":
                 if ctx["kind"] == "load":
                     logging.warning(f"SegmentationDeepEdit: could not preload the model: {message['error']}")
                 else:
                     self._reportError(_("Segmentation failed."), message["error"], ctx["showErrors"])
-            elif "result" in message:
+            elif event.kind == "result":
                 self._onResult(ctx, message["result"])
         self._setIdle()
         if self._rerunRequested and not any(c["kind"] == "annotate" for c in self._pending.values()):
@@ -876,30 +869,24 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             button.enabled = True
 
     def onPollBatch(self) -> None:
+        from SegmentationDeepEditLib.slicer_bridge import route_worker_messages
+
         refresh = False
-        for message in self.logic.pollBatchWorker():
-            if "log" in message:
+        for event in route_worker_messages(self.logic.pollBatchWorker(), self._batchPending):
+            message = event.message
+            if event.kind == "log":
                 logging.info(f"SegmentationDeepEdit batch: {message['log']}")
-                continue
-            if "exited" in message:
-                if self._batchPending:
-                    self._batchPending = {}
-                    self._reportBatchError(_("The batch worker stopped."), _(
-                        "It exited with code {code}; the application log has its messages. Finished studies are kept: "
-                        "run again with Resume.").format(code=message["exited"]))
-                continue
-            ctx = self._batchPending.get(message.get("id"))
-            if ctx is None:
-                continue
-            if "progress" in message:
+            elif event.kind == "lost":
+                self._reportBatchError(_("The batch worker stopped."), _(
+                    "It exited with code {code}; the application log has its messages. Finished studies are kept: "
+                    "run again with Resume.").format(code=message["exited"]))
+            elif event.kind == "progress":
                 self.ui.batchProgressBar.value = int(round(100 * float(message["progress"])))
                 self.ui.batchProgressBar.format = f"%p% {message.get('stage', '')}"
                 refresh = True
-                continue
-            del self._batchPending[message["id"]]
-            if "error" in message:
+            elif event.kind == "error":
                 self._reportBatchError(_("The batch failed."), message["error"])
-            elif "result" in message:
+            elif event.kind == "result":
                 result = message["result"]
                 self._batchPlans = result.get("plans", [])
                 self._showBatchRows(result.get("rows", []))

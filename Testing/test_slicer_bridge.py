@@ -234,3 +234,33 @@ def test_batch_model_choices_are_brain_models_default_first():
     assert ids and ids[0] == DEFAULT_BRAIN_MODEL
     assert "brain-tumor-2d" in ids
     assert "liver-lesion" not in ids and "deepedit-extreme-points" not in ids  # CT input; annotation model
+
+
+# ---------------------------------------------------------------- worker messages
+
+def test_route_worker_messages_answers_each_request_once_and_drops_strays():
+    a, b = {"kind": "annotate"}, {"kind": "load"}
+    pending = {1: a, 2: b}
+    events = SB.route_worker_messages([
+        {"ready": True},                                   # no id: dropped
+        {"log": "model loaded"},
+        {"id": 1, "progress": 0.5, "stage": "inference"},
+        {"id": 9, "result": {}},                           # a cancelled request: dropped
+        {"id": 2, "error": "no such model"},
+        {"id": 1, "result": {"label": "x"}},
+        {"id": 1, "result": {"label": "again"}},           # already answered: dropped
+    ], pending)
+    assert [(e.kind, e.context) for e in events] == [("log", None), ("progress", a), ("error", b), ("result", a)]
+    assert events[0].message["log"] == "model loaded" and events[3].message["result"] == {"label": "x"}
+    assert pending == {}
+
+
+def test_route_worker_messages_reports_requests_lost_when_the_worker_exits():
+    a, b = {"kind": "annotate"}, {"kind": "segment"}
+    pending = {1: a, 2: b}
+    events = SB.route_worker_messages([{"id": 1, "progress": 0.2}, {"exited": -9}, {"exited": -9},
+                                       {"id": 2, "result": {}}], pending)
+    assert [e.kind for e in events] == ["progress", "lost"]  # one report; nothing after the exit
+    assert events[1].contexts == [a, b] and events[1].message["exited"] == -9
+    assert pending == {}
+    assert SB.route_worker_messages([{"exited": 0}], {}) == []  # a clean exit with nothing pending

@@ -61,39 +61,56 @@ def cases(which: str):
                sitk.ReadImage(str(DEFAULT_DATA_ROOT / c["label"])), c["convention"])
 
 
+def region_values(meta: dict) -> dict:
+    return {r["name"]: r["values"] for r in meta["segmentation"]["regions"]}
+
+
+def prepared_cases(meta: dict, which: str):
+    """(name, reference image, model grid, network input, {region: truth mask}) of each case of a set."""
+    for name, images, label, convention in cases(which):
+        checked, _ = S.check_inputs(meta, images, None)
+        aligned = S.align_inputs(checked, meta["segmentation"]["reference"], None)
+        ref = aligned[meta["segmentation"]["reference"]]
+        grid = S.model_grid(meta, ref)
+        truths = {r: sitk.GetArrayFromImage(region_mask(label, convention, r)) > 0 for r in region_values(meta)}
+        yield name, ref, grid, S.prepare_volume(meta, aligned, grid), truths
+
+
+def score_into(out: dict, key: str, meta: dict, probs, grid, ref, truths) -> None:
+    """Append each region's Dice of the bundle's own post-processing of ``probs`` to out["REGION key"]."""
+    pred = S.clean_label(meta, S._postprocess(meta, probs, grid, ref), voxel_ml=float(np.prod(ref.GetSpacing())) / 1000)
+    for r, vals in region_values(meta).items():
+        out.setdefault(f"{r} {key}", []).append(dice(np.isin(pred, vals), truths[r]))
+
+
+def arguments(description: str, model_help: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help=model_help)
+    ap.add_argument("sets", nargs="+", choices=("seen", "generated", "held-out"))
+    ap.add_argument("--json", type=Path, help="write every per-case score here")
+    return ap.parse_args()
+
+
 def scores_of(model: str, which: str, ttas=(0, 1)) -> dict:
     """{"REGION ttaT tX": [Dice per case]} for every threshold X."""
     bundle = load_bundle(model)
     meta = bundle.meta
     dev = pick_device("cpu")
     net = S.get_network(bundle, dev)
-    values = {r["name"]: r["values"] for r in meta["segmentation"]["regions"]}
     out: dict = {}
-    for name, images, label, convention in cases(which):
-        checked, _ = S.check_inputs(meta, images, None)
-        aligned = S.align_inputs(checked, meta["segmentation"]["reference"], None)
-        ref = aligned[meta["segmentation"]["reference"]]
-        grid = S.model_grid(meta, ref)
-        arr = S.prepare_volume(meta, aligned, grid)
-        truths = {r: sitk.GetArrayFromImage(region_mask(label, convention, r)) > 0 for r in values}
+    for name, ref, grid, arr, truths in prepared_cases(meta, which):
         for tta in ttas:
             probs = S.predict_volume(net, arr, meta, dev, tta=tta)
             for t in THRESHOLDS:
                 m = copy.deepcopy(meta)
                 m["output"]["threshold"] = t
-                pred = S.clean_label(m, S._postprocess(m, probs, grid, ref), voxel_ml=float(np.prod(ref.GetSpacing())) / 1000)
-                for r, vals in values.items():
-                    out.setdefault(f"{r} tta{tta} t{t}", []).append(dice(np.isin(pred, vals), truths[r]))
+                score_into(out, f"tta{tta} t{t}", m, probs, grid, ref, truths)
         print(f"  {which}: {name} done", flush=True)
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="bundle id or folder (a bundle with output_kind 'regions')")
-    ap.add_argument("sets", nargs="+", choices=("seen", "generated", "held-out"))
-    ap.add_argument("--json", type=Path, help="write every per-case score here")
-    args = ap.parse_args()
+    args = arguments(__doc__, "bundle id or folder (a bundle with output_kind 'regions')")
     if load_bundle(args.model).meta["segmentation"].get("output_kind") != "regions":
         raise SystemExit(f"{args.model}: not a region (sigmoid) bundle; thresholds do not apply")
     allsets = {w: scores_of(args.model, w) for w in args.sets}

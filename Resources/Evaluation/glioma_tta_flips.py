@@ -17,25 +17,19 @@ Run: python Resources/Evaluation/glioma_tta_flips.py glioma-regions seen generat
 
 from __future__ import annotations
 
-import argparse
-import copy
 import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from SegmentationDeepEditLib import segment as S
 from SegmentationDeepEditLib.bundle import load_bundle
 from SegmentationDeepEditLib.device import pick_device
-from SegmentationDeepEditLib.labels import region_mask
-from SegmentationDeepEditLib.metrics import dice
 
 _spec = importlib.util.spec_from_file_location("glioma_cases", Path(__file__).with_name("glioma_threshold_calibration.py"))
 _cal = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_cal)
-cases = _cal.cases  # one definition of the seen / generated / held-out sets
 
 COMBOS = {"none": (), "i": ("i",), "ijk": ("i", "j", "k")}
 _DIM = {"i": -1, "j": -2, "k": -3}  # axis of a [C, k, j, i] array
@@ -43,39 +37,24 @@ _DIM = {"i": -1, "j": -2, "k": -3}  # axis of a [C, k, j, i] array
 
 def scores_of(model: str, which: str) -> dict:
     """{"REGION COMBO": [Dice per case]}."""
-    meta = load_bundle(model).meta
+    bundle = load_bundle(model)
+    meta = bundle.meta
     dev = pick_device("cpu")
-    net = S.get_network(load_bundle(model), dev)
-    m0 = copy.deepcopy(meta)
-    m0["segmentation"]["tta_default"] = 0
-    values = {r["name"]: r["values"] for r in meta["segmentation"]["regions"]}
+    net = S.get_network(bundle, dev)
     out: dict = {}
-    for name, images, label, convention in cases(which):
-        checked, _ = S.check_inputs(meta, images, None)
-        aligned = S.align_inputs(checked, meta["segmentation"]["reference"], None)
-        ref = aligned[meta["segmentation"]["reference"]]
-        grid = S.model_grid(meta, ref)
-        arr = S.prepare_volume(meta, aligned, grid)
-        passes = {"": S.predict_volume(net, arr, m0, dev, tta=0)}
+    for name, ref, grid, arr, truths in _cal.prepared_cases(meta, which):
+        passes = {"": S.predict_volume(net, arr, meta, dev, tta=0)}
         for a, d in _DIM.items():  # one flipped pass per axis, flipped back: what predict_volume does inside
             flipped = np.ascontiguousarray(np.flip(arr, d))
-            passes[a] = np.flip(S.predict_volume(net, flipped, m0, dev, tta=0), d)
-        truths = {r: sitk.GetArrayFromImage(region_mask(label, convention, r)) > 0 for r in values}
+            passes[a] = np.flip(S.predict_volume(net, flipped, meta, dev, tta=0), d)
         for combo, axes in COMBOS.items():
-            probs = np.mean([passes[""]] + [passes[a] for a in axes], axis=0)
-            pred = S.clean_label(meta, S._postprocess(meta, probs, grid, ref), voxel_ml=float(np.prod(ref.GetSpacing())) / 1000)
-            for r, vals in values.items():
-                out.setdefault(f"{r} {combo}", []).append(dice(np.isin(pred, vals), truths[r]))
+            _cal.score_into(out, combo, meta, np.mean([passes[""]] + [passes[a] for a in axes], axis=0), grid, ref, truths)
         print(f"  {which}: {name} " + " ".join(f"{k}={v[-1]:.3f}" for k, v in out.items() if not k.startswith("ET")), flush=True)
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="bundle id or folder (a 3D bundle with output_kind 'regions')")
-    ap.add_argument("sets", nargs="+", choices=("seen", "generated", "held-out"))
-    ap.add_argument("--json", type=Path, help="write every per-case score here")
-    args = ap.parse_args()
+    args = _cal.arguments(__doc__, "bundle id or folder (a 3D bundle with output_kind 'regions')")
     seg = load_bundle(args.model).meta["segmentation"]
     if seg.get("output_kind") != "regions" or int(seg.get("dims", 3)) != 3:
         raise SystemExit(f"{args.model}: not a 3D region bundle")

@@ -10,7 +10,9 @@ values back, so that every rule here is tested with pytest:
   (extreme points and corrective clicks in LPS mm, the model used), written and read back;
 - the hint naming the next extreme point to click, and the labels of placed points;
 - input volumes for a model guessed from volume names (``"T1 post Gd"`` -> the ``t1c`` input);
-- the Slicer terminology string of a bundle label, when it has a well-formed one.
+- the Slicer terminology string of a bundle label, when it has a well-formed one;
+- a background worker's messages sorted against the requests awaiting an answer
+  (:func:`route_worker_messages`: the inference and the batch worker share it).
 
 Coordinates: Slicer's RAS and ITK's LPS differ by the sign of x and y. Index order: IJK-to-RAS
 maps [i, j, k, 1]; numpy arrays of volumes (``slicer.util.arrayFromVolume``,
@@ -38,6 +40,7 @@ __all__ = [
     "points_tag_value", "parse_points_tag",
     "extreme_point_label", "next_extreme_hint",
     "sequence_of_name", "guess_input_volumes", "terminology_of_label", "segments_from_result",
+    "WorkerEvent", "route_worker_messages",
     "batch_request",
 ]
 
@@ -416,3 +419,53 @@ def batch_request(input_dir: Any, output_dir: Any, *, model: str = "", workers: 
         raise InputError(f"parallel studies must be 1 or more, not {workers}")
     fields.update(output_dir=out, model=model or None, workers=int(workers), resume=bool(resume), device=device or "auto")
     return fields
+
+
+@dataclass
+class WorkerEvent:
+    """One thing the module must act on, from :func:`route_worker_messages`.
+
+    kind: ``"log"`` (a line for the application log), ``"lost"`` (the worker exited while
+    ``contexts`` still awaited an answer), ``"progress"``, ``"error"`` or ``"result"`` (of the
+    request whose context is ``contexts[0]``).
+    """
+
+    kind: str
+    message: Dict[str, Any]
+    contexts: List[Any] = field(default_factory=list)
+
+    @property
+    def context(self) -> Any:
+        return self.contexts[0] if self.contexts else None
+
+
+def route_worker_messages(messages: Sequence[Mapping[str, Any]], pending: Dict[Any, Any]) -> List[WorkerEvent]:
+    """Sort a worker's messages against ``pending`` (request id -> the module's context).
+
+    A request's error or result removes it from ``pending``; the worker's exit empties it and
+    reports every request left without an answer (``"lost"``), once. Messages for no pending
+    request (the worker's "ready", an answer to a cancelled request) are dropped.
+    """
+    events: List[WorkerEvent] = []
+    for message in messages:
+        if "log" in message:
+            events.append(WorkerEvent("log", dict(message)))
+            continue
+        if "exited" in message:
+            if pending:
+                lost = list(pending.values())
+                pending.clear()
+                events.append(WorkerEvent("lost", dict(message), lost))
+            continue
+        ctx = pending.get(message.get("id"))
+        if ctx is None:
+            continue
+        if "progress" in message:
+            events.append(WorkerEvent("progress", dict(message), [ctx]))
+            continue
+        del pending[message["id"]]
+        if "error" in message:
+            events.append(WorkerEvent("error", dict(message), [ctx]))
+        elif "result" in message:
+            events.append(WorkerEvent("result", dict(message), [ctx]))
+    return events
