@@ -425,6 +425,25 @@ def test_clean_label_keeps_a_small_focus_that_holds_tumour_core():
                     voxel_ml=0.008)
 
 
+def test_a_region_may_have_its_own_threshold():
+    from SegmentationDeepEditLib.segment import _postprocess
+
+    ref = sitk.Image(12, 10, 8, sitk.sitkFloat32)
+    ref.SetSpacing((1.5, 1.5, 2.0))
+    probs = np.zeros((3, 8, 10, 12), np.float32)  # channels ET, TC, WT on the reference's own grid
+    probs[2, 1:7, 1:9, 1:11] = 0.9
+    probs[1, 2:6, 3:7, 3:9] = 0.45
+    paint = [{"channel": 2, "value": 2, "name": "WT"}, {"channel": 1, "value": 1, "name": "TC"},
+             {"channel": 0, "value": 4, "name": "ET"}]
+    meta = {"id": "t", "task": "segmentation", "output": {"activation": "sigmoid", "threshold": 0.5},
+            "segmentation": {"output_kind": "regions", "paint": paint}}
+    plain = _postprocess(meta, probs, grid_of(ref), ref)
+    assert (plain == 1).sum() == 0 and (plain == 2).sum() == 6 * 8 * 10
+    meta["segmentation"]["paint"][1]["threshold"] = 0.4
+    own = _postprocess(meta, probs, grid_of(ref), ref)
+    assert (own == 1).sum() == 4 * 4 * 6 and (own > 0).sum() == 6 * 8 * 10  # TC painted at 0.45 >= 0.4, WT unchanged
+
+
 def test_clean_label_fills_a_core_enclosed_by_enhancing_rim():
     from SegmentationDeepEditLib.segment import clean_label
 

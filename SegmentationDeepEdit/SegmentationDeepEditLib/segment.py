@@ -577,10 +577,9 @@ def _postprocess(meta: dict, probs: np.ndarray, mgrid: Grid, ref: sitk.Image) ->
                                                        default=0.0))
 
     if seg["output_kind"] == "regions":
-        thr = float(meta["output"]["threshold"])
         part = np.zeros(sub_grid.size[::-1], np.uint8)
-        for r in seg["paint"]:
-            part[back(int(r["channel"])) >= thr] = int(r["value"])
+        for r in seg["paint"]:  # a region's own threshold, else the bundle's
+            part[back(int(r["channel"])) >= float(r.get("threshold", meta["output"]["threshold"]))] = int(r["value"])
     else:
         values = np.asarray(seg["class_values"], np.uint8)
         best = back(0)
