@@ -182,6 +182,31 @@ def load_case(case_dir: Path, base_mm: float = 1.0, margin_mm: float = 12.0) -> 
     return Case(images, brain)
 
 
+def with_head(case: Case, seed: int = 5) -> Case:
+    """The case as raw (not skull-stripped) MRI: tissue of the head up to 20 mm outside the brain
+    (meninges, skull, scalp, as one grey layer) and Rician background noise everywhere else, as a
+    scanner writes it (deterministic; load the case with a margin of 30 mm or more so that the head fits)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    inside = sitk.GetArrayViewFromImage(case.brain) > 0
+    spacing = np.asarray(case.brain.GetSpacing())[::-1]
+    dist = ndimage.distance_transform_edt(~inside, sampling=spacing)
+    shell = (dist > 0.0) & (dist <= 20.0)
+    images = {}
+    for key, img in case.images.items():
+        arr = sitk.GetArrayFromImage(img).astype(np.float32)
+        top = float(np.percentile(arr[inside], 99)) if inside.any() else 1.0
+        sigma = 0.03 * top
+        noise = np.hypot(rng.normal(0, sigma, arr.shape), rng.normal(0, sigma, arr.shape)).astype(np.float32)
+        arr = np.where(inside, arr, noise)
+        arr[shell] += 0.6 * top
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(img)
+        images[key] = out
+    return Case(images, case.brain)
+
+
 def random_motion(rng: np.random.Generator, centre: Sequence[float], max_deg: float = 8.0,
                   max_mm: float = 12.0) -> sitk.Euler3DTransform:
     """A random rigid head motion about ``centre`` (LPS mm): rotations and shifts uniform in ± limits."""
@@ -564,6 +589,16 @@ THRESHOLD_SEGMENTS = [
     {"value": 1, "name": "Bright on T2", "color": (0.9, 0.8, 0.1)},
     {"value": 2, "name": "Bright on T1c", "color": (0.9, 0.2, 0.2)},
 ]
+
+
+def stripped_brain_segmenter(images: Dict[str, sitk.Image]):
+    """:func:`threshold_segmenter` behind the installed glioma model's skull-stripping check (the
+    real check on the study's registered T1c, as the bundle runner does before its network)."""
+    from SegmentationDeepEditLib.bundle import load_bundle
+    from SegmentationDeepEditLib.segment import check_foreground_volume
+
+    check_foreground_volume(load_bundle("glioma-regions").meta, images["t1c"], "t1c")
+    return threshold_segmenter(images)
 
 
 def threshold_segmenter(images: Dict[str, sitk.Image]):

@@ -264,6 +264,29 @@ def test_bad_studies_are_recorded_and_do_not_stop_the_run(inputs, tmp_path):
     assert run_batch(empty, tmp_path / "out3", options=OPTIONS).exit_code == EXIT_NOTHING_DONE
 
 
+def test_a_whole_head_is_registered_and_reported_but_not_segmented(inputs, shared_data, tmp_path):
+    heads = tmp_path / "in"
+    head = fb.with_head(fb.load_case(shared_data / CASE, 2.0, margin_mm=30.0))
+    _build(head, heads, "raw-head", sequences=("t1c", "t2"), fmt="nifti", seed=31, extras=False)
+    out = tmp_path / "out"
+    seg = Segmenter(fb.stripped_brain_segmenter, ("t1c", "t2"), "needs-stripped-brain", "1.0.0")
+    result = run_batch(heads, out, options=BatchOptions(spacing_mm=2.0, segmenter=seg))
+    assert result.exit_code == EXIT_OK and {s["state"] for s in result.studies} == {"done"}
+    # the same check passes the skull-stripped studies: they are segmented
+    stripped = run_batch(inputs["main"], tmp_path / "out2", options=BatchOptions(spacing_mm=2.0, segmenter=seg))
+    assert {r["segmentation"].split(" by ")[0] for r in _rows(tmp_path / "out2" / "summary.csv")} == {"segmented"}
+    assert stripped.exit_code == EXIT_OK
+    for row in _rows(out / "summary.csv"):
+        study = out / row["study"]
+        report = json.loads((study / "report.json").read_text())
+        assert report["segmentation"]["status"] == "not segmented"
+        assert "non-background voxels, more than a skull-stripped brain" in report["segmentation"]["reason"]
+        assert any("strip the skull first" in w for w in report["warnings"])
+        assert row["needs_review"] == "yes" and row["segmentation"].startswith("not segmented: the t1c image has")
+        assert (study / "registered" / "t1c.nii.gz").is_file() and (study / "qc.png").is_file()
+        assert not list(study.glob("segmentation.*"))
+
+
 def test_output_folder_inside_or_equal_to_the_input_is_refused(inputs, tmp_path, capsys):
     main = inputs["main"]
     for bad in (main, main / "out", main / "case-a" / "out", inputs["root"]):

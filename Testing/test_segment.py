@@ -65,6 +65,48 @@ def test_inputs_by_name_missing_extra_optional():
     assert e.value.path == "/d/t1c-again.nii.gz"
 
 
+def _head_phantom(radii_mm, background=0.0, noise=0.0, seed=0):
+    """A 2 mm volume holding an ellipsoid of tissue (radii in mm) on a constant or noisy background."""
+    n = (120, 130, 110)
+    z, y, x = np.meshgrid(*[(np.arange(k) - k / 2) * 2.0 for k in n], indexing="ij")
+    inside = (x / radii_mm[0]) ** 2 + (y / radii_mm[1]) ** 2 + (z / radii_mm[2]) ** 2 <= 1
+    rng = np.random.default_rng(seed)
+    arr = np.where(inside, 1.0 + 0.1 * rng.standard_normal(n), background + noise * np.abs(rng.standard_normal(n)))
+    im = sitk.GetImageFromArray(arr.astype(np.float32))
+    im.SetSpacing((2.0, 2.0, 2.0))
+    return im
+
+
+def test_a_head_that_was_not_skull_stripped_is_refused():
+    from SegmentationDeepEditLib.errors import NotSkullStripped
+    from SegmentationDeepEditLib.segment import check_foreground_volume
+
+    meta = _regions(GLIOMA)
+    assert meta["segmentation"]["crop"]["max_ml"] == 2500
+    brain = (70.0, 85.0, 65.0)  # 1.6 L
+    check_foreground_volume(meta, _head_phantom(brain), "t1c")  # skull-stripped: background 0
+    check_foreground_volume(meta, _head_phantom(brain, background=-4.2), "t1c")  # z-scored as a whole
+    with pytest.raises(NotSkullStripped, match=r"the t1c image has 3,\d{3} mL of non-background voxels") as e:
+        check_foreground_volume(meta, _head_phantom((90.0, 105.0, 85.0)), "t1c", "/d/head.nii.gz")  # 3.4 L
+    assert e.value.path == "/d/head.nii.gz" and "strip the skull first" in str(e.value)
+    with pytest.raises(NotSkullStripped, match="background noise"):  # raw MRI: a brain-sized head in noise
+        check_foreground_volume(meta, _head_phantom(brain, noise=0.02), "flair")
+    liver = load_bundle(LIVER).meta  # a bundle that declares no limit: no check
+    check_foreground_volume(liver, _head_phantom((90.0, 105.0, 85.0)), "ct")
+
+
+@pytest.mark.realdata
+def test_segment_refuses_a_raw_head_mri_and_writes_nothing(shared_data, tmp_path, capsys):
+    head = shared_data / "dicom" / "ge-t1-mprage"  # a real T1 head: skull, scalp, neck
+    flair = tmp_path / "flair.nii.gz"
+    sitk.WriteImage(sitk.SmoothingRecursiveGaussian(sitk.Cast(read_image(head), sitk.sitkFloat32), 1.5), str(flair))
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", "--model", GLIOMA, "--input", f"t1c={head}", "--input", f"flair={flair}", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{head}: the t1c image has 4,698 mL of non-background voxels" in err and "HD-BET" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["flair.nii.gz"]
+
+
 def test_input_names_accept_the_usual_other_names_and_file_names():
     meta = _regions(GLIOMA)
     # BraTS 2023 names, BraTS 2021 names, upper case: matched to the bundle's names, with a note each

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-__all__ = ["DeepEditError", "InputError", "ModelError"]
+__all__ = ["DeepEditError", "InputError", "NotSkullStripped", "ModelError"]
 
 
 class DeepEditError(Exception):
@@ -24,6 +24,11 @@ class DeepEditError(Exception):
 
 class InputError(DeepEditError):
     """A bad image, point file, argument or output path."""
+
+
+class NotSkullStripped(InputError):
+    """An MRI input still has the head around the brain, for a model trained on skull-stripped
+    brains (the batch keeps such a study's registration and reports it as not segmented)."""
 
 
 class ModelError(DeepEditError):

@@ -37,11 +37,11 @@ import SimpleITK as sitk
 from .annotate import normalise_input
 from .bundle import Bundle, get_network, load_bundle
 from .device import cpu_supports_bf16, pick_device, run_with_fallback
-from .errors import InputError, ModelError
+from .errors import InputError, ModelError, NotSkullStripped
 from .geometry import (Grid, bounding_box_grid, corners_lps, grid_of, image_on_grid, index_box_covering,
                        index_to_physical, resample_to_grid)
 
-__all__ = ["SegmentResult", "Cancelled", "resolve_input_names", "check_input_names", "check_inputs", "align_inputs", "model_grid", "prepare_volume", "tta_flips_3d",
+__all__ = ["SegmentResult", "Cancelled", "resolve_input_names", "check_input_names", "check_inputs", "align_inputs", "model_grid", "check_foreground_volume", "prepare_volume", "tta_flips_3d",
            "d4_transforms", "TTA_LEVELS_2D", "predict_volume", "segment_images",
            "label_segments", "clean_label"]
 
@@ -280,6 +280,47 @@ def align_inputs(images: Mapping[str, Optional[sitk.Image]], reference: str,
     return out
 
 
+def _constant_corner_background(arr: np.ndarray) -> float:
+    """The value every corner of a volume shares (the background of a skull-stripped volume, also
+    one z-scored as a whole), else 0."""
+    corners = {float(arr[k, j, i]) for k in (0, -1) for j in (0, -1) for i in (0, -1)}
+    return corners.pop() if len(corners) == 1 else 0.0
+
+
+def check_foreground_volume(meta: dict, image: sitk.Image, name: str, source: Optional[str] = None) -> None:
+    """Refuse an input whose non-background region is larger than the model can be right about.
+
+    ``segmentation.crop.max_ml`` (bundles trained on skull-stripped MRI): the voxels that differ
+    from the background (0, and any single value filling a fifth of the volume) must fill no more
+    than that many mL.
+    A skull-stripped brain fills 1.1-1.9 L; a head with skull, scalp and neck, or raw MRI with
+    background noise, 3-9 L, on which a glioma model calls hundreds of mL of scalp and neck tumour.
+
+    Raises:
+        NotSkullStripped: an InputError naming the file, the volume found and what to do.
+    """
+    crop = _seg(meta).get("crop", {})
+    limit = crop.get("max_ml")
+    if limit is None:
+        return
+    arr = sitk.GetArrayViewFromImage(image)
+    # background: 0 and any single value that fills a fifth of the volume (a volume z-scored as a
+    # whole has a constant negative background, inside a frame of 0 when it was resampled)
+    values, counts = np.unique(arr[::4, ::4, ::4], return_counts=True)
+    background = values[counts > 0.2 * counts.sum()]
+    inside = arr != 0
+    for b in background:
+        inside &= arr != b
+    ml = float(np.count_nonzero(inside)) * float(np.prod(image.GetSpacing())) / 1000.0
+    if ml > float(limit):
+        raise NotSkullStripped(
+            f"the {name} image has {ml:,.0f} mL of non-background voxels, more than a skull-stripped brain "
+            f"(at most {float(limit):,.0f} mL): it looks like a whole head (skull, scalp, neck or background noise "
+            f"kept). Model {meta['id']!r} was trained on skull-stripped MRI and finds false tumour outside the brain; "
+            "strip the skull first (e.g. HD-BET or FreeSurfer's SynthStrip) so that everything outside the brain is 0",
+            source)
+
+
 def model_grid(meta: dict, reference: sitk.Image, *, fast: bool = False) -> Grid:
     """The axis-aligned model grid around the reference input's foreground (see module docstring)."""
     seg = _seg(meta)
@@ -292,10 +333,7 @@ def model_grid(meta: dict, reference: sitk.Image, *, fast: bool = False) -> Grid
         # the background of a skull-stripped image: 0, or the constant every corner shares
         # (a volume z-scored as a whole has a non-zero constant background), with
         # ``"background": "corners"``; else 0 (what the 3D bundles were trained with)
-        background = 0.0
-        if crop.get("background") == "corners":
-            corners = {float(arr[k, j, i]) for k in (0, -1) for j in (0, -1) for i in (0, -1)}
-            background = corners.pop() if len(corners) == 1 else 0.0
+        background = _constant_corner_background(arr) if crop.get("background") == "corners" else 0.0
         fg = arr != background
     elif crop["kind"] == "threshold":
         fg = arr > float(crop["value"])
@@ -640,6 +678,9 @@ def segment_images(
     ref_name = seg["reference"]
     aligned = align_inputs(imgs, ref_name, sources)
     ref = aligned[ref_name]
+    for name, img in aligned.items():  # on the reference grid: the same volume everywhere
+        if img is not None:
+            check_foreground_volume(meta, img, name, (sources or {}).get(name))
     if int(seg.get("dims", 3)) == 3:
         extent = np.asarray(ref.GetSize(), float) * np.asarray(ref.GetSpacing(), float)
         if extent.min() < THIN_VOLUME_MM:

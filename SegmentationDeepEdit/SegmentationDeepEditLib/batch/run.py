@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import SimpleITK as sitk
 
 from .. import __version__
-from ..errors import DeepEditError, InputError
+from ..errors import DeepEditError, InputError, NotSkullStripped
 from ..imageio import read_dicom_series, read_image, write_image, write_segmentation
 from .discover import Series, discover_studies
 from .identify import SEQUENCES, Mapping, load_mapping
@@ -330,8 +330,13 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
         else:
             try:
                 out = step.run(volumes)
+            except NotSkullStripped as e:  # registration and QC are still worth keeping
+                seg_report.update(status="not segmented", reason=e.message.split(":")[0])  # short: the QC title
+                warnings.append(f"not segmented: {e.message}")
+                counts["not segmented"] = 1
             except DeepEditError as e:
                 raise _StudyFailed("segment", f"segmentation failed: {e}") from None
+        if seg_report.get("status") is None:  # the model ran
             label, segments = out.label, out.segments
             write_segmentation(label, tmp / "segmentation.seg.nrrd", segments)
             write_segmentation(label, tmp / "segmentation.nii.gz", segments)
@@ -374,7 +379,7 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
             series_list.append(d)
         seconds["register_total"] = round(reg_total, 3)
         seconds["read"] = round(seconds["read"], 3)
-        needs_review = bool(counts["flagged"] or counts["refused"] or counts["unreadable"])
+        needs_review = bool(counts["flagged"] or counts["refused"] or counts["unreadable"] or counts.get("not segmented"))
         report = {
             "format": "deepedit-batch-report", "version": 1, "study": name, "folder": plan.study.folder,
             "software": {"deepedit": __version__, "SimpleITK": sitk.Version.VersionString()},
