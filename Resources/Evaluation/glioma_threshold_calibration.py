@@ -43,17 +43,17 @@ GENERATED = [(s, {}) for s in range(9400, 9404)] + \
 
 
 def cases(which: str):
-    """(name, {input: image}, label, convention) of one case set."""
+    """(name, {sequence: image}, label, convention) of one case set (every sequence it has: t1, t1c, t2, flair)."""
     if which == "generated":
         for seed, opts in GENERATED:
             c = make_brain_case(seed, **opts)
-            yield f"generated {seed}", {k: c.images[k] for k in ("t1c", "t2", "flair")}, c.label, "brats2017"
+            yield f"generated {seed}", dict(c.images), c.label, "brats2017"
         return
     listed = json.loads((REPO / "Resources" / "Evaluation" / "real-glioma-cases.json").read_text())["cases"]
     for c in listed:
         if c["seen_in_training"] != (which == "seen"):
             continue
-        paths = {k: DEFAULT_DATA_ROOT / v for k, v in c["images"].items() if k in ("t1c", "t2", "flair")}
+        paths = {k: DEFAULT_DATA_ROOT / v for k, v in c["images"].items()}
         missing = [str(p) for p in list(paths.values()) + [DEFAULT_DATA_ROOT / c["label"]] if not p.is_file()]
         if missing:
             raise SystemExit(f"{missing[0]} not found: the {which} set needs ../shared/data")
@@ -67,8 +67,9 @@ def region_values(meta: dict) -> dict:
 
 def prepared_cases(meta: dict, which: str):
     """(name, reference image, model grid, network input, {region: truth mask}) of each case of a set."""
+    names = {i["name"] for i in meta["inputs"]}
     for name, images, label, convention in cases(which):
-        checked, _ = S.check_inputs(meta, images, None)
+        checked, _ = S.check_inputs(meta, {k: v for k, v in images.items() if k in names}, None)
         aligned = S.align_inputs(checked, meta["segmentation"]["reference"], None)
         ref = aligned[meta["segmentation"]["reference"]]
         grid = S.model_grid(meta, ref)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import SimpleITK as sitk
 
 from SegmentationDeepEditLib.metrics import dice
