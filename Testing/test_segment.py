@@ -101,10 +101,27 @@ def test_segment_refuses_a_raw_head_mri_and_writes_nothing(shared_data, tmp_path
     flair = tmp_path / "flair.nii.gz"
     sitk.WriteImage(sitk.SmoothingRecursiveGaussian(sitk.Cast(read_image(head), sitk.sitkFloat32), 1.5), str(flair))
     out = tmp_path / "seg.nii.gz"
-    assert main(["segment", "--model", GLIOMA, "--input", f"t1c={head}", "--input", f"flair={flair}", "-o", str(out)]) == 1
+    assert main(["segment", "--model", GLIOMA, "--input", f"t1c={head}", "--input", f"flair={flair}", "-o", str(out),
+                 "--picture", str(tmp_path / "seg.png")]) == 1
     err = capsys.readouterr().err
     assert f"{head}: the t1c image has 4,698 mL of non-background voxels" in err and "HD-BET" in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["flair.nii.gz"]
+
+
+@pytest.mark.realdata
+def test_segment_draws_a_picture_with_the_segmentation_or_nothing(shared_data, tmp_path, capsys):
+    ct = shared_data / "abdomen-ct" / "totalseg-example" / "ct.nii.gz"
+    out, png = tmp_path / "liver.nii.gz", tmp_path / "liver.png"
+    assert main(["segment", "--model", LIVER, "--input", str(ct), "-o", str(out), "--picture", str(png), "--fast"]) == 0
+    assert out.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"picture in {png}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["liver.nii.gz", "liver.png"]  # no staging left
+    # an existing picture is not replaced without --overwrite, and then nothing is written
+    out2 = tmp_path / "again.nii.gz"
+    assert main(["segment", "--model", LIVER, "--input", str(ct), "-o", str(out2), "--picture", str(png), "--fast"]) == 1
+    assert "already exists" in capsys.readouterr().err and not out2.exists()
+    assert main(["segment", "--model", LIVER, "--input", str(ct), "-o", str(out2), "--picture", str(tmp_path / "x.jpg")]) == 1
+    assert not out2.exists()
 
 
 def test_input_names_accept_the_usual_other_names_and_file_names():

@@ -8,6 +8,7 @@ error (the traceback is shown with ``--debug``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -71,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: 3D models 0 (off) or 1 (flips); 2D models 0-3 (D4 levels); default: the model's")
     s.add_argument("--no-tta", action="store_true", help="same as --tta 0")
     s.add_argument("--fast", action="store_true", help="coarser grid, for models that have one (liver-lesion: 3 mm)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    s.add_argument("--picture", default=None, metavar="PNG",
+                   help="also draw the result: axial, coronal and sagittal slices of every input through the "
+                   "segmentation, outlines in the segments' colours")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output file (and picture)")
 
     m = sub.add_parser("models", parents=[common], formatter_class=fmt, help="list or verify model bundles",
                        epilog=_examples("deepedit models list", "deepedit models verify"))
@@ -195,11 +199,22 @@ def _cmd_segment(args) -> dict:
     for n in notes:
         print(f"deepedit segment: {n}", file=sys.stderr)
     out = check_output_path(Path(args.output), inputs=list(paths.values()), overwrite=args.overwrite)
+    picture = None
+    if args.picture:
+        picture = check_output_path(Path(args.picture), inputs=list(paths.values()) + [out], overwrite=args.overwrite,
+                                    allowed=(".png",))
     images = {n: read_image(p) for n, p in paths.items()}
     tta = 0 if args.no_tta else args.tta
     with StageProgress("segment", enabled=not args.json) as bar:
         r = segment_images(b, images, device=args.device, tta=tta, fast=args.fast, sources=paths, progress=bar)
-    write_segmentation(r.label, out, r.segments, overwrite=args.overwrite, inputs=list(paths.values()), regions=r.regions)
+    staging_dir = tempfile.TemporaryDirectory(prefix=".deepedit-", dir=picture.parent) if picture else contextlib.nullcontext()
+    with staging_dir as staging:
+        if picture:  # drawn first, moved in after the segmentation: both files or neither
+            drawn = _draw_result(b.meta, images, r, Path(staging) / "picture.png")
+        write_segmentation(r.label, out, r.segments, overwrite=args.overwrite, inputs=list(paths.values()),
+                           regions=r.regions)
+        if picture:
+            os.replace(drawn, picture)
     for w in r.warnings:
         print(f"deepedit segment: warning: {w}", file=sys.stderr)
     vols = r.volumes_ml()
@@ -208,9 +223,25 @@ def _cmd_segment(args) -> dict:
               f"{r.seconds['total']:.1f} s)")
         for k, v in vols.items():
             print(f"  {k:40s} {v:10.2f} mL")
-    return {"output": str(out), "model": r.model_id, "model_version": r.model_version, "device": r.device,
-            "tta": r.tta, "fast": r.fast, "volumes_ml": vols, "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
+    if picture and not args.json:
+        print(f"picture in {picture}")
+    return {"output": str(out), "picture": str(picture) if picture else None, "model": r.model_id,
+            "model_version": r.model_version, "device": r.device, "tta": r.tta, "fast": r.fast, "volumes_ml": vols, "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
             "warnings": r.warnings}
+
+
+def _draw_result(meta: dict, images: dict, result, path: Path) -> Path:
+    """The QC picture of a segmentation: every given input on the reference grid, reference first."""
+    from .batch.report import render_qc
+    from .segment import align_inputs
+
+    ref = meta["segmentation"]["reference"]
+    aligned = align_inputs(images, ref)
+    volumes = {ref: aligned[ref], **{n: im for n, im in aligned.items() if n != ref and im is not None}}
+    found = result.volumes_ml()
+    shown = [r["name"] for r in result.regions] or [s["name"] for s in result.segments]
+    title = f"{result.model_id} {result.model_version}: " + ", ".join(f"{n} {found.get(n, 0.0):.1f} mL" for n in shown)
+    return render_qc(path, volumes, label=result.label, segments=result.segments, title=title)
 
 
 def _cmd_models(args) -> dict:

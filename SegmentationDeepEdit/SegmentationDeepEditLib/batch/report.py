@@ -136,7 +136,7 @@ def render_qc(path: Path, volumes: Dict[str, sitk.Image], *, label: Optional[sit
     views = [("axial", lambda a: a[k], False), ("coronal", lambda a: a[:, j, :], True),
              ("sagittal", lambda a: a[:, :, i], True)]
     ncol = len(names)
-    fig, axes = plt.subplots(3, ncol, figsize=(2.6 * ncol, 2.6 * 3 + 0.9), dpi=90, squeeze=False)
+    fig, axes = plt.subplots(3, ncol, figsize=(max(2.6 * ncol, 5.2), 2.6 * 3 + 0.9), dpi=90, squeeze=False)
     for c, n in enumerate(names):
         arr = arrays[n]
         vmin, vmax = _window(np.nan_to_num(arr, nan=0.0))
@@ -161,7 +161,7 @@ def render_qc(path: Path, volumes: Dict[str, sitk.Image], *, label: Optional[sit
                 ax.set_title(n + (f"\n{cap}" if cap else ""), fontsize=8)
     if segments and lab is not None:
         handles = [plt.Line2D([], [], color=tuple(s["color"]), label=str(s["name"])) for s in segments]
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False, fontsize=8)
+        fig.legend(handles=handles, loc="lower center", ncol=max(1, min(len(handles), 6, ncol)), frameon=False, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
