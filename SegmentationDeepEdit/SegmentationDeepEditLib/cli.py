@@ -230,6 +230,9 @@ def _cmd_segment(args) -> dict:
             "warnings": r.warnings}
 
 
+CT_SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # HU: width 400, level 40
+
+
 def _draw_result(meta: dict, images: dict, result, path: Path) -> Path:
     """The QC picture of a segmentation: every given input on the reference grid, reference first."""
     from .batch.report import render_qc
@@ -241,7 +244,8 @@ def _draw_result(meta: dict, images: dict, result, path: Path) -> Path:
     found = result.volumes_ml()
     shown = [r["name"] for r in result.regions] or [s["name"] for s in result.segments]
     title = f"{result.model_id} {result.model_version}: " + ", ".join(f"{n} {found.get(n, 0.0):.1f} mL" for n in shown)
-    return render_qc(path, volumes, label=result.label, segments=result.segments, title=title)
+    ct = {i["name"]: CT_SOFT_TISSUE_WINDOW for i in meta["inputs"] if i.get("modality") == "CT"}
+    return render_qc(path, volumes, label=result.label, segments=result.segments, title=title, windows=ct)
 
 
 def _cmd_models(args) -> dict:

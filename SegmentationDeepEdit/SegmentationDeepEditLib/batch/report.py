@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -93,7 +93,7 @@ def _window(a: np.ndarray) -> tuple:
 
 def render_qc(path: Path, volumes: Dict[str, sitk.Image], *, label: Optional[sitk.Image] = None,
               segments: Sequence[Dict[str, Any]] = (), captions: Optional[Dict[str, str]] = None,
-              title: str = "") -> Path:
+              title: str = "", windows: Optional[Dict[str, Tuple[float, float]]] = None) -> Path:
     """Write the QC picture: axial, coronal and sagittal rows, one column per registered sequence.
 
     All volumes must share one grid (the registered grid). Slices go through the centre of the
@@ -108,6 +108,8 @@ def render_qc(path: Path, volumes: Dict[str, sitk.Image], *, label: Optional[sit
         segments: descriptions of the label values (value, name, color).
         captions: sequence name -> a line under its name (e.g. registration quality).
         title: a line above the picture.
+        windows: sequence name -> (low, high) grey-scale window (e.g. a CT soft-tissue window in HU);
+            the others are windowed from their own intensities.
     """
     import matplotlib
 
@@ -139,7 +141,7 @@ def render_qc(path: Path, volumes: Dict[str, sitk.Image], *, label: Optional[sit
     fig, axes = plt.subplots(3, ncol, figsize=(max(2.6 * ncol, 5.2), 2.6 * 3 + 0.9), dpi=90, squeeze=False)
     for c, n in enumerate(names):
         arr = arrays[n]
-        vmin, vmax = _window(np.nan_to_num(arr, nan=0.0))
+        vmin, vmax = (windows or {}).get(n) or _window(np.nan_to_num(arr, nan=0.0))
         for r, (vname, take, flip) in enumerate(views):
             ax = axes[r][c]
             sl = np.nan_to_num(take(arr), nan=vmin)
