@@ -230,12 +230,10 @@ def _cmd_segment(args) -> dict:
             "warnings": r.warnings}
 
 
-CT_SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # HU: width 400, level 40
-
-
 def _draw_result(meta: dict, images: dict, result, path: Path) -> Path:
     """The QC picture of a segmentation: every given input on the reference grid, reference first."""
     from .batch.report import render_qc
+    from .render import CT_SOFT_TISSUE_WINDOW
     from .segment import align_inputs
 
     ref = meta["segmentation"]["reference"]

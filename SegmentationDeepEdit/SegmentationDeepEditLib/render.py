@@ -8,14 +8,16 @@ sagittal (superior up).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from .geometry import Grid, corners_lps, grid_of, resample_to_grid
 
-__all__ = ["render_overlay"]
+__all__ = ["render_overlay", "CT_SOFT_TISSUE_WINDOW"]
+
+CT_SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # HU: width 400, level 40
 
 
 def _lps_grid(image: sitk.Image, max_size: int = 256) -> Grid:
@@ -35,6 +37,7 @@ def render_overlay(
     colors: Sequence[Sequence[float]] = ((1.0, 0.8, 0.1), (0.2, 0.9, 0.3)),
     labels: Sequence[str] = ("result", "truth"),
     title: str = "",
+    window: Optional[Tuple[float, float]] = None,
 ) -> Path:
     """Write a PNG of axial, coronal and sagittal slices through the first mask's centre.
 
@@ -43,6 +46,8 @@ def render_overlay(
         masks: binary masks on any grid (resampled here); outlines are drawn in ``colors``.
         path: PNG file to write (the caller handles atomic replacement).
         title: a line of text above the views.
+        window: (low, high) grey-scale window (e.g. a CT soft-tissue window in HU); default from
+            the image's 1st and 99th percentiles.
     """
     import matplotlib
 
@@ -55,7 +60,7 @@ def render_overlay(
     ref = next((s for s in segs if s.any()), None)
     centre = np.argwhere(ref > 0).mean(axis=0).round().astype(int) if ref is not None else np.asarray(img.shape) // 2
     finite = img[np.isfinite(img)]
-    vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (0, 1))
+    vmin, vmax = window or (np.percentile(finite, [1, 99]) if finite.size else (0, 1))
     k, j, i = centre
     # arrays are [z, y, x] on an LPS grid; choose slices and orientations per view
     views = [

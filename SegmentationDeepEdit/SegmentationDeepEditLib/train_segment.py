@@ -59,7 +59,7 @@ from .train import load_checkpoint, save_checkpoint
 from .errors import InputError, ModelError
 from .geometry import resample_to_grid
 from .imageio import read_image
-from .labels import CONVENTIONS, values_mask
+from .labels import CONVENTIONS
 from .segment import model_grid, predict_volume, prepare_volume
 
 __all__ = ["SegCase", "build_seg_cases", "targets_for", "train_segmentation", "sample_batch"]
@@ -218,7 +218,6 @@ def _class_loss(logits, ybits, n_classes: int):
     nll = -torch.log((p * bits).sum(1).clamp_min(1e-6)).mean()
     certain_pos = bits & (bits.sum(1, keepdim=True) == 1)
     known = certain_pos | ~bits  # voxel's membership in class c is known
-    dims = tuple(range(2, logits.ndim))
     dice_terms = []
     for c in range(1, n_classes):
         kc, tc, pc = known[:, c].float(), certain_pos[:, c].float(), p[:, c]
