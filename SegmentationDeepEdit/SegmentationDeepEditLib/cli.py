@@ -226,8 +226,8 @@ def _cmd_segment(args) -> dict:
     if picture and not args.json:
         print(f"picture in {picture}")
     return {"output": str(out), "picture": str(picture) if picture else None, "model": r.model_id,
-            "model_version": r.model_version, "device": r.device, "tta": r.tta, "fast": r.fast, "volumes_ml": vols, "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
-            "warnings": r.warnings}
+            "model_version": r.model_version, "device": r.device, "tta": r.tta, "fast": r.fast, "volumes_ml": vols,
+            "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "warnings": r.warnings}
 
 
 def _draw_result(meta: dict, images: dict, result, path: Path) -> Path:
