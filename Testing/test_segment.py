@@ -542,6 +542,31 @@ def test_intensity_checks_warn_when_the_labelled_tissue_is_outside_the_trained_r
     assert intensity_warnings(load_bundle(GLIOMA).meta, label, {"t1c": _img(np.zeros(label.shape))}) == []
 
 
+def test_volume_checks_warn_when_too_little_liver_is_found():
+    from SegmentationDeepEditLib.segment import volume_warnings
+
+    meta = load_bundle(LIVER).meta
+    label = np.zeros((10, 20, 20), np.uint8)
+    label[2:8, 5:15, 5:15] = 1  # 600 voxels
+    label[4:6, 8:10, 8:10] = 2  # lesion voxels count as liver
+    assert volume_warnings(meta, label, voxel_ml=1.0) == []  # 600 mL
+    msgs = volume_warnings(meta, label, voxel_ml=0.1)  # 60 mL
+    assert len(msgs) == 1 and msgs[0].startswith("only 60 mL was labelled liver")
+    assert volume_warnings(meta, np.zeros_like(label), voxel_ml=0.1) == []  # nothing found: said elsewhere
+    assert volume_warnings(load_bundle(GLIOMA).meta, label, voxel_ml=0.1) == []  # no check declared
+
+
+@pytest.mark.realdata
+def test_liver_on_a_ct_without_liver_warns(shared_data):
+    full = read_image(shared_data / "abdomen-ct" / "totalseg-example" / "ct-full.nii.gz")
+    pelvis = full[:, :, 0:50]  # lower abdomen and pelvis: the liver starts at slice 82
+    r = segment_images(LIVER, {"ct": pelvis}, fast=True)
+    assert any(w.startswith("only ") and "labelled liver" in w for w in r.warnings), r.warnings
+    held_out = segment_images(LIVER, {"ct": read_image(shared_data / "abdomen-ct" / "totalseg-example" / "ct.nii.gz")},
+                              fast=True)
+    assert not any("labelled liver" in w for w in held_out.warnings)
+
+
 def test_cli_liver_seg_nrrd_carries_the_slicer_terminology(tmp_path, capsys):
     """The liver's terminology is a full Slicer entry: .seg.nrrd writing once failed on a bare code."""
     import slicerio

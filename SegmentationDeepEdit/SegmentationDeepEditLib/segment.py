@@ -43,7 +43,7 @@ from .geometry import (Grid, bounding_box_grid, corners_lps, grid_of, image_on_g
 
 __all__ = ["SegmentResult", "Cancelled", "resolve_input_names", "check_input_names", "check_inputs", "align_inputs", "model_grid", "check_foreground_volume", "prepare_volume", "tta_flips_3d",
            "d4_transforms", "TTA_LEVELS_2D", "predict_volume", "segment_images",
-           "label_segments", "clean_label"]
+           "label_segments", "clean_label", "intensity_warnings", "volume_warnings"]
 
 Progress = Optional[Callable[[str, float], None]]
 #: 3D models warn when the reference image is thinner than this along any axis (a few slices).
@@ -598,6 +598,18 @@ def intensity_warnings(meta: dict, label: np.ndarray, images: Mapping[str, Optio
     return out
 
 
+def volume_warnings(meta: dict, label: np.ndarray, voxel_ml: float) -> List[str]:
+    """Warnings from the bundle's ``segmentation.volume_checks``: a structure found, but smaller than
+    one the model can be trusted to have found (``min_ml``); ``message`` is formatted with ``ml``
+    and ``min``. Nothing found at all is reported elsewhere."""
+    out = []
+    for chk in _seg(meta).get("volume_checks", []):
+        ml = float(np.count_nonzero(np.isin(label, chk["values"]))) * float(voxel_ml)
+        if 0.0 < ml < float(chk["min_ml"]):
+            out.append(chk["message"].format(ml=ml, min=float(chk["min_ml"])))
+    return out
+
+
 def _postprocess(meta: dict, probs: np.ndarray, mgrid: Grid, ref: sitk.Image) -> np.ndarray:
     """Probabilities on the model grid -> label array on the reference grid (channel by channel)."""
     seg = _seg(meta)
@@ -706,6 +718,7 @@ def segment_images(
     segments, regions = label_segments(meta)
     if not out.any():
         warnings.append("the model found nothing: check that the inputs are the sequences the model expects")
+    warnings.extend(volume_warnings(meta, out, float(np.prod(ref.GetSpacing())) / 1000.0))
     warnings.extend(intensity_warnings(meta, out, aligned))
     t3 = time.perf_counter()
     report("done", 1.0)
