@@ -233,7 +233,7 @@ def _cmd_segment(args) -> dict:
 def _draw_result(meta: dict, images: dict, result, path: Path) -> Path:
     """The QC picture of a segmentation: every given input on the reference grid, reference first."""
     from .batch.report import render_qc
-    from .render import CT_SOFT_TISSUE_WINDOW
+    from .render import display_windows
     from .segment import align_inputs
 
     ref = meta["segmentation"]["reference"]
@@ -242,8 +242,8 @@ def _draw_result(meta: dict, images: dict, result, path: Path) -> Path:
     found = result.volumes_ml()
     shown = [r["name"] for r in result.regions] or [s["name"] for s in result.segments]
     title = f"{result.model_id} {result.model_version}: " + ", ".join(f"{n} {found.get(n, 0.0):.1f} mL" for n in shown)
-    ct = {i["name"]: CT_SOFT_TISSUE_WINDOW for i in meta["inputs"] if i.get("modality") == "CT"}
-    return render_qc(path, volumes, label=result.label, segments=result.segments, title=title, windows=ct)
+    return render_qc(path, volumes, label=result.label, segments=result.segments, title=title,
+                     windows=display_windows(meta))
 
 
 def _cmd_models(args) -> dict:

@@ -264,8 +264,6 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
     bundle = load_bundle(model)
     if bundle.task != "segmentation":
         raise InputError(f"model {bundle.id!r} is an annotation model; evaluate it with a points cases file")
-    ref_is_ct = any(i["name"] == bundle.meta["segmentation"]["reference"] and i.get("modality") == "CT"
-                    for i in bundle.meta["inputs"])
     out_conv = bundle.meta["segmentation"].get("output_convention")
     if out_conv not in CONVENTIONS:
         raise InputError(f"model {bundle.id!r} declares no known output_convention")
@@ -292,14 +290,14 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
                 truth = sitk.GetArrayFromImage(truth_img) > 0
                 d = (1.0 if not pred.any() else 0.0) if not truth.any() else dice(pred, truth)
                 if picture_dir is not None and level == tta_levels[-1]:
-                    from .render import CT_SOFT_TISSUE_WINDOW, render_overlay
+                    from .render import display_windows, render_overlay
 
                     stem = re.sub(r"[^A-Za-z0-9._]+", "-", f"{case.name} {pred_region}").strip("-")
                     render_overlay(ref, [truth_img, pred_img], Path(picture_dir) / f"{stem}.png",  # centred on the truth
                                    colors=((0.2, 0.9, 0.3), (1.0, 0.8, 0.1)),
                                    labels=(f"truth {truth_region}", f"{bundle.id} {pred_region}"),
                                    title=f"{case.name}: {pred_region}, tta {r.tta}{' fast' if fast else ''}, Dice {d:.3f}",
-                                   window=CT_SOFT_TISSUE_WINDOW if ref_is_ct else None)
+                                   window=display_windows(bundle.meta).get(bundle.meta["segmentation"]["reference"]))
                 rows.append({"case": case.name, "region": pred_region, "setting": f"tta={r.tta}" + (" fast" if fast else ""),
                              "dice": round(float(d), 4), "seconds": round(secs, 2),
                              "note": (note + ("; " if note and not truth.any() else "") +

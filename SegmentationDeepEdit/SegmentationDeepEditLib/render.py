@@ -15,9 +15,15 @@ import SimpleITK as sitk
 
 from .geometry import Grid, corners_lps, grid_of, resample_to_grid
 
-__all__ = ["render_overlay", "CT_SOFT_TISSUE_WINDOW"]
+__all__ = ["render_overlay", "CT_SOFT_TISSUE_WINDOW", "display_windows"]
 
 CT_SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # HU: width 400, level 40
+
+
+def display_windows(meta: dict) -> dict:
+    """{input name: grey-scale window} of a bundle's inputs that have a fixed one (CT: soft tissue);
+    the others are windowed from their own intensities."""
+    return {i["name"]: CT_SOFT_TISSUE_WINDOW for i in meta["inputs"] if i.get("modality") == "CT"}
 
 
 def _lps_grid(image: sitk.Image, max_size: int = 256) -> Grid:
