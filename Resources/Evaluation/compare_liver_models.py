@@ -3,7 +3,9 @@
 The comparison behind the liver model card's shipping rules: generated CTs that no training run
 used (standard portal-venous seeds 9700-9702, varied liver shapes 9900-9902, native phase
 9800-9802; `SegmentationDeepEditLib.synthetic.make_ct_case`) and the TotalSegmentator example CT
-(../shared/data, or $DEEPEDIT_SHARED_DATA) in full and --fast mode. Liver = label 1 or 2. The
+(../shared/data, or $DEEPEDIT_SHARED_DATA) in full and --fast mode; also the same patient's abdomen +
+pelvis (`ct-full`, 112 slices), scored on the 30 slices that carry the liver mask, and the volume
+labelled liver more than 45 mm below them (false: pelvis, bowel). Liver = label 1 or 2. The
 generated sets are also scored for the lesions (label 2), the only lesion truth there is, and every
 set in --fast mode too.
 
@@ -35,6 +37,19 @@ GENERATED = {
     "generated varied shapes": [(s, {"liver_shape": "varied"}) for s in (9900, 9901, 9902)],
     "generated native phase": [(s, {"phase": "native"}) for s in (9800, 9801, 9802)],
 }
+
+
+# ct-full's liver is labelled only on the 30 slices it shares with ct; its tip ends a few slices below
+# them, so liver predicted more than this far below the labelled slab is false (pelvis, bowel)
+FAR_BELOW_MM = 45.0
+
+
+def _slab_offset(full: np.ndarray, part: np.ndarray) -> int:
+    """The slice k at which ``part`` equals ``full[k:k + len(part)]`` (the two files' origins do not say)."""
+    for k in range(full.shape[0] - part.shape[0] + 1):
+        if np.array_equal(full[k:k + part.shape[0]], part):
+            return k
+    raise SystemExit("ct.nii.gz is not a slab of ct-full.nii.gz")
 
 
 def liver(label: sitk.Image, region: str = "liver") -> np.ndarray:
@@ -83,7 +98,20 @@ def _compare(models, names) -> None:
         for fast in (False, True):
             pred = liver(segment_images(names[m], {"ct": ct}, fast=fast, device="cpu").label)
             scores[m]["real CT" + (" --fast" if fast else "")] = [dice(pred, truth)]
-    rows = [n + f + r for n in GENERATED for r in ("", " lesion") for f in ("", " --fast")] + ["real CT", "real CT --fast"]
+    # the same patient's abdomen + pelvis (112 slices): the 30-slice CT is slices k0..k0+29 of it
+    full = sitk.ReadImage(str(data / "ct-full.nii.gz"))
+    k0 = _slab_offset(sitk.GetArrayViewFromImage(full), sitk.GetArrayViewFromImage(ct))
+    ml = float(np.prod(full.GetSpacing())) / 1000.0
+    far = max(0, k0 - int(round(FAR_BELOW_MM / full.GetSpacing()[2])))
+    for m in models:
+        for fast in (False, True):
+            pred = liver(segment_images(names[m], {"ct": full}, fast=fast, device="cpu").label)
+            f = " --fast" if fast else ""
+            scores[m]["real CT-full, labelled slices" + f] = [dice(pred[k0:k0 + truth.shape[0]], truth)]
+            scores[m][f"real CT-full, mL >{FAR_BELOW_MM:.0f} mm below" + f] = [float(pred[:far].sum()) * ml]
+    rows = [n + f + r for n in GENERATED for r in ("", " lesion") for f in ("", " --fast")]
+    rows += [r + f for r in ("real CT", "real CT-full, labelled slices", f"real CT-full, mL >{FAR_BELOW_MM:.0f} mm below")
+             for f in ("", " --fast")]
     print(f"{'set':40s}" + "".join(f"{m[-24:]:>26s}" for m in models))
     for r in rows:
         print(f"{r:40s}" + "".join(f"{np.mean(scores[m][r]):26.3f}" for m in models))

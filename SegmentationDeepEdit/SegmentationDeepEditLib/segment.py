@@ -526,6 +526,7 @@ def clean_label(meta: dict, label: np.ndarray, voxel_ml: Optional[float] = None)
     - ``components: {"min_fraction": f}``: connected components of the foreground (any label
       value, face-connected) smaller than ``f`` times the largest are set to 0 (stray islands:
       vessels, bowel, the far side of a flip). Several large foci of a multifocal tumour stay.
+      ``f = 1`` keeps only the largest: for one connected organ such as the liver.
       With ``"keep_if": {"region": name, "min_ml": v}`` a small component that holds at least
       ``v`` mL of that region (e.g. 1 mL of tumour core: a satellite focus, not a vessel) stays
       too; this needs ``voxel_ml``, the volume of one voxel in mL.
