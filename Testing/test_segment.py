@@ -579,9 +579,28 @@ def test_liver_keeps_one_organ_on_an_abdomen_and_pelvis_ct(shared_data):
     full = read_image(data / "ct-full.nii.gz")
     truth = sitk.GetArrayFromImage(read_image(data / "liver.nii.gz")) > 0  # slices 82-111 of ct-full
     pred = sitk.GetArrayFromImage(segment_images(LIVER, {"ct": full}).label) > 0
-    assert np.array_equal(sitk.GetArrayViewFromImage(full)[82:], sitk.GetArrayViewFromImage(read_image(data / "ct.nii.gz")))
+    assert np.array_equal(sitk.GetArrayViewFromImage(full)[82:], sitk.GetArrayFromImage(read_image(data / "ct.nii.gz")))
     assert dice(pred[82:], truth) > 0.85
     assert pred[:67].sum() == 0  # nothing more than 45 mm below the labelled slices (the liver's tip ends above)
+
+
+@pytest.mark.realdata
+def test_a_ct_not_in_hounsfield_units_is_refused(shared_data, tmp_path, capsys):
+    """Stored values without the rescale (air at 0) or an MRI given as the CT: refused, nothing written.
+
+    Before, the liver model labelled 3.5 L of 'liver' in the real CT shifted by +1024, with only the
+    phase warning."""
+    ct = read_image(shared_data / "abdomen-ct" / "totalseg-example" / "ct.nii.gz")
+    raw = tmp_path / "ct-stored-values.nii.gz"
+    sitk.WriteImage(sitk.Cast(ct, sitk.sitkInt32) + 1024, str(raw))
+    mri = shared_data / "brain-tumor" / "tcga-du-7294" / "t1c.nii.gz"
+    for path in (raw, mri):
+        out = tmp_path / "liver.nii.gz"
+        assert main(["segment", "--model", LIVER, "--fast", "--input", f"ct={path}", "-o", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert str(path) in err and "does not look like a CT in Hounsfield units" in err, err
+        assert not out.exists() and list(tmp_path.iterdir()) == [raw]
+    assert segment_images(LIVER, {"ct": ct}, fast=True).label.GetSize() == ct.GetSize()  # in HU: accepted
 
 
 def test_cli_liver_seg_nrrd_carries_the_slicer_terminology(tmp_path, capsys):

@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .annotate import normalise_input
+from .annotate import fraction_at_or_below, normalise_input
 from .bundle import Bundle, get_network, load_bundle
 from .device import cpu_supports_bf16, pick_device, run_with_fallback
 from .errors import InputError, ModelError, NotSkullStripped
@@ -220,9 +220,32 @@ def check_inputs(meta: dict, images: Mapping[str, Optional[sitk.Image]],
             where = sources.get(s["name"])
             raise InputError(f"input {s['name']!r} must be a 3D scalar image (it has {img.GetDimension()} dimensions and "
                              f"{img.GetNumberOfComponentsPerPixel()} channel(s) per voxel)", where)
+        if s.get("normalization") == "ct_window":
+            check_hounsfield(img, s["name"], sources.get(s["name"]))
         out[s["name"]] = img
     _refuse_identical_inputs(out, sources)
     return out, warnings
+
+
+def check_hounsfield(image: sitk.Image, name: str, source: Optional[str] = None) -> None:
+    """Refuse a CT input whose values are not Hounsfield units.
+
+    Every CT of a body holds fat (-120..-80 HU) and air (-1000 HU) around or inside it; in HU at
+    least 0.1 % of the voxels lie at or below -200. Stored values without the DICOM rescale
+    (0..4095, air at 0), an MRI or a z-scored volume have none there, and a CT model would label
+    1-3 L of "liver" in them with only a misleading warning.
+
+    Raises:
+        InputError: naming the file, the range of values found and the likely causes.
+    """
+    if fraction_at_or_below(image, -200.0) >= 0.001:
+        return
+    a = sitk.GetArrayViewFromImage(image)
+    raise InputError(
+        f"the {name} image does not look like a CT in Hounsfield units: its values run from {float(a.min()):g} to "
+        f"{float(a.max()):g}, and almost none lie at or below -200 (fat and air in any body CT). Stored values "
+        "without the DICOM rescale slope and intercept (air would read 0 instead of -1000), or not a CT at all? "
+        "Give the CT in HU (e.g. the DICOM series folder itself, which is read with the rescale applied)", source)
 
 
 def _refuse_identical_inputs(images: Mapping[str, Optional[sitk.Image]], sources: Mapping[str, str]) -> None:
