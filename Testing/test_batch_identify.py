@@ -156,6 +156,32 @@ def test_mapping_overrides_identification_and_unidentified_series_are_reported()
     assert used.identification.source == "mapping" and used.identification.confidence == 1.0
 
 
+def test_a_ct_study_is_not_planned_and_the_problem_says_it_is_ct():
+    ct = _series("a", "ABD PORTAL 3mm", 2, header={"Modality": "CT", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"]})
+    ident = identify(ct.name, header=ct.header)
+    assert ident.sequence == IGNORE and "Modality CT, not MRI" in ident.reasons[0]
+    mr = identify("t1_mprage_post", header={"Modality": "MR"})
+    assert mr.sequence == "t1c"  # MR itself is no evidence either way
+    plan = plan_study(Study("s", "s", (ct, _series("b", "localizer", 1))))
+    assert not plan.ok and [v.role for v in plan.verdicts] == ["ignored", "ignored"]
+    problem = plan.problems[0]
+    assert "#2 'ABD PORTAL 3mm': ignored, Modality CT, not MRI" in problem and "#1 'localizer': ignored" in problem
+    assert "deepedit segment --model liver-lesion" in problem
+
+
+@pytest.mark.realdata
+def test_a_real_ct_dicom_series_in_a_batch_folder_is_recognised_as_ct(shared_data, tmp_path):
+    import shutil
+
+    study = tmp_path / "in" / "ct-study"
+    study.mkdir(parents=True)
+    for f in sorted((shared_data / "dicom" / "ct-3slice-liver").glob("0*.dcm")):
+        shutil.copy(f, study)
+    (found,) = discover_studies(tmp_path / "in")
+    plan = plan_study(found)
+    assert not plan.ok and "Modality CT, not MRI" in plan.problems[0] and "liver-lesion" in plan.problems[0]
+
+
 def test_too_short_dicom_series_is_not_a_volume():
     study = Study("s", "s", (_series("a", "t1_vibe_post", 2, files=2),))
     plan = plan_study(study)

@@ -173,6 +173,9 @@ def _header_evidence(header: MappingT[str, Any]) -> List[Tuple[str, float, str]]
     tr, te, ti = _num(header, "RepetitionTime"), _num(header, "EchoTime"), _num(header, "InversionTime")
     agent = str(header.get("ContrastBolusAgent") or "").strip()
     it = set(image_type)
+    modality = str(header.get("Modality") or "").strip().upper()
+    if modality and modality != "MR":  # CT, PET, SEG, SR...: the batch's sequences are MRI
+        found.append((IGNORE, 0.95, f"header: Modality {modality}, not MRI"))
     if "LOCALIZER" in it:
         found.append((IGNORE, 0.95, "header: ImageType LOCALIZER"))
     if it & {"ADC", "FA", "EADC", "TENSOR", "CALC_BVALUE", "EXP"}:

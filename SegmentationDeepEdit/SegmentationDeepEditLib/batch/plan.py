@@ -145,7 +145,15 @@ def plan_study(study: Study, *, reference: Sequence[str] = ("t1c",), mapping: Ma
     if ref is None:
         found = ", ".join(seq for seq in SEQUENCES if seq in chosen) or "none"
         want = " or ".join(reference)
-        problems.append(f"no {want} series (the reference) was found (sequences found: {found}); name it in a mapping "
-                        f"file (--mapping) or choose another reference (--reference)")
+        problem = (f"no {want} series (the reference) was found (sequences found: {found}); name it in a mapping "
+                   f"file (--mapping) or choose another reference (--reference)")
+        unused = [v for v in verdicts if v.role != "used"]
+        if unused:  # say what the study holds instead (a CT study, localizers only, unknown names...)
+            shown = "; ".join(f"{v.series.describe()}: {v.role}, {v.note}" for v in unused[:3])
+            problem += f". Series not used: {shown}" + (f"; and {len(unused) - 3} more" if len(unused) > 3 else "")
+        if any(str(v.series.header.get("Modality") or "MR").strip().upper() == "CT" for v in unused):
+            problem += (". The batch segments MRI studies; for a CT use `deepedit segment --model liver-lesion "
+                        "--input ct=SERIES_FOLDER`")
+        problems.append(problem)
     ordered = tuple((seq, chosen[seq]) for seq in SEQUENCES if seq in chosen)
     return StudyPlan(study, verdicts, ordered, ref, tuple(problems), tuple(warnings))
