@@ -33,7 +33,8 @@ from .heatmap import gaussian_heatmap
 from .points import validate_extreme_points
 
 __all__ = ["ModelInput", "AnnotationResult", "prepare_input", "guidance_sigma_mm", "predict", "annotate",
-           "keep_enclosed_component", "click_threshold", "looks_like_ct", "fraction_at_or_below", "default_model_for", "normalise_input"]
+           "keep_enclosed_component", "click_threshold", "looks_like_ct", "fraction_at_or_below", "default_model_for",
+           "normalise_input"]
 
 Progress = Optional[Callable[[str, float], None]]
 
