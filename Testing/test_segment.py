@@ -461,7 +461,7 @@ def test_clean_label_drops_small_islands_and_keeps_large_foci():
     meta = _meta_with({})
     assert clean_label(meta, label) is label  # nothing declared: nothing done
     largest = clean_label(_meta_with({"components": {"min_fraction": 1.0}}), label)  # one organ: the largest only
-    assert (largest[:12, :, :20] == label[:12, :, :20]).all() and largest[:, :, 20:].sum() == 0
+    assert (largest[:12, :, :20] == label[:12, :, :20]).all() and largest[:, :, 20:].sum() == 0 and largest[12:].sum() == 0
 
 
 def test_clean_label_keeps_a_small_focus_that_holds_tumour_core():
