@@ -178,7 +178,7 @@ def _cmd_annotate(args) -> dict:
 
 def _cmd_segment(args) -> dict:
     from .bundle import load_bundle
-    from .imageio import check_output_path, read_image, write_segmentation
+    from .imageio import atomic_output, check_output_path, read_image, write_segmentation
     from .progress import StageProgress
     from .segment import check_input_names, resolve_input_names, segment_images
 
@@ -207,14 +207,12 @@ def _cmd_segment(args) -> dict:
     tta = 0 if args.no_tta else args.tta
     with StageProgress("segment", enabled=not args.json) as bar:
         r = segment_images(b, images, device=args.device, tta=tta, fast=args.fast, sources=paths, progress=bar)
-    staging_dir = tempfile.TemporaryDirectory(prefix=".deepedit-", dir=picture.parent) if picture else contextlib.nullcontext()
-    with staging_dir as staging:
-        if picture:  # drawn first, moved in after the segmentation: both files or neither
-            drawn = _draw_result(b.meta, images, r, Path(staging) / "picture.png")
+    # the picture is drawn first and moved in after the segmentation is written: both files or neither
+    with atomic_output(picture, overwrite=args.overwrite) if picture else contextlib.nullcontext() as staged:
+        if picture:
+            _draw_result(b.meta, images, r, staged)
         write_segmentation(r.label, out, r.segments, overwrite=args.overwrite, inputs=list(paths.values()),
                            regions=r.regions)
-        if picture:
-            os.replace(drawn, picture)
     for w in r.warnings:
         print(f"deepedit segment: warning: {w}", file=sys.stderr)
     vols = r.volumes_ml()

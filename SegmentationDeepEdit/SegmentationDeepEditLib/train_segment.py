@@ -58,7 +58,7 @@ from .bundle import build_network, save_bundle
 from .train import load_checkpoint, save_checkpoint
 from .errors import InputError, ModelError
 from .geometry import resample_to_grid
-from .imageio import read_image
+from .imageio import atomic_output, read_image
 from .labels import CONVENTIONS
 from .segment import model_grid, predict_volume, prepare_volume
 
@@ -265,13 +265,12 @@ def _weights_of(net) -> dict:
 
 
 def _write_snapshot(path: Path, net) -> None:
-    """The network's weights as safetensors, written atomically."""
+    """The network's weights as safetensors, written atomically (a resumed run may write one again)."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(_weights_of(net), str(tmp))
-    tmp.replace(path)
+    with atomic_output(path, overwrite=True) as tmp:
+        save_file(_weights_of(net), str(tmp))
 
 
 def _average_into(averaged: dict, net) -> None:
