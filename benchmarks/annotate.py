@@ -9,7 +9,8 @@ Prints:
   median of a few runs.
 
 Cases: a real brain tumour (brats2013-pat0004 T1c, tumour core) when ../shared/data is present,
-and a generated brain case always. Run: `python benchmarks/annotate.py [--repeats N] [--tta]`.
+and a generated brain case (needs nilearn's MNI template; `--no-generated` leaves it out). Run:
+`python benchmarks/annotate.py [--repeats N] [--tta] [--device cpu|cuda] [--no-generated]`.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cases():
+def _cases(generated: bool = True):
     from SegmentationDeepEditLib import synthetic
     from SegmentationDeepEditLib.imageio import read_image
 
-    case = synthetic.make_brain_case(7)
-    yield "synthetic brain (seed 7) tumour core", case.images["t1c"], synthetic.tumour_core_mask(case.label, "brain")
+    if generated:
+        case = synthetic.make_brain_case(7)
+        yield "synthetic brain (seed 7) tumour core", case.images["t1c"], synthetic.tumour_core_mask(case.label, "brain")
     data = Path(os.environ.get("DEEPEDIT_SHARED_DATA") or REPO.parent / "shared" / "data")
     d = data / "brain-tumor" / "brats2013-pat0004"
     if d.is_dir():
@@ -53,7 +55,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--tta", action="store_true")
     ap.add_argument("--cold-runs", type=int, default=3)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--no-generated", action="store_true", help="real case only (and no cold-start runs, which use the generated case)")
     args = ap.parse_args()
+    dev = args.device
     import torch
 
     from SegmentationDeepEditLib.annotate import annotate
@@ -62,17 +67,18 @@ def main() -> None:
     from SegmentationDeepEditLib.metrics import dice
     from SegmentationDeepEditLib.points import extreme_points_from_mask
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu count {os.cpu_count()}, tta {args.tta}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu count {os.cpu_count()}, tta {args.tta}, "
+          f"device {dev}")
     results = {}
-    for name, img, truth in _cases():
+    for name, img, truth in _cases(not args.no_generated):
         pts0 = extreme_points_from_mask(truth)
-        annotate(img, pts0, device="cpu", tta=args.tta)  # load the model once
+        annotate(img, pts0, device=dev, tta=args.tta)  # load the model once
         rng = np.random.default_rng(0)
         times, stages, scores = [], [], []
         for _ in range(args.repeats):
             pts = extreme_points_from_mask(truth, rng=rng, jitter_mm=1.0)
             t = time.perf_counter()
-            r = annotate(img, pts, device="cpu", tta=args.tta)
+            r = annotate(img, pts, device=dev, tta=args.tta)
             times.append(time.perf_counter() - t)
             stages.append(r.seconds)
             scores.append(dice(r.mask, truth))
@@ -82,11 +88,11 @@ def main() -> None:
         drag = []
         for _ in range(5):
             t = time.perf_counter()
-            annotate(img, moved, device="cpu", tta=args.tta)
+            annotate(img, moved, device=dev, tta=args.tta)
             drag.append(time.perf_counter() - t)
         # a corrective click where the result is most wrong (positive or negative), as in evaluation
         click_t = []
-        first = annotate(img, pts0, device="cpu", tta=args.tta)
+        first = annotate(img, pts0, device=dev, tta=args.tta)
         c = next_click(sitk.GetArrayViewFromImage(first.mask) > 0, sitk.GetArrayViewFromImage(truth) > 0,
                        truth.GetSpacing()[::-1])
         if c is not None:
@@ -94,7 +100,7 @@ def main() -> None:
             kw = {"positive": p} if c[1] else {"negative": p}
             for _ in range(5):
                 t = time.perf_counter()
-                annotate(img, pts0, device="cpu", tta=args.tta, **kw)
+                annotate(img, pts0, device=dev, tta=args.tta, **kw)
                 click_t.append(time.perf_counter() - t)
         med = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
         results[name] = {"warm_median_s": statistics.median(times), "warm_p90_s": float(np.percentile(times, 90)),
@@ -106,6 +112,9 @@ def main() -> None:
               f"moved point {statistics.median(drag):.3f} s; "
               + (f"corrective click {statistics.median(click_t):.3f} s; " if click_t else "") + "stages " + ", ".join(f"{k} {v:.3f}" for k, v in med.items())
               + f"; Dice median {statistics.median(scores):.3f}")
+    if args.no_generated:
+        print(json.dumps(results, indent=1))
+        return
     # cold start: a new process that imports, loads the model, reads the image, annotates and writes
     from SegmentationDeepEditLib.imageio import write_image
     from SegmentationDeepEditLib.points import write_points_json
@@ -120,7 +129,7 @@ def main() -> None:
             out = Path(tmp) / f"out{n}.seg.nrrd"
             t = time.perf_counter()
             subprocess.run([sys.executable, "-m", "SegmentationDeepEditLib.cli", "annotate", "--image", str(Path(tmp) / "t1c.nii.gz"),
-                            "--points", str(Path(tmp) / "p.json"), "-o", str(out), "--device", "cpu", "--json"],
+                            "--points", str(Path(tmp) / "p.json"), "-o", str(out), "--device", dev, "--json"],
                            check=True, capture_output=True)
             cold.append(time.perf_counter() - t)
     results["cold_start_median_s"] = statistics.median(cold)

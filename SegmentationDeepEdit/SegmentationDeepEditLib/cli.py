@@ -225,7 +225,15 @@ def _cmd_segment(args) -> dict:
         print(f"picture in {picture}")
     return {"output": str(out), "picture": str(picture) if picture else None, "model": r.model_id,
             "model_version": r.model_version, "device": r.device, "tta": r.tta, "fast": r.fast, "volumes_ml": vols,
-            "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "warnings": r.warnings}
+            "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "warnings": r.warnings,
+            **({"gpu_peak_mb": round(_gpu_peak_mb(), 1)} if r.device == "cuda" else {})}
+
+
+def _gpu_peak_mb() -> float:
+    """Peak GPU memory this process's torch allocator held, in MiB."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def _draw_result(meta: dict, images: dict, result, path: Path) -> Path:

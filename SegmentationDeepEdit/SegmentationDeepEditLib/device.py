@@ -43,12 +43,25 @@ def run_with_fallback(fn: Callable[[torch.device], T], device: torch.device, pre
     try:
         return fn(device), device
     except torch.cuda.OutOfMemoryError:
-        if device.type != "cuda" or (preference or "auto").lower() != "auto":
+        if device.type != "cuda":
             raise
-        log.warning("CUDA ran out of memory; running on the CPU instead")
+        if (preference or "auto").lower() != "auto":
+            torch.cuda.empty_cache()
+            raise InputError(f"the GPU ran out of memory ({_cuda_memory_text()}); use --device auto to fall back to "
+                             "the CPU, or --device cpu, or close what else uses the GPU") from None
+        log.warning("CUDA ran out of memory (%s); running on the CPU instead", _cuda_memory_text())
         torch.cuda.empty_cache()
         cpu = torch.device("cpu")
         return fn(cpu), cpu
+
+
+def _cuda_memory_text() -> str:
+    """'X GiB free of Y GiB' for the current CUDA device, or '' when it cannot be read."""
+    try:
+        free, total = torch.cuda.mem_get_info()
+    except Exception:  # noqa: BLE001 - only for a message
+        return "free memory unknown"
+    return f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB"
 
 
 def cpu_supports_bf16() -> bool:
