@@ -181,3 +181,23 @@ def test_presets_build_their_networks_and_name_known_conventions(name):
         if "synthetic" in src:  # generator options are real keyword arguments of the generator
             make = synthetic.make_brain_case if src["synthetic"] == "brain" else synthetic.make_ct_case
             assert set(src.get("options", {})) <= set(inspect.signature(make).parameters) - {"seed"}
+
+
+def test_cases_prepared_in_worker_processes_equal_the_serial_ones():
+    cfg = json.loads((REPO / "Resources" / "Training" / "liver-lesion.json").read_text())
+    meta = dict(cfg["bundle"], spacing_mm=[4.0, 4.0, 4.0])
+    sources = [{"synthetic": "ct", "cases": 2, "seed": 51, "options": {"spacing": 4.0, "oblique": False}},
+               {"synthetic": "ct", "cases": 1, "seed": 60, "weight": 3.0,
+                "options": {"spacing": 4.0, "oblique": False, "phase": "native"}}]
+    names = []
+    serial = T.build_seg_cases(sources, meta, cfg["targets"], REPO, spacings=[[4.0] * 3, [6.0] * 3])
+    parallel = T.build_seg_cases(sources, meta, cfg["targets"], REPO, spacings=[[4.0] * 3, [6.0] * 3], workers=2,
+                                 progress=names.append)
+    assert [c.name for c in parallel] == [c.name for c in serial] == \
+        ["synthetic-ct-51"] * 2 + ["synthetic-ct-52"] * 2 + ["synthetic-ct-60"] * 2
+    assert names == ["synthetic-ct-51", "synthetic-ct-52", "synthetic-ct-60"]
+    for a, b in zip(serial, parallel):
+        assert a.x.shape == b.x.shape and np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y)
+        assert np.array_equal(a.fg, b.fg) and a.weight == b.weight
+    assert serial[0].x.shape != serial[1].x.shape  # two spacings
+    assert [c.weight for c in parallel] == [1.0] * 4 + [3.0] * 2

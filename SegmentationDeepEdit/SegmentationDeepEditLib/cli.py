@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     t.add_argument("--steps", type=int, help="override the number of steps")
     t.add_argument("--bundle-dir", help="where to write the trained bundle (default RUN_DIR/bundle)")
+    t.add_argument("--seed", type=int, help="override the config's seed (another draw of the same recipe)")
+    t.add_argument("--workers", type=int, default=1,
+                   help="automatic models: processes that generate and prepare the synthetic training cases "
+                        "(0: one per CPU core; the cases are the same whatever the number; default 1)")
 
     e = sub.add_parser("evaluate", parents=[common], formatter_class=fmt,
                        help="Dice of an annotation model on cases with a ground truth, with simulated corrective clicks",
@@ -278,6 +282,8 @@ def _cmd_train(args) -> dict:
     from .train import load_config, train
 
     cfg = load_config(Path(args.config))
+    if args.seed is not None:
+        cfg["seed"] = int(args.seed)
     data_root = Path(args.data_root)
     needs_real = any("image" in s or "images" in s for s in cfg.get("data", []) + cfg.get("validation", []))
     if needs_real and not data_root.is_dir():
@@ -287,7 +293,7 @@ def _cmd_train(args) -> dict:
 
         return train_segmentation(cfg, Path(args.run_dir), data_root=data_root, device=args.device, resume=args.resume,
                                   steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None,
-                                  show_progress=not args.json)
+                                  show_progress=not args.json, workers=args.workers)
     return train(cfg, Path(args.run_dir), data_root=data_root, device=args.device, resume=args.resume,
                  steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None, quiet=args.json)
 

@@ -46,7 +46,10 @@ import contextlib
 import csv
 import io
 import math
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -119,26 +122,48 @@ def _prepare_case(name: str, images: Dict[str, Optional[sitk.Image]], label: sit
     return SegCase(name, x, y, np.flatnonzero(fgmask.reshape(-1)))
 
 
-def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: Path, spacings=None,
-                    progress=None) -> List[SegCase]:
-    """Load or generate and prepare the cases a config lists (at each spacing of ``spacings``)."""
+def _synthetic_cases(kind: str, s: int, options: dict, weight: float, meta: dict, targets: dict,
+                     spacings) -> List[SegCase]:
+    """Generated case ``s`` of ``kind`` prepared at each spacing (a top-level function: it also runs
+    in worker processes)."""
     from . import synthetic
 
+    make = synthetic.make_brain_case if kind == "brain" else synthetic.make_ct_case
+    conv = "brats2017" if kind == "brain" else "liver-lesion"
+    c = make(s, **options)
+    out = []
+    for sp in spacings:
+        out.append(_prepare_case(f"synthetic-{kind}-{s}", c.images, c.label, conv, meta, targets, sp))
+        out[-1].weight = weight
+    return out
+
+
+def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: Path, spacings=None,
+                    progress=None, workers: int = 1) -> List[SegCase]:
+    """Load or generate and prepare the cases a config lists (at each spacing of ``spacings``).
+
+    ``workers`` > 1 (0: one per CPU core) generates and prepares the synthetic cases in that many
+    worker processes; each case depends only on its seed, so the cases and their order are the
+    same as with one.
+    """
     spacings = spacings or [None]
+    jobs = [(src["synthetic"], s, src.get("options", {}), float(src.get("weight", 1.0)))
+            for src in sources if "synthetic" in src
+            for s in range(int(src.get("seed", 0)), int(src.get("seed", 0)) + int(src["cases"]))]
+    workers = max(1, min(int(workers) if workers else (os.cpu_count() or 1), len(jobs)))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     cases: List[SegCase] = []
-    for src in sources:
-        if "synthetic" in src:
-            kind, n, seed = src["synthetic"], int(src["cases"]), int(src.get("seed", 0))
-            make = synthetic.make_brain_case if kind == "brain" else synthetic.make_ct_case
-            conv = "brats2017" if kind == "brain" else "liver-lesion"
-            for s in range(seed, seed + n):
-                c = make(s, **src.get("options", {}))
-                for sp in spacings:
-                    cases.append(_prepare_case(f"synthetic-{kind}-{s}", c.images, c.label, conv, meta, targets, sp))
-                    cases[-1].weight = float(src.get("weight", 1.0))
-                if progress:
-                    progress(f"synthetic-{kind}-{s}")
-        else:
+    try:
+        futures = iter([pool.submit(_synthetic_cases, *job, meta, targets, spacings) for job in jobs]) if pool else None
+        for src in sources:
+            if "synthetic" in src:
+                first = int(src.get("seed", 0))
+                for s in range(first, first + int(src["cases"])):
+                    job = (src["synthetic"], s, src.get("options", {}), float(src.get("weight", 1.0)))
+                    cases.extend(next(futures).result() if pool else _synthetic_cases(*job, meta, targets, spacings))
+                    if progress:
+                        progress(f"synthetic-{src['synthetic']}-{s}")
+                continue
             images = {}
             for name, rel in src["images"].items():
                 images[name] = read_image(Path(data_root) / rel)
@@ -149,6 +174,9 @@ def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: P
                 cases[-1].weight = float(src.get("weight", 1.0))
             if progress:
                 progress(src.get("name", src["label"]))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return cases
 
 
@@ -287,8 +315,11 @@ def _average_into(averaged: dict, net) -> None:
 
 def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto", resume: bool = False,
                        steps: Optional[int] = None, bundle_dir: Optional[Path] = None,
-                       show_progress: bool = True) -> dict:
-    """Train an automatic model from a config (see module docstring). Returns a summary dict."""
+                       show_progress: bool = True, workers: int = 1) -> dict:
+    """Train an automatic model from a config (see module docstring). Returns a summary dict.
+
+    ``workers``: processes that generate and prepare the synthetic cases (0: one per CPU core).
+    """
     import torch
     from tqdm import tqdm
 
@@ -314,8 +345,8 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     t_load = time.perf_counter()
     say = (lambda name: tqdm.write(f"prepared {name}")) if show_progress else None
     spacings = config.get("train_spacings")
-    cases = build_seg_cases(config["data"], meta, targets, data_root, spacings=spacings, progress=say)
-    val_cases = build_seg_cases(config.get("validation", []), meta, targets, data_root)
+    cases = build_seg_cases(config["data"], meta, targets, data_root, spacings=spacings, progress=say, workers=workers)
+    val_cases = build_seg_cases(config.get("validation", []), meta, targets, data_root, workers=workers)
     load_s = time.perf_counter() - t_load
     if not cases:
         raise InputError("the training config lists no cases")
