@@ -11,7 +11,10 @@ set in --fast mode too.
 
 Run: python Resources/Evaluation/compare_liver_models.py liver-lesion runs/liver-v4/bundle
 (bundle ids or bundle folders, or weight files such as runs/liver-v7/snapshots/step-01500.safetensors,
-which are scored with the shipped liver-lesion bundle's settings; about 1 min per model on 2 CPU cores).
+which are scored with the shipped liver-lesion bundle's settings; weight files joined by '+'
+(`a.safetensors+b.safetensors+c.safetensors`) are scored as one ensemble: the mean of their
+networks' logits, a measurement only, since a bundle holds one network; about 1 min per model on 2
+CPU cores, n times that for an ensemble of n).
 """
 
 from __future__ import annotations
@@ -67,13 +70,47 @@ def _bundle_with_weights(weights: Path, folder: Path) -> str:
     return str(folder)
 
 
+class _MeanOfLogits:
+    """Networks whose logits are averaged (an ensemble for measurement); called like one network."""
+
+    def __init__(self, nets):
+        self.nets = nets
+
+    def __call__(self, x):
+        return sum(n(x) for n in self.nets) / len(self.nets)
+
+
+def _use_ensembles(ensembles: dict) -> None:
+    """Make ``segment`` load, for each ensemble's stand-in bundle folder, the mean of its networks."""
+    from SegmentationDeepEditLib import segment
+
+    plain = segment.get_network
+
+    def get_network(bundle, device="cpu"):
+        members = ensembles.get(str(Path(load_bundle(bundle).path).resolve()))
+        if members is None:
+            return plain(bundle, device)
+        return _MeanOfLogits([plain(m, device) for m in members])
+
+    segment.get_network = get_network
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("models", nargs="+", help="bundle ids or folders, or .safetensors weight files")
+    ap.add_argument("models", nargs="+", help="bundle ids or folders, or .safetensors weight files (joined by '+': an ensemble)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        names = {m: (_bundle_with_weights(Path(m), Path(tmp) / f"w{n}") if m.endswith(".safetensors") else m)
-                 for n, m in enumerate(args.models)}
+        names, ensembles = {}, {}
+        for n, m in enumerate(args.models):
+            parts = m.split("+")
+            if len(parts) > 1:
+                members = [_bundle_with_weights(Path(p), Path(tmp) / f"w{n}-{i}") for i, p in enumerate(parts)]
+                names[m] = members[0]
+                ensembles[str(Path(members[0]).resolve())] = members
+            else:
+                names[m] = _bundle_with_weights(Path(m), Path(tmp) / f"w{n}") if m.endswith(".safetensors") else m
+        if ensembles:
+            _use_ensembles(ensembles)
         _compare(args.models, names)
 
 
