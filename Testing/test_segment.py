@@ -505,6 +505,43 @@ def test_a_region_may_have_its_own_threshold():
     assert (own == 1).sum() == 4 * 4 * 6 and (own > 0).sum() == 6 * 8 * 10  # TC painted at 0.45 >= 0.4, WT unchanged
 
 
+def test_foreground_threshold_decides_background_apart_from_the_classes():
+    from SegmentationDeepEditLib.segment import _postprocess
+
+    ref = sitk.Image(12, 10, 8, sitk.sitkFloat32)
+    probs = np.zeros((3, 8, 10, 12), np.float32)  # softmax: background, liver, lesion
+    probs[0] = 1.0
+    probs[:, 1:7, 1:9, 1:11] = np.array([0.6, 0.35, 0.05])[:, None, None, None]  # likely background
+    probs[:, 3:5, 3:6, 3:7] = np.array([0.2, 0.3, 0.5])[:, None, None, None]  # lesion
+    meta = {"id": "t", "task": "segmentation", "output": {"activation": "softmax", "threshold": 0.5},
+            "segmentation": {"output_kind": "classes", "class_values": [0, 1, 2]}}
+    plain = _postprocess(meta, probs, grid_of(ref), ref)
+    assert (plain == 1).sum() == 0 and (plain == 2).sum() == 2 * 3 * 4  # argmax
+    meta["segmentation"]["foreground_threshold"] = 0.3
+    low = _postprocess(meta, probs, grid_of(ref), ref)
+    assert (low == 2).sum() == 2 * 3 * 4 and (low == 1).sum() == 6 * 8 * 10 - 2 * 3 * 4  # 1 - 0.6 >= 0.3: liver
+    meta["segmentation"]["foreground_threshold"] = 0.5
+    high = _postprocess(meta, probs, grid_of(ref), ref)
+    assert (high == 1).sum() == 0 and (high == 2).sum() == 2 * 3 * 4
+    # a model grid turned against the reference (as for an oblique scan): the corners of the box that
+    # covers it lie beyond it, and are background whatever the threshold
+    from SegmentationDeepEditLib.geometry import Grid
+
+    big = sitk.Image(30, 30, 8, sitk.sitkFloat32)
+    c, s_ = np.cos(np.radians(30)), np.sin(np.radians(30))
+    turned = Grid(origin=(12.0, 2.0, 0.0), spacing=(1.0, 1.0, 1.0), direction=(c, -s_, 0, s_, c, 0, 0, 0, 1),
+                  size=(14, 14, 8))
+    uniform = np.broadcast_to(np.array([0.6, 0.35, 0.05], np.float32)[:, None, None, None], (3, 8, 14, 14)).copy()
+    meta["segmentation"]["foreground_threshold"] = 0.3
+    lab = _postprocess(meta, uniform, turned, big)
+    inside = 0
+    for k, j, i in np.argwhere(lab > 0):
+        idx = np.asarray(turned.reference_image().TransformPhysicalPointToContinuousIndex(
+            big.TransformIndexToPhysicalPoint([int(i), int(j), int(k)])))
+        inside += bool(np.all(idx >= -0.5) and np.all(idx <= np.asarray(turned.size) - 0.5))
+    assert (lab > 0).sum() > 100 and inside == (lab > 0).sum()
+
+
 def test_clean_label_fills_a_core_enclosed_by_enhancing_rim():
     from SegmentationDeepEditLib.segment import clean_label
 

@@ -14,7 +14,8 @@ Run: python Resources/Evaluation/compare_liver_models.py liver-lesion runs/liver
 which are scored with the shipped liver-lesion bundle's settings; weight files joined by '+'
 (`a.safetensors+b.safetensors+c.safetensors`) are scored as one ensemble: the mean of their
 networks' logits, a measurement only, since a bundle holds one network; about 1 min per model on 2
-CPU cores, n times that for an ensemble of n).
+CPU cores, n times that for an ensemble of n). `--foreground-thresholds 0.4,0.3` also scores each
+bundle with foreground where 1 - p(background) >= t instead of the argmax.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def _use_ensembles(ensembles: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="bundle ids or folders, or .safetensors weight files (joined by '+': an ensemble)")
+    ap.add_argument("--foreground-thresholds", default="",
+                    help="comma-separated values: also score each bundle given with segmentation.foreground_threshold "
+                         "set to each (foreground where 1 - p(background) >= t, instead of the argmax)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         names, ensembles = {}, {}
@@ -111,7 +115,20 @@ def main() -> None:
                 names[m] = _bundle_with_weights(Path(m), Path(tmp) / f"w{n}") if m.endswith(".safetensors") else m
         if ensembles:
             _use_ensembles(ensembles)
-        _compare(args.models, names)
+        models = list(args.models)
+        for t in [float(v) for v in args.foreground_thresholds.split(",") if v.strip()]:
+            for m in args.models:
+                if "+" in m:
+                    continue
+                src = load_bundle(names[m])
+                folder = Path(tmp) / f"fg{t}-{len(models)}"
+                shutil.copytree(src.path, folder)
+                meta = json.loads((folder / "metadata.json").read_text())
+                meta["segmentation"]["foreground_threshold"] = t
+                (folder / "metadata.json").write_text(json.dumps(meta, indent=2))
+                models.append(f"{m} fg {t}")
+                names[models[-1]] = str(folder)
+        _compare(models, names)
 
 
 def _compare(models, names) -> None:

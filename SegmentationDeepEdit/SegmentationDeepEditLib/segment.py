@@ -646,9 +646,9 @@ def _postprocess(meta: dict, probs: np.ndarray, mgrid: Grid, ref: sitk.Image) ->
     sub = sitk.RegionOfInterest(ref_grid.reference_image(), [int(v) for v in hi_idx - lo_idx], [int(v) for v in lo_idx])
     sub_grid = grid_of(sub)
 
-    def back(c):
+    def back(c, default=0.0):
         return sitk.GetArrayFromImage(resample_to_grid(image_on_grid(probs[c].astype(np.float32), mgrid), sub_grid,
-                                                       default=0.0))
+                                                       default=default))
 
     if seg["output_kind"] == "regions":
         part = np.zeros(sub_grid.size[::-1], np.uint8)
@@ -656,13 +656,18 @@ def _postprocess(meta: dict, probs: np.ndarray, mgrid: Grid, ref: sitk.Image) ->
             part[back(int(r["channel"])) >= float(r.get("threshold", meta["output"]["threshold"]))] = int(r["value"])
     else:
         values = np.asarray(seg["class_values"], np.uint8)
-        best = back(0)
-        arg = np.zeros(best.shape, np.uint8)
-        for c in range(1, probs.shape[0]):
+        ft = seg.get("foreground_threshold")
+        first = 0 if ft is None else 1  # with a foreground threshold, background is decided apart
+        background = None if ft is None else back(0, default=1.0)  # beyond the model grid: background
+        best = back(first)
+        arg = np.full(best.shape, first, np.uint8)
+        for c in range(first + 1, probs.shape[0]):
             p = back(c)
             better = p > best
             best[better] = p[better]
             arg[better] = c
+        if background is not None:
+            arg[(1.0 - background) < float(ft)] = 0
         part = values[arg]
     out[lo_idx[2]:hi_idx[2], lo_idx[1]:hi_idx[1], lo_idx[0]:hi_idx[0]] = part
     return out
