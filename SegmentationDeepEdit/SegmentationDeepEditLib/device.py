@@ -56,7 +56,7 @@ def run_with_fallback(fn: Callable[[torch.device], T], device: torch.device, pre
 
 
 def _cuda_memory_text() -> str:
-    """'X GiB free of Y GiB' for the current CUDA device, or '' when it cannot be read."""
+    """'X GiB free of Y GiB' on the current CUDA device, or 'free memory unknown' when it cannot be read."""
     try:
         free, total = torch.cuda.mem_get_info()
     except Exception:  # noqa: BLE001 - only for a message
