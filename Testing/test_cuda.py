@@ -138,7 +138,7 @@ def test_segmentation_training_on_cuda_with_mixed_precision_learns(tmp_path):
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
-def test_annotation_training_on_cuda_learns_and_resumes(tmp_path):
+def test_annotation_training_on_cuda_runs_and_resumes(tmp_path):
     from SegmentationDeepEditLib.train import train
 
     from test_bundle import tiny_meta
