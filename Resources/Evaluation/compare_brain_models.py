@@ -34,15 +34,6 @@ _spec.loader.exec_module(_cal)
 REGIONS = ("WT", "TC", "ET")
 
 
-def _opts(name: str) -> dict:
-    return dict(_cal.GENERATED)[int(name.split()[-1])]
-
-
-def _stripped(img: sitk.Image, brain: sitk.Image) -> sitk.Image:
-    """``img`` with every voxel outside ``brain`` set to 0 (what skull stripping leaves)."""
-    return sitk.Mask(img, sitk.Cast(brain > 0, sitk.sitkUInt8), 0)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="bundle ids or folders")
@@ -52,10 +43,7 @@ def main() -> None:
     bundles = [load_bundle(m) for m in args.models]
     scores: dict = {}
     for which in args.sets:
-        for name, images, label, convention in _cal.cases(which):
-            if which == "generated":
-                images = {k: _stripped(v, _cal.make_brain_case(int(name.split()[-1]), **_opts(name)).masks["brain"])
-                          for k, v in images.items()}
+        for name, images, label, convention in _cal.cases(which, skull_stripped=True):
             truths = {r: sitk.GetArrayFromImage(region_mask(label, convention, r)) > 0 for r in REGIONS}
             cells = []
             for model, b in zip(args.models, bundles):

@@ -42,12 +42,20 @@ GENERATED = [(s, {}) for s in range(9400, 9404)] + \
     [(s, {"rim": "partial", "core_contrast": "varied"}) for s in range(9440, 9444)]
 
 
-def cases(which: str):
-    """(name, {sequence: image}, label, convention) of one case set (every sequence it has: t1, t1c, t2, flair)."""
+def cases(which: str, skull_stripped: bool = False):
+    """(name, {sequence: image}, label, convention) of one case set (every sequence it has: t1, t1c, t2, flair).
+
+    ``skull_stripped``: generated cases drawn with a noisy background get every voxel outside their
+    own brain mask set to 0, as skull stripping leaves them (the real cases are stripped already).
+    """
     if which == "generated":
         for seed, opts in GENERATED:
             c = make_brain_case(seed, **opts)
-            yield f"generated {seed}", dict(c.images), c.label, "brats2017"
+            images = dict(c.images)
+            if skull_stripped:
+                brain = sitk.Cast(c.masks["brain"] > 0, sitk.sitkUInt8)
+                images = {k: sitk.Mask(v, brain, 0) for k, v in images.items()}
+            yield f"generated {seed}", images, c.label, "brats2017"
         return
     listed = json.loads((REPO / "Resources" / "Evaluation" / "real-glioma-cases.json").read_text())["cases"]
     for c in listed:

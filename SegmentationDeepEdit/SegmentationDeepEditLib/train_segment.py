@@ -146,10 +146,13 @@ def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: P
     worker processes; each case depends only on its seed, so the cases and their order are the
     same as with one.
     """
+    def jobs_of(src):  # (kind, seed, options, weight) of each generated case of a source
+        first = int(src.get("seed", 0))
+        return [(src["synthetic"], s, src.get("options", {}), float(src.get("weight", 1.0)))
+                for s in range(first, first + int(src["cases"]))]
+
     spacings = spacings or [None]
-    jobs = [(src["synthetic"], s, src.get("options", {}), float(src.get("weight", 1.0)))
-            for src in sources if "synthetic" in src
-            for s in range(int(src.get("seed", 0)), int(src.get("seed", 0)) + int(src["cases"]))]
+    jobs = [job for src in sources if "synthetic" in src for job in jobs_of(src)]
     workers = max(1, min(int(workers) if workers else (os.cpu_count() or 1), len(jobs)))
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     cases: List[SegCase] = []
@@ -157,12 +160,10 @@ def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: P
         futures = iter([pool.submit(_synthetic_cases, *job, meta, targets, spacings) for job in jobs]) if pool else None
         for src in sources:
             if "synthetic" in src:
-                first = int(src.get("seed", 0))
-                for s in range(first, first + int(src["cases"])):
-                    job = (src["synthetic"], s, src.get("options", {}), float(src.get("weight", 1.0)))
+                for job in jobs_of(src):
                     cases.extend(next(futures).result() if pool else _synthetic_cases(*job, meta, targets, spacings))
                     if progress:
-                        progress(f"synthetic-{src['synthetic']}-{s}")
+                        progress(f"synthetic-{job[0]}-{job[1]}")
                 continue
             images = {}
             for name, rel in src["images"].items():

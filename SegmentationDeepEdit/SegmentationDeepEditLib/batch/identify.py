@@ -36,6 +36,7 @@ __all__ = [
     "identify",
     "Mapping",
     "load_mapping",
+    "series_modality",
 ]
 
 #: The sequences the batch pipeline knows, in display order.
@@ -166,6 +167,11 @@ def _multi(header: MappingT[str, Any], key: str) -> List[str]:
     return [p.strip().upper() for p in parts if p.strip()]
 
 
+def series_modality(header: MappingT[str, Any]) -> str:
+    """A series' DICOM Modality (``MR``, ``CT``...), upper case; '' where the header has none (NIfTI)."""
+    return str(header.get("Modality") or "").strip().upper()
+
+
 def _header_evidence(header: MappingT[str, Any]) -> List[Tuple[str, float, str]]:
     found: List[Tuple[str, float, str]] = []
     image_type = _multi(header, "ImageType")
@@ -173,7 +179,7 @@ def _header_evidence(header: MappingT[str, Any]) -> List[Tuple[str, float, str]]
     tr, te, ti = _num(header, "RepetitionTime"), _num(header, "EchoTime"), _num(header, "InversionTime")
     agent = str(header.get("ContrastBolusAgent") or "").strip()
     it = set(image_type)
-    modality = str(header.get("Modality") or "").strip().upper()
+    modality = series_modality(header)
     if modality and modality != "MR":  # CT, PET, SEG, SR...: the batch's sequences are MRI
         found.append((IGNORE, 0.95, f"header: Modality {modality}, not MRI"))
     if "LOCALIZER" in it:

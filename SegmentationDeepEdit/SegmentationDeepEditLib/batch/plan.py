@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .discover import Series, Study
-from .identify import IGNORE, SEQUENCES, Identification, Mapping, identify
+from .identify import IGNORE, SEQUENCES, Identification, Mapping, identify, series_modality
 
 __all__ = ["SeriesVerdict", "StudyPlan", "plan_study", "MIN_SLICES"]
 
@@ -151,7 +151,7 @@ def plan_study(study: Study, *, reference: Sequence[str] = ("t1c",), mapping: Ma
         if unused:  # say what the study holds instead (a CT study, localizers only, unknown names...)
             shown = "; ".join(f"{v.series.describe()}: {v.role}, {v.note}" for v in unused[:3])
             problem += f". Series not used: {shown}" + (f"; and {len(unused) - 3} more" if len(unused) > 3 else "")
-        if any(str(v.series.header.get("Modality") or "MR").strip().upper() == "CT" for v in unused):
+        if any(series_modality(v.series.header) == "CT" for v in unused):
             problem += (". The batch segments MRI studies; for a CT use `deepedit segment --model liver-lesion "
                         "--input ct=SERIES_FOLDER`")
         problems.append(problem)
