@@ -88,3 +88,35 @@ def test_published_recipe_preset_is_valid_and_trains(shared_data, tmp_path):
     cfg["bundle"]["roi_max"] = [64, 64, 64]
     out = train(cfg, tmp_path / "run", data_root=shared_data, device="cpu", steps=2, quiet=True)
     assert out["steps"] == 2 and (tmp_path / "run" / "bundle" / "model.safetensors").is_file()
+
+
+def test_cases_generated_in_worker_processes_equal_the_serial_ones(tmp_path):
+    from SegmentationDeepEditLib.train import build_cases
+
+    import SimpleITK as sitk
+
+    objects = [["tumour core", "t1c", [1, 4]], ["whole tumour", "flair", [1, 2, 4]]]
+    sources = [{"synthetic": "brain", "cases": 2, "seed": 11, "objects": objects,
+                "options": {"spacing": 3.0, "oblique": False}},
+               {"synthetic": "ct", "cases": 1, "seed": 40, "objects": [["liver", "ct", [1, 2]]],
+                "options": {"spacing": 4.0, "oblique": False}}]
+    counted = []
+    serial = build_cases(sources, tmp_path)
+    parallel = build_cases(sources, tmp_path, progress=counted.append, workers=2)
+    assert [c.name for c in parallel] == [c.name for c in serial] == [
+        "synthetic-brain-11:tumour core@t1c", "synthetic-brain-11:whole tumour@flair",
+        "synthetic-brain-12:tumour core@t1c", "synthetic-brain-12:whole tumour@flair",
+        "synthetic-ct-40:liver@ct"]
+    assert counted == [1, 1, 1]
+    for a, b in zip(serial, parallel):
+        assert list(a.objects) == list(b.objects)
+        for x, y in zip(a.images + list(a.objects.values()), b.images + list(b.objects.values())):
+            assert x.GetSize() == y.GetSize() and x.GetOrigin() == y.GetOrigin()
+            assert x.GetDirection() == y.GetDirection() and x.GetSpacing() == y.GetSpacing()
+            assert np.array_equal(sitk.GetArrayViewFromImage(x), sitk.GetArrayViewFromImage(y))
+    # the command line passes --workers to the annotation trainer too
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(_config()))
+    assert main(["train", str(cfg_path), "--run-dir", str(tmp_path / "run"), "--steps", "2", "--workers", "2",
+                 "--json"]) == 0
+    assert len(_losses(tmp_path / "run")) == 2

@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bundle-dir", help="where to write the trained bundle (default RUN_DIR/bundle)")
     t.add_argument("--seed", type=int, help="override the config's seed (another draw of the same recipe)")
     t.add_argument("--workers", type=int, default=1,
-                   help="automatic models: processes that generate and prepare the synthetic training cases "
-                        "(0: one per CPU core; the cases are the same whatever the number; default 1)")
+                   help="processes that generate (and, for automatic models, prepare) the synthetic training "
+                        "cases (0: one per CPU core; the cases are the same whatever the number; default 1)")
 
     e = sub.add_parser("evaluate", parents=[common], formatter_class=fmt,
                        help="Dice of an annotation model on cases with a ground truth, with simulated corrective clicks",
@@ -295,7 +295,8 @@ def _cmd_train(args) -> dict:
                                   steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None,
                                   show_progress=not args.json, workers=args.workers)
     return train(cfg, Path(args.run_dir), data_root=data_root, device=args.device, resume=args.resume,
-                 steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None, quiet=args.json)
+                 steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None, quiet=args.json,
+                 workers=args.workers)
 
 
 def _cmd_demo(args) -> dict:

@@ -44,6 +44,7 @@ from .imageio import read_image
 from .jsonfile import read_json
 from .labels import values_mask
 from .metrics import dice
+from .parallel import ordered_results
 from .points import extreme_points_from_mask
 
 __all__ = ["TrainCase", "load_config", "build_cases", "make_sample", "train", "save_checkpoint", "load_checkpoint"]
@@ -63,27 +64,42 @@ def load_config(path: Path) -> dict:
     return read_json(path, "training config")
 
 
-def build_cases(sources: List[dict], data_root: Path, progress=None) -> List[TrainCase]:
-    """Load or generate the cases a config lists."""
+def _synthetic_train_cases(kind: str, s: int, options: dict, objects: list) -> List[TrainCase]:
+    """Generated case ``s`` of ``kind``, one TrainCase per object present (a top-level function: it
+    also runs in worker processes)."""
     from . import synthetic
 
+    make = synthetic.make_brain_case if kind == "brain" else synthetic.make_ct_case
+    c = make(s, **options)
+    objs = {}
+    for obj, channel, values in objects:
+        m = values_mask(c.label, values)
+        if sitk.GetArrayViewFromImage(m).any():
+            objs[f"{obj}@{channel}"] = (c.images[channel], m)
+    return [TrainCase(f"synthetic-{kind}-{s}:{key}", [img], {key: m}) for key, (img, m) in objs.items()]
+
+
+def build_cases(sources: List[dict], data_root: Path, progress=None, workers: int = 1) -> List[TrainCase]:
+    """Load or generate the cases a config lists.
+
+    ``workers`` > 1 (0: one per CPU core) generates the synthetic cases in that many worker
+    processes; each depends only on its seed, so the cases and their order are the same as with one.
+    """
+    def jobs_of(src):  # (kind, seed, options, objects) of each generated case of a source
+        first = int(src.get("seed", 0))
+        return [(src["synthetic"], s, src.get("options", {}), src.get("objects", []))
+                for s in range(first, first + int(src["cases"]))]
+
+    jobs = [job for src in sources if "synthetic" in src for job in jobs_of(src)]
     cases: List[TrainCase] = []
-    for src in sources:
-        if "synthetic" in src:
-            kind, n, seed = src["synthetic"], int(src["cases"]), int(src.get("seed", 0))
-            for s in range(seed, seed + n):
-                make = synthetic.make_brain_case if kind == "brain" else synthetic.make_ct_case
-                c = make(s, **src.get("options", {}))
-                objs = {}
-                for obj, channel, values in src.get("objects", []):
-                    m = values_mask(c.label, values)
-                    if sitk.GetArrayViewFromImage(m).any():
-                        objs[f"{obj}@{channel}"] = (c.images[channel], m)
-                for key, (img, m) in objs.items():
-                    cases.append(TrainCase(f"synthetic-{kind}-{s}:{key}", [img], {key: m}))
-                if progress:
-                    progress(1)
-        else:
+    with ordered_results(_synthetic_train_cases, jobs, workers) as generated:
+        for src in sources:
+            if "synthetic" in src:
+                for _ in jobs_of(src):
+                    cases.extend(next(generated))
+                    if progress:
+                        progress(1)
+                continue
             img = read_image(data_root / src["image"])
             label = read_image(data_root / src["label"], what="label")
             for obj, values in src["objects"].items():
@@ -198,7 +214,8 @@ def load_checkpoint(path: Path, net, opt, sched, device, extra: Optional[dict] =
 
 
 def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto", resume: bool = False,
-          steps: Optional[int] = None, bundle_dir: Optional[Path] = None, quiet: bool = False) -> dict:
+          steps: Optional[int] = None, bundle_dir: Optional[Path] = None, quiet: bool = False,
+          workers: int = 1) -> dict:
     """Train (or resume) a run; returns a summary with the final validation Dice and paths.
 
     Args:
@@ -209,6 +226,7 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
         resume: continue from ``run_dir/checkpoint.pt``.
         steps: override the config's number of steps (e.g. a short test run).
         bundle_dir: where to write the bundle (default ``run_dir/bundle``).
+        workers: processes that generate the synthetic cases (0: one per CPU core).
     """
     import torch
     from monai.losses import DiceCELoss, DiceLoss
@@ -228,8 +246,8 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
         raise InputError("nothing to resume: no checkpoint.pt", run_dir)
     n_load = sum(int(s.get("cases", 1)) for s in config["data"] + config.get("validation", []))
     with tqdm(total=n_load, desc="loading cases", disable=quiet) as bar:
-        cases = build_cases(config["data"], data_root, bar.update)
-        val_cases = build_cases(config.get("validation", []), data_root, bar.update)
+        cases = build_cases(config["data"], data_root, bar.update, workers=workers)
+        val_cases = build_cases(config.get("validation", []), data_root, bar.update, workers=workers)
     if not cases:
         raise InputError("the training config yields no cases with objects")
     net = build_network(meta).to(dev)

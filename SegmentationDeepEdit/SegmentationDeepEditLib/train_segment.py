@@ -46,10 +46,7 @@ import contextlib
 import csv
 import io
 import math
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -63,6 +60,7 @@ from .errors import InputError, ModelError
 from .geometry import resample_to_grid
 from .imageio import atomic_output, read_image
 from .labels import CONVENTIONS
+from .parallel import ordered_results
 from .segment import model_grid, predict_volume, prepare_volume
 
 __all__ = ["SegCase", "build_seg_cases", "targets_for", "train_segmentation", "sample_batch"]
@@ -152,16 +150,13 @@ def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: P
                 for s in range(first, first + int(src["cases"]))]
 
     spacings = spacings or [None]
-    jobs = [job for src in sources if "synthetic" in src for job in jobs_of(src)]
-    workers = max(1, min(int(workers) if workers else (os.cpu_count() or 1), len(jobs)))
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    jobs = [job + (meta, targets, spacings) for src in sources if "synthetic" in src for job in jobs_of(src)]
     cases: List[SegCase] = []
-    try:
-        futures = iter([pool.submit(_synthetic_cases, *job, meta, targets, spacings) for job in jobs]) if pool else None
+    with ordered_results(_synthetic_cases, jobs, workers) as generated:
         for src in sources:
             if "synthetic" in src:
                 for job in jobs_of(src):
-                    cases.extend(next(futures).result() if pool else _synthetic_cases(*job, meta, targets, spacings))
+                    cases.extend(next(generated))
                     if progress:
                         progress(f"synthetic-{job[0]}-{job[1]}")
                 continue
@@ -175,9 +170,6 @@ def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: P
                 cases[-1].weight = float(src.get("weight", 1.0))
             if progress:
                 progress(src.get("name", src["label"]))
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
     return cases
 
 
