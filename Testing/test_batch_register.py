@@ -143,3 +143,25 @@ def test_resample_keeps_integer_type_and_rounds():
     out = resample_onto(img, g, half)
     assert out.GetPixelID() == sitk.sitkInt16
     assert sitk.GetArrayViewFromImage(out)[0, 0, 0] == 2  # 1.5 rounds to 2 (a cast would truncate to 1)
+
+
+@pytest.mark.realdata
+def test_a_z_scored_pair_with_a_constant_background_registers_and_passes_the_check(shared_data):
+    """BraTS 2013 volumes are z-scored as a whole: their background is one negative value and the
+    brain lies above and below 0. Their silhouettes were once taken from the positive voxels only,
+    so an already aligned T1c / FLAIR pair was refused (silhouette Dice 0.29)."""
+    folder = shared_data / "brain-tumor" / "brats2013-pat0001"
+    t1c = sitk.ReadImage(str(folder / "t1c.nii.gz"), sitk.sitkFloat32)
+    flair = sitk.ReadImage(str(folder / "flair.nii.gz"), sitk.sitkFloat32)
+    assert float(sitk.GetArrayViewFromImage(t1c)[0, 0, 0]) < 0  # the constant background of these files
+    grid = output_grid(t1c, 2.0)
+    ref = resample_onto(t1c, grid)
+    tf = register_rigid(ref, resample_onto(flair, grid), RegistrationSettings(levels_mm=(4.0, 2.0), sampling=(0.3, 0.1))).transform
+    p = transform_parameters(tf)
+    assert np.linalg.norm(p["translation_mm"]) < 1.0 and p["rotation_deg"] < 1.0, p
+    q = registration_quality(ref, resample_onto(flair, grid, tf), footprint_on(flair, grid, tf), tf)
+    assert q.status == "ok" and q.head_dice > 0.95, q
+    # framed by 0 (a z-scored volume resampled onto a larger grid): the frame is background too
+    big = output_grid(sitk.ConstantPad(t1c, [20, 20, 10], [20, 20, 10], float(sitk.GetArrayViewFromImage(t1c)[0, 0, 0])), 2.0)
+    q2 = registration_quality(resample_onto(t1c, big), resample_onto(flair, big), footprint_on(flair, big))
+    assert q2.status == "ok" and q2.head_dice > 0.95, q2

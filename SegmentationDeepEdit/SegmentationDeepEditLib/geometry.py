@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 __all__ = [
+    "frequent_values",
     "Grid",
     "ras_to_lps",
     "lps_to_ras",
@@ -272,3 +273,13 @@ def reorient_axes(image: sitk.Image, perm: Sequence[int], flips: Sequence[bool])
     out.SetOrigin(index_to_physical(g, old_start)[0].tolist())
     out.SetDirection(new_dir.ravel().tolist())
     return out
+
+
+def frequent_values(arr: np.ndarray, fraction: float = 0.2) -> np.ndarray:
+    """The values that each fill more than ``fraction`` of a volume (on every 4th voxel per axis).
+
+    A skull-stripped volume's background is one such value: 0, or a negative constant in a volume
+    z-scored as a whole (inside a frame of 0 when it was resampled).
+    """
+    values, counts = np.unique(arr[::4, ::4, ::4], return_counts=True)
+    return values[counts > fraction * counts.sum()]

@@ -38,8 +38,8 @@ from .annotate import fraction_at_or_below, normalise_input
 from .bundle import Bundle, get_network, load_bundle
 from .device import cpu_supports_bf16, pick_device, run_with_fallback
 from .errors import InputError, ModelError, NotSkullStripped
-from .geometry import (Grid, bounding_box_grid, corners_lps, grid_of, image_on_grid, index_box_covering,
-                       index_to_physical, resample_to_grid)
+from .geometry import (Grid, bounding_box_grid, corners_lps, frequent_values, grid_of, image_on_grid,
+                       index_box_covering, index_to_physical, resample_to_grid)
 
 __all__ = ["SegmentResult", "Cancelled", "resolve_input_names", "check_input_names", "check_inputs", "align_inputs", "model_grid", "check_foreground_volume", "prepare_volume", "tta_flips_3d",
            "d4_transforms", "TTA_LEVELS_2D", "predict_volume", "segment_images",
@@ -329,10 +329,8 @@ def check_foreground_volume(meta: dict, image: sitk.Image, name: str, source: Op
     arr = sitk.GetArrayViewFromImage(image)
     # background: 0 and any single value that fills a fifth of the volume (a volume z-scored as a
     # whole has a constant negative background, inside a frame of 0 when it was resampled)
-    values, counts = np.unique(arr[::4, ::4, ::4], return_counts=True)
-    background = values[counts > 0.2 * counts.sum()]
     inside = arr != 0
-    for b in background:
+    for b in frequent_values(arr):
         inside &= arr != b
     ml = float(np.count_nonzero(inside)) * float(np.prod(image.GetSpacing())) / 1000.0
     if ml > float(limit):

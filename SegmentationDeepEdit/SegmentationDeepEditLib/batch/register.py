@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..geometry import Grid, grid_of
+from ..geometry import Grid, frequent_values, grid_of
 from ..imageio import atomic_output, check_output_path
 
 __all__ = [
@@ -330,7 +330,18 @@ def footprint_on(moving: sitk.Image, grid: Grid, transform: Optional[sitk.Transf
 
 
 def _silhouette(img: sitk.Image) -> np.ndarray:
-    """Filled silhouette of the head (or brain): above 15 % of the 99th percentile, largest part, holes filled."""
+    """Filled silhouette of the head (or brain): above 15 % of the 99th percentile, largest part, holes filled.
+
+    A volume with a constant non-zero background (a skull-stripped brain z-scored as a whole: the
+    background is one negative value, brain voxels lie above and below 0) is first turned into the
+    mask of everything that is not that background.
+    """
+    raw = sitk.GetArrayViewFromImage(img)
+    background = frequent_values(raw)
+    if np.any(background != 0):  # foreground: neither that background nor a frame of 0 around it
+        fg = sitk.GetImageFromArray((~np.isin(raw, background) & (raw != 0)).astype(np.float32))
+        fg.CopyInformation(img)
+        img = fg
     sm = sitk.SmoothingRecursiveGaussian(sitk.Cast(img, sitk.sitkFloat32), 1.5)
     arr = sitk.GetArrayViewFromImage(sm)  # sm stays referenced while arr is used
     pos = arr[arr > 0]
