@@ -86,3 +86,104 @@ def test_no_array_view_of_a_temporary_image():
                 if pattern.search(line) and "pattern" not in line:
                     offenders.append(f"{path.relative_to(root)}:{n}")
     assert not offenders, offenders
+
+
+def _write_case(tmp_path, label_values=(1, 2, 4), float_label=False):
+    """A small generated brain case (t1c, flair) and a label map holding ``label_values``."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from SegmentationDeepEditLib.synthetic import make_brain_case
+
+    c = make_brain_case(4, spacing=3.0, oblique=False, thick_slices=False, orientation="axial")
+    for k in ("t1c", "flair"):
+        sitk.WriteImage(c.images[k], str(tmp_path / f"{k}.nii.gz"))
+    arr = sitk.GetArrayFromImage(c.label)
+    out = np.zeros_like(arr)
+    for src, dst in zip((1, 2, 4), label_values):
+        out[arr == src] = dst
+    lab = sitk.GetImageFromArray(out.astype(np.float32) + (0.25 if float_label else 0) if float_label else out)
+    lab.CopyInformation(c.label)
+    sitk.WriteImage(lab, str(tmp_path / "seg.nii.gz"))
+
+
+def _cases(tmp_path, convention, automatic=False, **extra):
+    case = {"name": "gen", "label": "seg.nii.gz", "convention": convention, "regions": ["TC"]}
+    case.update({"images": {"t1c": "t1c.nii.gz", "flair": "flair.nii.gz"}} if automatic else {"image": "t1c.nii.gz"})
+    case.update(extra)
+    (tmp_path / "c.json").write_text(json.dumps({"cases": [case]}))
+    return ["evaluate", "--cases", str(tmp_path / "c.json"), "--data-root", str(tmp_path), "--device", "cpu"] + \
+        (["--model", "glioma-regions", "--tta", "0", "--no-pictures"] if automatic else ["--clicks", "0"])
+
+
+def test_evaluate_refuses_a_label_that_does_not_fit_its_convention(tmp_path, capsys):
+    """A BraTS 2013/2017 map declared BraTS 2023 (or a float image given as the label) was scored anyway."""
+    _write_case(tmp_path, label_values=(1, 2, 4))
+    for automatic in (False, True):
+        assert main(_cases(tmp_path, "brats2023", automatic) + ["-o", str(tmp_path / "o")]) == 1
+        err = capsys.readouterr().err
+        assert "seg.nii.gz" in err and "label value(s) 4" in err and "brats2023" in err and "brats2017" in err, err
+        assert not (tmp_path / "o").exists()
+    _write_case(tmp_path, float_label=True)
+    assert main(_cases(tmp_path, "brats2017") + ["-o", str(tmp_path / "o")]) == 1
+    assert "non-integer values" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_leaves_a_region_absent_from_the_truth_out_of_the_summary(tmp_path, capsys):
+    """No extreme points can be placed on an absent region: it was scored 1.0 and raised the mean."""
+    _write_case(tmp_path, label_values=(1, 2, 4))
+    case = {"label": "seg.nii.gz", "convention": "brats2017", "image": "t1c.nii.gz"}
+    (tmp_path / "c.json").write_text(json.dumps({"cases": [dict(case, name="a", regions=["TC", "ET"])]}))
+    # ET present: both scored; then a map without value 4 (no ET): ET not scored
+    import SimpleITK as sitk
+
+    lab = sitk.ReadImage(str(tmp_path / "seg.nii.gz"))
+    sitk.WriteImage(sitk.ChangeLabel(lab, {4: 1}), str(tmp_path / "seg.nii.gz"))
+    assert main(["evaluate", "--cases", str(tmp_path / "c.json"), "--data-root", str(tmp_path), "-o",
+                 str(tmp_path / "o"), "--clicks", "0", "--device", "cpu"]) == 0
+    assert "not scored" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "o" / "per_case.csv")))
+    assert [(r["region"], r["dice"] == "") for r in rows] == [("TC", False), ("ET", True)]
+    summary = list(csv.DictReader(open(tmp_path / "o" / "summary.csv")))
+    assert [s["region"] for s in summary] == ["TC", "(seconds per annotation)"]
+    # nothing at all to score: an error, not a table
+    (tmp_path / "c.json").write_text(json.dumps({"cases": [dict(case, name="a", regions=["ET"])]}))
+    assert main(["evaluate", "--cases", str(tmp_path / "c.json"), "--data-root", str(tmp_path), "-o",
+                 str(tmp_path / "o2"), "--clicks", "0", "--device", "cpu"]) == 1
+    assert "nothing to score" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_evaluate_cases_file_shape_errors_name_the_file_and_case(tmp_path, capsys):
+    _write_case(tmp_path)
+    base = ["evaluate", "--cases", str(tmp_path / "c.json"), "--data-root", str(tmp_path), "-o", str(tmp_path / "o")]
+    ok = {"name": "gen", "image": "t1c.nii.gz", "label": "seg.nii.gz", "convention": "brats2017", "regions": ["TC"]}
+    for doc, words in (([ok], "expected an object"), ({"cases": {"a": 1}}, "expected an object"),
+                       ({"cases": [1]}, "case 1 is not an object"),
+                       ({"cases": [dict(ok, regions="TC")]}, "'regions' must be a non-empty list"),
+                       ({"cases": [dict(ok, regions=["XYZ"])]}, "has no region 'XYZ'"),
+                       ({"cases": [dict(ok, convention="brats2099")]}, "unknown label convention 'brats2099'"),
+                       ({"cases": [dict(ok, image=3)]}, "paths must be strings")):
+        (tmp_path / "c.json").write_text(json.dumps(doc))
+        assert main(base) == 1
+        err = capsys.readouterr().err
+        assert "c.json" in err and words in err, (doc, err)
+    # an automatic model's case without a required input: named, and no --input advice
+    assert main(_cases(tmp_path, "brats2017", automatic=True, images={"t1c": "t1c.nii.gz"}) + ["-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "c.json" in err and "case 'gen'" in err and "flair" in err and "--input" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_keeps_earlier_results_unless_told(tmp_path, capsys):
+    _write_case(tmp_path)
+    cmd = _cases(tmp_path, "brats2017") + ["-o", str(tmp_path / "o")]
+    assert main(cmd) == 0
+    before = (tmp_path / "o" / "per_case.csv").read_text()
+    assert main(cmd) == 1
+    assert "earlier evaluation" in capsys.readouterr().err
+    assert (tmp_path / "o" / "per_case.csv").read_text() == before
+    assert main(cmd + ["--overwrite"]) == 0
+    (tmp_path / "f.txt").write_text("x")
+    assert main(_cases(tmp_path, "brats2017") + ["-o", str(tmp_path / "f.txt")]) == 1
+    assert "is a file" in capsys.readouterr().err

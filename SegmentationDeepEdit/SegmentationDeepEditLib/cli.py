@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="annotation models: any value turns flip TTA on; automatic models: comma-separated levels to "
                         "compare, e.g. 0,1,2,3 (default: the model's own)")
     e.add_argument("--fast", action="store_true", help="automatic models: use the coarser fast grid")
+    e.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation in OUTPUT")
     e.add_argument("--no-pictures", action="store_true",
                    help="automatic models: no PNG per case and region (three slices, model and truth outlines) "
                    "in OUTPUT/pictures")
@@ -318,6 +319,12 @@ def _cmd_evaluate(args) -> dict:
                            write_auto_results, write_results)
     from .progress import StageProgress
 
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("is a file; the output of evaluate is a folder", out_dir)
+    if not args.overwrite and any((out_dir / f).exists() for f in ("per_case.csv", "summary.csv", "summary.json")):
+        raise InputError("holds the results of an earlier evaluation: use --overwrite to replace them, or another "
+                         "folder", out_dir)
     if args.model is not None and load_bundle(args.model).task == "segmentation":
         levels = [None]
         if args.tta not in (None, ""):
@@ -353,7 +360,8 @@ def _cmd_evaluate(args) -> dict:
         print(format_table(summary))
         for r in rows:
             if r["clicks"] == 0:
-                print(f"  {r['case']:40s} {r['region']:8s} Dice {r['dice']:.3f}")
+                print(f"  {r['case']:40s} {r['region']:8s} " +
+                      (f"Dice {r['dice']:.3f}" if r["dice"] is not None else r["note"]))
         print(f"per-case results in {Path(args.output) / 'per_case.csv'}")
     return {"summary": summary, "rows": rows, "output": str(args.output)}
 

@@ -9,9 +9,11 @@ of the largest error region (:func:`clicks.next_click`), with Dice after each cl
 
 Outputs: ``per_case.csv`` (one row per case, region and click count), ``summary.csv`` (mean,
 std, 25th/75th percentile of Dice per region and click count, seconds per case) and
-``summary.json``. Region rule: a region missing from the ground truth scores 1 when the
-prediction is empty too, else 0 (it then has no extreme points, so the prediction is empty
-by construction and the case is reported as such).
+``summary.json``. A region missing from the ground truth has no extreme points to place: it is
+reported as not scored (empty Dice, with a note) and left out of the summary.
+
+Every label map is checked against its declared convention first (integer values the
+convention has: a BraTS 2013 map declared BraTS 2023 would be scored wrongly).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .jsonfile import read_json
+from .labels import CONVENTIONS, check_label_values
 
 __all__ = ["EvalCase", "load_cases", "evaluate", "summarise", "format_table", "write_results", "AutoCase",
            "load_auto_cases", "evaluate_automatic", "summarise_automatic", "format_auto_table", "write_auto_results"]
@@ -44,23 +47,62 @@ class EvalCase:
     label: Path
     convention: str
     regions: List[str]
+    source: Optional[Path] = None  # the cases file
 
 
 def _case_entries(path: Path, required, hint: str = "") -> list:
-    """(number from 1, entry) of a cases file's ``cases``, each checked to have the ``required`` keys.
+    """(number from 1, entry) of a cases file's ``cases``, each checked to be an object with the
+    ``required`` keys, paths as strings, a known convention and regions as a list or object of names.
 
     Raises:
-        InputError: unreadable file, an entry lacking a key (``hint`` is appended), or no cases.
+        InputError: unreadable file, a wrong shape, an entry lacking a key (``hint`` is appended), or no cases.
     """
     p = Path(path)
-    entries = list(enumerate(read_json(p, "cases file").get("cases", []), start=1))
+    doc = read_json(p, "cases file")
+    if not isinstance(doc, dict) or not isinstance(doc.get("cases", []), list):
+        raise InputError('expected an object {"cases": [ {case}, ... ]}', p)
+    entries = list(enumerate(doc.get("cases", []), start=1))
     for n, c in entries:
+        if not isinstance(c, dict):
+            raise InputError(f"case {n} is not an object", p)
+        what = f"case {n} ({c['name']!r})" if isinstance(c.get("name"), str) else f"case {n}"
         missing = [k for k in required if k not in c]
         if missing:
-            raise InputError(f"case {n} lacks {', '.join(missing)}{hint}", p)
+            raise InputError(f"{what} lacks {', '.join(missing)}{hint}", p)
+        paths = [c[k] for k in ("image", "label") if k in c] + \
+            (list(c["images"].values()) if isinstance(c.get("images"), dict) else [None] if "images" in c else [])
+        if not all(isinstance(v, str) and v for v in paths):
+            raise InputError(f"{what}: image and label paths must be strings"
+                             + (" ('images' is an object {input: path})" if "images" in c else ""), p)
+        if c["convention"] not in CONVENTIONS:
+            raise InputError(f"{what}: unknown label convention {c['convention']!r} (known: {', '.join(CONVENTIONS)})", p)
+        regions = c["regions"]
+        names = list(regions.values()) if isinstance(regions, dict) else regions
+        if not isinstance(names, list) or not names or not all(isinstance(r, str) for r in names):
+            raise InputError(f"{what}: 'regions' must be a non-empty list of region names, e.g. [\"TC\"]", p)
+        unknown = [r for r in names if r not in CONVENTIONS[c["convention"]]]
+        if unknown:
+            raise InputError(f"{what}: convention {c['convention']!r} has no region {unknown[0]!r} (it has "
+                             f"{', '.join(CONVENTIONS[c['convention']])})", p)
     if not entries:
         raise InputError("no cases in the file", p)
     return entries
+
+
+class _about_case:
+    """Context: an InputError about no particular file gets the case's name and the cases file."""
+
+    def __init__(self, case):
+        self.case = case
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, InputError) and exc.path is None:
+            msg = exc.message.replace("give each as --input NAME=PATH; ", "add it to the case's 'images'; ")
+            raise InputError(f"case {self.case.name!r}: {msg}", self.case.source) from None
+        return False
 
 
 def load_cases(path: Path, data_root: Path) -> List[EvalCase]:
@@ -69,7 +111,7 @@ def load_cases(path: Path, data_root: Path) -> List[EvalCase]:
     Relative paths are taken relative to ``data_root``.
     """
     return [EvalCase(c.get("name", f"case{n}"), data_root / c["image"], data_root / c["label"], c["convention"],
-                     list(c["regions"]))
+                     list(c["regions"]), Path(path))
             for n, c in _case_entries(path, ("image", "label", "convention", "regions"))]
 
 
@@ -97,12 +139,13 @@ def evaluate(cases: List[EvalCase], model=None, *, clicks: int = 5, seed: int = 
         label = read_image(case.label, what="label")
         if label.GetSize() != image.GetSize() or not np.allclose(label.GetOrigin(), image.GetOrigin(), atol=1e-3):
             raise InputError(f"label geometry differs from the image {case.image.name}", case.label)
+        check_label_values(label, case.convention, case.label)
         for ri, region in enumerate(case.regions):
             truth = region_mask(label, case.convention, region)
             t_arr = sitk.GetArrayViewFromImage(truth) > 0
             if not t_arr.any():
-                rows.append({"case": case.name, "region": region, "clicks": 0, "dice": 1.0, "seconds": 0.0,
-                             "note": "region absent from the truth; no points to click"})
+                rows.append({"case": case.name, "region": region, "clicks": 0, "dice": None, "seconds": 0.0,
+                             "note": "not scored: region absent from the truth (no extreme points to place)"})
                 continue
             rng = np.random.default_rng([seed, ci, ri])
             pts = extreme_points_from_mask(truth, rng=rng, jitter_mm=jitter_mm)
@@ -174,6 +217,10 @@ def summarise(rows: List[dict]) -> List[dict]:
 
     A case that stopped early (no error left to click) keeps its last Dice for later counts.
     """
+    rows = [r for r in rows if r["dice"] is not None]  # regions absent from the truth are not scored
+    if not rows:
+        raise InputError("nothing to score: every region asked for is absent from its ground truth "
+                         "(wrong label files, or the wrong convention?)")
     max_k = max(r["clicks"] for r in rows)
     last: Dict[tuple, float] = {}
     for r in rows:
@@ -232,6 +279,7 @@ class AutoCase:
     label: Path
     convention: str
     regions: Dict[str, str]
+    source: Optional[Path] = None  # the cases file
 
 
 def load_auto_cases(path: Path, data_root: Path) -> List[AutoCase]:
@@ -242,7 +290,7 @@ def load_auto_cases(path: Path, data_root: Path) -> List[AutoCase]:
                               " (automatic models need 'images': {input: path})"):
         regions = c["regions"] if isinstance(c["regions"], dict) else {r: r for r in c["regions"]}
         out.append(AutoCase(c.get("name", f"case{n}"), {k: data_root / v for k, v in c["images"].items()},
-                            data_root / c["label"], c["convention"], dict(regions)))
+                            data_root / c["label"], c["convention"], dict(regions), Path(path)))
     return out
 
 
@@ -257,9 +305,9 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
     """
     from .bundle import load_bundle
     from .imageio import read_image
-    from .labels import CONVENTIONS, region_mask
+    from .labels import region_mask
     from .metrics import dice
-    from .segment import resolve_input_names, segment_images
+    from .segment import check_input_names, resolve_input_names, segment_images
 
     bundle = load_bundle(model)
     if bundle.task != "segmentation":
@@ -269,9 +317,14 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
         raise InputError(f"model {bundle.id!r} declares no known output_convention")
     rows: List[dict] = []
     for ci, case in enumerate(cases):
-        paths, _ = resolve_input_names(bundle.meta, list(case.images.items()), ignore_unknown=True)
+        with _about_case(case):
+            paths, _ = resolve_input_names(bundle.meta, list(case.images.items()), ignore_unknown=True)
+            check_input_names(bundle.meta, paths)
+            for pred_region in case.regions:
+                region_mask(sitk.Image([1, 1, 1], sitk.sitkUInt8), out_conv, pred_region)  # a region the model has
         images = {k: read_image(v) for k, v in paths.items()}
         label = read_image(case.label, what="label")
+        check_label_values(label, case.convention, case.label)
         ref = images.get(bundle.meta["segmentation"]["reference"])
         if ref is not None and (label.GetSize() != ref.GetSize()
                                 or not np.allclose(label.GetOrigin(), ref.GetOrigin(), atol=1e-3)):
@@ -280,8 +333,9 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
             "missing: " + ",".join(i["name"] for i in bundle.meta["inputs"] if i["name"] not in images)
         for level in tta_levels:
             t = time.perf_counter()
-            r = segment_images(bundle, images, device=device, tta=level, fast=fast,
-                               sources={k: str(v) for k, v in paths.items()})
+            with _about_case(case):
+                r = segment_images(bundle, images, device=device, tta=level, fast=fast,
+                                   sources={k: str(v) for k, v in paths.items()})
             secs = time.perf_counter() - t
             for pred_region, truth_region in case.regions.items():
                 pred_img = region_mask(r.label, out_conv, pred_region)

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 
-__all__ = ["CONVENTIONS", "region_mask", "values_mask"]
+__all__ = ["CONVENTIONS", "check_label_values", "region_mask", "values_mask"]
 
 CONVENTIONS: Dict[str, Dict[str, List[int]]] = {
     "brats2013": {"ET": [4], "TC": [1, 3, 4], "WT": [1, 2, 3, 4]},
@@ -31,6 +31,38 @@ CONVENTIONS: Dict[str, Dict[str, List[int]]] = {
     "totalsegmentator": {"spleen": [1], "kidney_right": [2], "kidney_left": [3], "gallbladder": [4], "liver": [5],
                          "stomach": [6], "pancreas": [7]},
 }
+
+
+# the values a label map of each convention may hold besides 0 (None: any positive integer)
+_VALUES: Dict[str, object] = {"brats2013": {1, 2, 3, 4}, "brats2017": {1, 2, 4}, "brats2023": {1, 2, 3}, "binary": None,
+                              "liver-lesion": {1, 2}, "totalsegmentator": set(range(1, 118))}
+
+
+def check_label_values(label: sitk.Image, convention: str, path=None) -> None:
+    """Refuse a label map that cannot be of ``convention``: non-integer or negative values, or values the
+    convention does not have (a BraTS 2013 map, 1-4, declared BraTS 2023, 1-3, would be scored wrongly).
+
+    Raises:
+        InputError: naming ``path``, the values found and the convention's values.
+    """
+    if convention not in CONVENTIONS:
+        raise InputError(f"unknown label convention {convention!r} (known: {', '.join(CONVENTIONS)})", path)
+    arr = sitk.GetArrayViewFromImage(label)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or np.any(arr != np.rint(arr)):
+            raise InputError(f"holds non-integer values ({float(np.nanmin(arr)):g} to {float(np.nanmax(arr)):g}): "
+                             "an image, not a label map?", path)
+    values = {int(v) for v in np.unique(arr)} - {0}
+    negative = sorted(v for v in values if v < 0)
+    if negative:
+        raise InputError(f"holds negative values ({', '.join(map(str, negative[:5]))}): not a label map", path)
+    allowed = _VALUES[convention]
+    bad = sorted(values - allowed) if allowed is not None else []
+    if bad:
+        which = [c for c, vals in _VALUES.items() if vals is not None and values <= vals and c not in (convention, "totalsegmentator")]
+        raise InputError(f"holds label value(s) {', '.join(map(str, bad[:5]))}, which convention {convention!r} does not "
+                         f"have (its values: {', '.join(map(str, sorted(allowed)))}); is the convention right?"
+                         + (f" (these values fit {', '.join(which)})" if which else ""), path)
 
 
 def region_mask(label: sitk.Image, convention: str, region: str) -> sitk.Image:

@@ -59,7 +59,7 @@ from .train import load_checkpoint, save_checkpoint
 from .errors import InputError, ModelError
 from .geometry import resample_to_grid
 from .imageio import atomic_output, read_image
-from .labels import CONVENTIONS
+from .labels import CONVENTIONS, check_label_values
 from .parallel import ordered_results
 from .segment import model_grid, predict_volume, prepare_volume
 
@@ -165,6 +165,7 @@ def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: P
                 images[name] = read_image(Path(data_root) / rel)
             label = read_image(Path(data_root) / src["label"], what="label")
             conv = src["convention"]
+            check_label_values(label, conv, Path(data_root) / src["label"])
             for sp in spacings:
                 cases.append(_prepare_case(src.get("name", src["label"]), images, label, conv, meta, targets, sp))
                 cases[-1].weight = float(src.get("weight", 1.0))
