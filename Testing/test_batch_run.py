@@ -298,6 +298,18 @@ def test_output_folder_inside_or_equal_to_the_input_is_refused(inputs, tmp_path,
     assert "inside the input folder" in err and not (main / "labels").exists()
 
 
+def test_an_empty_input_folder_or_a_bad_spacing_is_refused_before_anything_is_written(inputs, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["batch", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "empty: no studies found" in err and not (tmp_path / "out").exists(), err
+    for spacing in ("0", "-1", "nan"):
+        for extra in ([], ["--dry-run"]):
+            assert cli.main(["batch", str(inputs["main"]), "-o", str(tmp_path / "out"), "--spacing", spacing] + extra) == 1
+            assert "--spacing must be a voxel size above 0 mm" in capsys.readouterr().err
+            assert not (tmp_path / "out").exists()
+
+
 def test_dask_local_cluster_with_two_workers_equals_the_single_process_run(inputs, baseline, tmp_path):
     distributed = pytest.importorskip("distributed")
     out = tmp_path / "out"

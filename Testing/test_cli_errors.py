@@ -147,3 +147,69 @@ def test_existing_output_needs_overwrite(case, capsys):
 
 def test_unknown_model(case, capsys):
     assert_refused(capsys, case / "out.seg.nrrd", _annotate(case, case / "img.nii.gz") + ["--model", "no-such-model"], "no-such-model")
+
+
+def test_blank_image(case, capsys):
+    sitk.WriteImage(sitk.Image([48, 48, 48], sitk.sitkFloat32), str(case / "blank.nii.gz"))
+    assert_refused(capsys, case / "out.seg.nrrd", _annotate(case, case / "blank.nii.gz"),
+                   "blank.nii.gz", "is blank: every voxel holds the value 0")
+
+
+def test_corrective_click_outside(case, capsys):
+    (case / "pos.json").write_text(json.dumps([[25, 20, 30], [500, 500, 500]]))
+    assert_refused(capsys, case / "out.seg.nrrd", _annotate(case, case / "img.nii.gz") + ["--positive", case / "pos.json"],
+                   "pos.json", "positive click 2", "outside the image")
+
+
+def test_upper_case_nifti_output_is_written(case, capsys):
+    """`.NII.GZ` passed the extension check, then failed after inference (the temporary file kept the case)."""
+    out = case / "OUT.NII.GZ"
+    code, err = run(capsys, *_annotate(case, case / "img.nii.gz", out=out))
+    assert code == 0, err
+    assert sitk.ReadImage(str(out)).GetSize() == (48, 48, 48)
+    assert sorted(p.name for p in case.iterdir()) == ["OUT.NII.GZ", "img.nii.gz", "pts.json"]
+
+
+def test_output_folder_blocked_by_a_file_is_exit_1_not_an_internal_error(case, capsys):
+    (case / "f.txt").write_text("x")
+    sitk.WriteImage(sitk.ReadImage(str(case / "img.nii.gz")) > 1.0, str(case / "mask.nii.gz"))
+    cases = {"cases": [{"image": "img.nii.gz", "label": "mask.nii.gz", "convention": "binary", "regions": ["object"]}]}
+    (case / "c.json").write_text(json.dumps(cases))
+    for argv in (["evaluate", "--cases", case / "c.json", "--data-root", case, "-o", case / "f.txt" / "sub"],
+                 ["demo", "-o", case / "f.txt" / "sub"]):
+        code, err = run(capsys, *argv)
+        assert code == 1 and "f.txt" in err and "internal error" not in err and "Traceback" not in err, err
+
+
+def _train_config(tmp_path, **changes):
+    from test_train import _config
+
+    cfg = dict(_config(), **changes)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    return tmp_path / "cfg.json"
+
+
+@pytest.mark.parametrize("changes,extra,needle", [
+    ({"steps": None}, [], "'steps' must be a positive whole number"),
+    ({"data": []}, [], "'data' must be a non-empty list"),
+    ({"data": [{"synthetic": "brain"}]}, [], "data source 1: 'cases'"),
+    ({"bundle": None}, [], "'bundle'"),
+    ({}, ["--steps", "0"], "--steps must be 1 or more"),
+    ({}, ["--workers", "-2"], "--workers must be 0"),
+    ({}, ["--resume"], "nothing to resume"),
+])
+def test_train_bad_config_or_options_exit_1_and_leave_no_run_folder(tmp_path, capsys, changes, extra, needle):
+    cfg = _train_config(tmp_path, **changes)
+    code, err = run(capsys, "train", cfg, "--run-dir", tmp_path / "run", *extra)
+    assert code == 1 and needle in err and "internal error" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_config_not_an_object_or_run_folder_a_file(tmp_path, capsys):
+    (tmp_path / "list.json").write_text("[]")
+    code, err = run(capsys, "train", tmp_path / "list.json", "--run-dir", tmp_path / "run")
+    assert code == 1 and "list.json" in err and "JSON object" in err, err
+    cfg = _train_config(tmp_path)
+    code, err = run(capsys, "train", cfg, "--run-dir", cfg)
+    assert code == 1 and "is a file" in err and not (tmp_path / "run").exists(), err

@@ -30,7 +30,8 @@ from .errors import InputError
 from .geometry import (Grid, bounding_box_grid, grid_of, image_on_grid, index_box_covering, physical_to_index,
                        resample_to_grid)
 from .heatmap import gaussian_heatmap
-from .points import validate_extreme_points
+from .imageio import check_not_blank
+from .points import check_inside, validate_extreme_points
 
 __all__ = ["ModelInput", "AnnotationResult", "prepare_input", "guidance_sigma_mm", "predict", "annotate",
            "keep_enclosed_component", "click_threshold", "looks_like_ct", "fraction_at_or_below", "default_model_for",
@@ -318,11 +319,15 @@ def annotate(
     meta = bundle.meta
     if meta["task"] != "annotation":
         raise InputError(f"model {bundle.id!r} is an automatic model, not an annotation model (use `deepedit segment`)")
+    for img in imgs:
+        check_not_blank(img)
     n_extreme = 6
     pts = validate_extreme_points(points_lps, ref, source=points_source, count=n_extreme)
     for extra, what in ((positive, "positive"), (negative, "negative")):
         if extra is not None and len(np.asarray(extra).reshape(-1, 3)) and what not in meta.get("guidance", {}).get("channels", []):
             raise InputError(f"model {bundle.id!r} takes no {what} clicks")
+        if extra is not None:
+            check_inside(extra, ref, what=f"{what} click")
     report("prepare", 0.1)
     mi = prepare_input(imgs, pts, meta, positive=positive, negative=negative)
     t1 = time.perf_counter()

@@ -160,16 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_annotate(args) -> dict:
     from .annotate import annotate
     from .bundle import load_bundle
-    from .imageio import check_output_path, read_image, write_segmentation
-    from .points import read_points
+    from .imageio import check_not_blank, check_output_path, read_image, write_segmentation
+    from .points import check_inside, read_points
     from .progress import StageProgress
 
     out = check_output_path(args.output, inputs=[args.image, args.points], overwrite=args.overwrite)
     load_bundle(args.model)  # an unknown model is reported before any image is read
     image = read_image(args.image)
+    check_not_blank(image, args.image)
     pts = read_points(args.points)
     pos = read_points(args.positive) if args.positive else None
     neg = read_points(args.negative) if args.negative else None
+    for clicks, source, what in ((pos, args.positive, "positive click"), (neg, args.negative, "negative click")):
+        if clicks is not None:
+            check_inside(clicks, image, source, what)
     with StageProgress("annotate", enabled=not args.json) as bar:
         r = annotate(image, pts, args.model, device=args.device, tta=args.tta, positive=pos, negative=neg,
                      points_source=args.points, progress=bar)
@@ -285,19 +289,33 @@ def _cmd_train(args) -> dict:
     cfg = load_config(Path(args.config))
     if args.seed is not None:
         cfg["seed"] = int(args.seed)
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps must be 1 or more, not {args.steps}")
+    if args.workers < 0:
+        raise InputError(f"--workers must be 0 (one per CPU core) or more, not {args.workers}")
     data_root = Path(args.data_root)
     needs_real = any("image" in s or "images" in s for s in cfg.get("data", []) + cfg.get("validation", []))
     if needs_real and not data_root.is_dir():
         raise InputError("data root not found (the config lists real cases; pass --data-root)", data_root)
-    if cfg.get("task") == "segmentation":
-        from .train_segment import train_segmentation
+    run_dir = Path(args.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError("is a file; the run folder must be a folder", run_dir)
+    created = not run_dir.exists()
+    try:
+        if cfg.get("task") == "segmentation":
+            from .train_segment import train_segmentation
 
-        return train_segmentation(cfg, Path(args.run_dir), data_root=data_root, device=args.device, resume=args.resume,
-                                  steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None,
-                                  show_progress=not args.json, workers=args.workers)
-    return train(cfg, Path(args.run_dir), data_root=data_root, device=args.device, resume=args.resume,
-                 steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None, quiet=args.json,
-                 workers=args.workers)
+            return train_segmentation(cfg, run_dir, data_root=data_root, device=args.device, resume=args.resume,
+                                      steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None,
+                                      show_progress=not args.json, workers=args.workers)
+        return train(cfg, run_dir, data_root=data_root, device=args.device, resume=args.resume,
+                     steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None, quiet=args.json,
+                     workers=args.workers)
+    except BaseException:
+        # a run folder this command created and that holds no checkpoint to resume from is not kept
+        if created and run_dir.is_dir() and not (run_dir / "checkpoint.pt").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _cmd_demo(args) -> dict:
@@ -322,6 +340,10 @@ def _cmd_evaluate(args) -> dict:
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("is a file; the output of evaluate is a folder", out_dir)
+    above = next(p for p in [out_dir.absolute(), *out_dir.absolute().parents] if p.exists())  # checked before any work
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        raise InputError("the output folder cannot be created here" + (" (a file is in the way)" if not above.is_dir()
+                                                                        else " (no permission to write)"), above)
     if not args.overwrite and any((out_dir / f).exists() for f in ("per_case.csv", "summary.csv", "summary.json")):
         raise InputError("holds the results of an earlier evaluation: use --overwrite to replace them, or another "
                          "folder", out_dir)
@@ -391,6 +413,19 @@ _COMMANDS = {"annotate": _cmd_annotate, "segment": _cmd_segment, "models": _cmd_
              "evaluate": _cmd_evaluate, "batch": _cmd_batch}
 
 
+def _os_error_text(e: OSError) -> str:
+    """``PATH: what went wrong`` for an operating-system error; a temporary file of ours is named by its folder."""
+    path = e.filename
+    if path is None:
+        return str(e)
+    p = Path(str(path))
+    if p.name.startswith(".") and ("tmp" in p.name or "deepedit" in p.name):
+        return f"{p.parent}: cannot write there ({e.strerror or type(e).__name__})"
+    what = {FileExistsError: "a file of that name already exists", NotADirectoryError: "a file is in the way of a folder",
+            IsADirectoryError: "is a folder, not a file"}.get(type(e), e.strerror or type(e).__name__)
+    return f"{p}: {what}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``deepedit`` console script; returns the exit code."""
     parser = build_parser()
@@ -408,6 +443,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"deepedit {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a folder that cannot be created or written, a file where a folder should be...
+        if args.debug:
+            raise
+        print(f"deepedit {name}: error: {_os_error_text(e)}", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
         if args.debug:
             raise

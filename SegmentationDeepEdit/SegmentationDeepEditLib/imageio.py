@@ -42,6 +42,7 @@ __all__ = [
     "SEGMENTATION_WRITE_EXTENSIONS",
     "DicomSeriesInfo",
     "read_image",
+    "check_not_blank",
     "list_dicom_series",
     "read_dicom_series",
     "slice_normal",
@@ -553,6 +554,19 @@ def _check_meta(path: Path, what: str, needed: int) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
+def check_not_blank(image: sitk.Image, source=None, what: str = "image") -> None:
+    """Refuse an image whose voxels all hold one value (a blank export, a failed conversion): a model
+    given it returns a confident answer that means nothing.
+
+    Raises:
+        InputError: naming ``source`` and the value.
+    """
+    arr = sitk.GetArrayViewFromImage(image)
+    first = arr.flat[0]
+    if arr.size and not np.any(arr != first):
+        raise InputError(f"the {what} is blank: every voxel holds the value {float(first):g}", source)
+
+
 def read_image(path: PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS, what: str = "image") -> sitk.Image:
     """Read one 3D scalar image, refusing anything broken or ambiguous.
 
@@ -856,8 +870,9 @@ def read_dicom_series(
     if series_uid is None:
         if len(infos) > 1:
             raise InputError(
-                f"the {what} folder holds {len(infos)} DICOM series; choose one by its series UID: "
-                + _describe_series(infos),
+                f"the {what} folder holds {len(infos)} DICOM series; give a folder that holds only the one you "
+                "mean (move each series' files into a folder of its own), or run `deepedit batch` on it, which sorts "
+                "series by itself. The series: " + _describe_series(infos),
                 p,
             )
         info = infos[0]
@@ -1054,7 +1069,7 @@ def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         raise InputError("the output file already exists (use --overwrite to replace it)", p)
     ext = _file_extension(p)
     stem = p.name[: len(p.name) - len(ext)] if ext else p.name
-    tmp = p.absolute().parent / f".{stem}.{uuid.uuid4().hex[:12]}.tmp{ext}"
+    tmp = p.absolute().parent / f".{stem}.{uuid.uuid4().hex[:12]}.tmp{ext.lower()}"
     try:
         yield tmp
         if not tmp.is_file():

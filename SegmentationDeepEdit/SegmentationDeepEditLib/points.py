@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .geometry import Grid, grid_of, physical_to_index, index_to_physical, ras_to_lps
 
-__all__ = ["read_points", "validate_extreme_points", "extreme_points_from_mask", "write_points_json"]
+__all__ = ["read_points", "check_inside", "validate_extreme_points", "extreme_points_from_mask", "write_points_json"]
 
 _NAMES = ("x-min (right)", "x-max (left)", "y-min (anterior)", "y-max (posterior)", "z-min (inferior)", "z-max (superior)")
 
@@ -125,6 +125,24 @@ def write_points_json(points_lps: np.ndarray) -> str:
     return json.dumps({"coordinateSystem": "LPS", "points": np.round(np.asarray(points_lps), 4).tolist()}, indent=1)
 
 
+def check_inside(points_lps, image, source=None, what: str = "point") -> None:
+    """Refuse points outside the image (more than half a voxel beyond its outer voxel centres) or not finite.
+
+    Raises:
+        InputError: naming the point (``what`` and its 1-based number) and ``source``.
+    """
+    pts = np.asarray(points_lps, dtype=float).reshape(-1, 3)
+    g = image if isinstance(image, Grid) else grid_of(image)
+    size = np.asarray(g.size)
+    for n, (ix, pt) in enumerate(zip(physical_to_index(g, pts), pts), start=1):
+        if not np.all(np.isfinite(pt)):
+            raise InputError(f"{what} {n} has a coordinate that is not a number ({pt.tolist()})", source)
+        if np.any(ix < -0.5) or np.any(ix > size - 0.5):
+            raise InputError(
+                f"{what} {n} at LPS ({pt[0]:.1f}, {pt[1]:.1f}, {pt[2]:.1f}) mm is outside the image "
+                f"(voxel index {np.round(ix, 1).tolist()}, image size {size.tolist()})", source)
+
+
 def validate_extreme_points(
     points_lps: np.ndarray, image: Union[sitk.Image, Grid], *, source: Optional[str] = None, count: int = 6
 ) -> np.ndarray:
@@ -141,13 +159,7 @@ def validate_extreme_points(
     if len(pts) != count:
         raise InputError(f"extreme-point annotation needs exactly {count} points, got {len(pts)}", source)
     g = image if isinstance(image, Grid) else grid_of(image)
-    idx = physical_to_index(g, pts)
-    size = np.asarray(g.size)
-    for n, (ix, pt) in enumerate(zip(idx, pts), start=1):
-        if np.any(ix < -0.5) or np.any(ix > size - 0.5):
-            raise InputError(
-                f"point {n} at LPS ({pt[0]:.1f}, {pt[1]:.1f}, {pt[2]:.1f}) mm is outside the image "
-                f"(voxel index {np.round(ix, 1).tolist()}, image size {size.tolist()})", source)
+    check_inside(pts, g, source)
     extent = pts.max(axis=0) - pts.min(axis=0)
     min_mm = 0.5 * min(g.spacing)
     for axis, name in enumerate("xyz"):

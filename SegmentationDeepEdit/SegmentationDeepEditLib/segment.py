@@ -38,6 +38,7 @@ from .annotate import fraction_at_or_below, normalise_input
 from .bundle import Bundle, get_network, load_bundle
 from .device import cpu_supports_bf16, pick_device, run_with_fallback
 from .errors import InputError, ModelError, NotSkullStripped
+from .imageio import check_not_blank
 from .geometry import (Grid, bounding_box_grid, corners_lps, frequent_values, grid_of, image_on_grid,
                        index_box_covering, index_to_physical, resample_to_grid)
 
@@ -220,6 +221,8 @@ def check_inputs(meta: dict, images: Mapping[str, Optional[sitk.Image]],
             where = sources.get(s["name"])
             raise InputError(f"input {s['name']!r} must be a 3D scalar image (it has {img.GetDimension()} dimensions and "
                              f"{img.GetNumberOfComponentsPerPixel()} channel(s) per voxel)", where)
+        else:
+            check_not_blank(img, sources.get(s["name"]), f"input {s['name']!r}")
         if s.get("normalization") == "ct_window":
             check_hounsfield(img, s["name"], sources.get(s["name"]))
         out[s["name"]] = img
@@ -708,8 +711,9 @@ def segment_images(
     level = int(seg.get("tta_default", 0) if tta is None else tta)
     if int(seg.get("dims", 3)) == 2:
         d4_transforms(level)  # validates the level
-    elif level < 0:
-        raise InputError(f"test-time augmentation level must be >= 0, got {level}")
+    elif level not in (0, 1):
+        raise InputError(f"model {bundle.id!r} is 3D: its test-time augmentation level is 0 (off) or 1 (flips), "
+                         f"not {level}")
     if fast and not seg.get("fast_spacing_mm"):
         raise InputError(f"model {bundle.id!r} has no fast mode")
     report("prepare", 0.0)

@@ -60,8 +60,38 @@ class TrainCase:
 
 
 def load_config(path: Path) -> dict:
-    """Read a training config (JSON)."""
-    return read_json(path, "training config")
+    """Read a training config (JSON) and check its shape: ``steps`` a positive integer, ``bundle`` an
+    object, ``data`` a non-empty list of sources (generated: ``synthetic`` and ``cases``; real: a
+    ``label`` and an ``image`` or ``images``), and ``targets`` for a segmentation task.
+
+    Raises:
+        InputError: naming the file and the first key that is missing or wrong.
+    """
+    cfg = read_json(path, "training config")
+    if not isinstance(cfg, dict):
+        raise InputError("a training config is a JSON object (see Resources/Training for examples)", path)
+    steps = cfg.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"'steps' must be a positive whole number, not {steps!r}", path)
+    if not isinstance(cfg.get("bundle"), dict):
+        raise InputError("'bundle' (the metadata of the bundle to write) is missing or not an object", path)
+    if cfg.get("task") == "segmentation" and not isinstance(cfg.get("targets"), dict):
+        raise InputError("'targets' is missing or not an object (a segmentation config needs it)", path)
+    for key in ("data", "validation"):
+        sources = cfg.get(key, [] if key == "validation" else None)
+        if not isinstance(sources, list) or (key == "data" and not sources):
+            raise InputError(f"'{key}' must be a {'non-empty ' if key == 'data' else ''}list of sources", path)
+        for n, src in enumerate(sources, start=1):
+            if not isinstance(src, dict):
+                raise InputError(f"{key} source {n} is not an object", path)
+            if "synthetic" in src:
+                c = src.get("cases")
+                if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+                    raise InputError(f"{key} source {n}: 'cases' must be a positive whole number, not {c!r}", path)
+            elif "label" not in src or not ("image" in src or "images" in src):
+                raise InputError(f"{key} source {n} is neither generated ('synthetic', 'cases') nor real "
+                                 "('image' or 'images', and 'label')", path)
+    return cfg
 
 
 def _synthetic_train_cases(kind: str, s: int, options: dict, objects: list) -> List[TrainCase]:

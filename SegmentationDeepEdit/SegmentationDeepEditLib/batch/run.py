@@ -26,6 +26,7 @@ Exit codes of a run: :data:`EXIT_OK` (every study done), :data:`EXIT_SOME_FAILED
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings as pywarnings
@@ -521,10 +522,16 @@ def run_batch(input_dir: Path, output_dir: Optional[Path], *, options: BatchOpti
     bad = [r for r in options.reference if r not in SEQUENCES]
     if bad or not options.reference:
         raise InputError(f"unknown reference sequence {', '.join(bad) or '(none)'}; use one of {', '.join(SEQUENCES)}")
+    sp = options.spacing_mm
+    if sp is not None and not (isinstance(sp, (int, float)) and math.isfinite(sp) and sp > 0):
+        raise InputError(f"--spacing must be a voxel size above 0 mm, not {sp}")
     inp, out = check_folders(input_dir, None if dry_run and output_dir is None else output_dir)
     mapping = load_mapping(mapping_file)
     report("finding studies", 0.0)
     plans = plan_batch(inp, reference=options.reference, mapping=mapping)
+    if not plans:
+        raise InputError("no studies found: the folder holds no image files (NIfTI, NRRD, MetaImage) and no DICOM "
+                         "series", inp)
     if dry_run:
         rows = [{"study": p.study.name, "state": "planned" if p.ok else "would fail",
                  "error": p.problems[0] if p.problems else None} for p in plans]
