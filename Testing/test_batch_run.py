@@ -260,8 +260,10 @@ def test_bad_studies_are_recorded_and_do_not_stop_the_run(inputs, tmp_path):
     shutil.copytree(inputs["edge"] / "no-t1c", only_bad / "no-t1c")
     assert run_batch(only_bad, tmp_path / "out2", options=OPTIONS).exit_code == EXIT_NOTHING_DONE
     empty = tmp_path / "empty"
-    empty.mkdir()
-    assert run_batch(empty, tmp_path / "out3", options=OPTIONS).exit_code == EXIT_NOTHING_DONE
+    empty.mkdir()  # no study at all: an input error, nothing written (test_an_empty_input_folder_...)
+    with pytest.raises(InputError, match="no studies found"):
+        run_batch(empty, tmp_path / "out3", options=OPTIONS)
+    assert not (tmp_path / "out3").exists()
 
 
 def test_a_whole_head_is_registered_and_reported_but_not_segmented(inputs, shared_data, tmp_path):

@@ -347,7 +347,7 @@ def test_dicom_seg_and_non_dicom_files_are_ignored(shared_data):
     assert read_dicom_series(folder).GetSize() == (512, 512, 3)
 
 
-def test_dicom_folder_with_two_series_asks_to_choose(shared_data, tmp_path):
+def test_dicom_folder_with_two_series_says_what_to_do(shared_data, tmp_path):
     vendors = shared_data / "dicom" / "vendors"
     _link_series(vendors / "ge", tmp_path / "mixed")
     _link_series(vendors / "siemens", tmp_path / "mixed")
@@ -358,7 +358,7 @@ def test_dicom_folder_with_two_series_asks_to_choose(shared_data, tmp_path):
         read_image(tmp_path / "mixed")
     assert err.value.path == str(tmp_path / "mixed")
     message = err.value.message
-    assert "2 DICOM series" in message and "choose" in message
+    assert "2 DICOM series" in message and "give a folder that holds only the one you mean" in message
     for info in infos:
         assert info.series_uid in message
     assert message.count("4 files") == 2

@@ -49,19 +49,20 @@ def _regions(meta_id="glioma-regions"):
 
 def test_inputs_by_name_missing_extra_optional():
     meta = _regions(GLIOMA)
-    a = _img(np.ones((8, 8, 8)))
+    ramp = np.arange(512, dtype=float).reshape(8, 8, 8)  # not blank (a constant image is refused)
+    a = _img(ramp)
     with pytest.raises(InputError, match="no input named 't1'"):
         check_inputs(meta, {"t1c": a, "flair": a, "t1": a})
     with pytest.raises(InputError, match="needs input\\(s\\) flair"):
         check_inputs(meta, {"t1c": a})
-    b, c = _img(np.full((8, 8, 8), 2.0)), _img(np.full((8, 8, 8), 3.0))
+    b, c = _img(2.0 * ramp), _img(3.0 * ramp)
     imgs, warnings = check_inputs(meta, {"t1c": a, "flair": b})
     assert imgs["t2"] is None and len(warnings) == 1 and "'t2' is missing" in warnings[0]
     imgs, warnings = check_inputs(meta, {"t1c": a, "flair": b, "t2": c})
     assert warnings == [] and imgs["t2"] is c
     # one image given as two inputs: refused, naming the file of the second
     with pytest.raises(InputError, match="inputs 't1c' and 'flair' are the same image") as e:
-        check_inputs(meta, {"t1c": a, "flair": _img(np.ones((8, 8, 8)))}, {"flair": "/d/t1c-again.nii.gz"})
+        check_inputs(meta, {"t1c": a, "flair": _img(ramp.copy())}, {"flair": "/d/t1c-again.nii.gz"})
     assert e.value.path == "/d/t1c-again.nii.gz"
 
 
