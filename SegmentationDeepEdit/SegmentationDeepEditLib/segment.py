@@ -544,7 +544,14 @@ def label_segments(meta: dict) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any
     return segments, regions
 
 
-def clean_label(meta: dict, label: np.ndarray, voxel_ml: Optional[float] = None) -> np.ndarray:
+def axial_array_axis(image: sitk.Image) -> int:
+    """The axis of ``image``'s array [k, j, i] that runs closest to the patient's inferior-superior
+    direction (0 for an axial acquisition; another for a sagittal or coronal one)."""
+    d = np.asarray(image.GetDirection(), float).reshape(3, 3)  # columns: the i, j, k directions in LPS
+    return 2 - int(np.argmax(np.abs(d[2])))
+
+
+def clean_label(meta: dict, label: np.ndarray, voxel_ml: Optional[float] = None, axial_axis: int = 0) -> np.ndarray:
     """The bundle's declared clean-up (``segmentation.postprocess``) of a label array [k, j, i].
 
     - ``components: {"min_fraction": f}``: connected components of the foreground (any label
@@ -556,7 +563,9 @@ def clean_label(meta: dict, label: np.ndarray, voxel_ml: Optional[float] = None)
       too; this needs ``voxel_ml``, the volume of one voxel in mL.
     - ``fill_holes: [{"region": name, "value": v}]``: voxels enclosed by the region (a 3D hole,
       or a hole within an axial slice) that are not in it get the value ``v``; e.g. necrosis
-      inside an enhancing rim is tumour core.
+      inside an enhancing rim is tumour core. ``axial_axis`` is the array axis across axial
+      slices (:func:`axial_array_axis` of the reference image), so that a sagittal or coronal
+      acquisition is cleaned up as an axial one is.
 
     Returns:
         A new array (the input is not changed); the input itself when nothing is declared.
@@ -591,9 +600,11 @@ def clean_label(meta: dict, label: np.ndarray, voxel_ml: Optional[float] = None)
         inside = np.isin(out, regions[rule["region"]])
         if not inside.any():
             continue
-        filled = ndi.binary_fill_holes(inside)
-        for k in np.flatnonzero(inside.any(axis=(1, 2))):
-            filled[k] |= ndi.binary_fill_holes(inside[k])
+        filled = np.moveaxis(ndi.binary_fill_holes(inside), axial_axis, 0)  # a view: slices along axis 0
+        axial = np.moveaxis(inside, axial_axis, 0)
+        for k in np.flatnonzero(axial.any(axis=(1, 2))):
+            filled[k] |= ndi.binary_fill_holes(axial[k])
+        filled = np.moveaxis(filled, 0, axial_axis)
         new = filled & ~inside
         if new.any():
             out = out.copy() if out is label else out
@@ -745,7 +756,7 @@ def segment_images(
     t2 = time.perf_counter()
     report("postprocess", 0.9)
     voxel_ml = float(np.prod(ref.GetSpacing())) / 1000.0
-    out = clean_label(meta, _postprocess(meta, probs, grid, ref), voxel_ml=voxel_ml)
+    out = clean_label(meta, _postprocess(meta, probs, grid, ref), voxel_ml=voxel_ml, axial_axis=axial_array_axis(ref))
     label = image_on_grid(out, grid_of(ref))
     segments, regions = label_segments(meta)
     if not out.any():
