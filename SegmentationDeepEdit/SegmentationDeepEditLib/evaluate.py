@@ -320,8 +320,10 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
         with _about_case(case):
             paths, _ = resolve_input_names(bundle.meta, list(case.images.items()), ignore_unknown=True)
             check_input_names(bundle.meta, paths)
-            for pred_region in case.regions:
-                region_mask(sitk.Image([1, 1, 1], sitk.sitkUInt8), out_conv, pred_region)  # a region the model has
+            unknown = [r for r in case.regions if r not in CONVENTIONS[out_conv]]
+            if unknown:
+                raise InputError(f"model {bundle.id!r} has no region {unknown[0]!r} (its regions: "
+                                 f"{', '.join(CONVENTIONS[out_conv])})")
         images = {k: read_image(v) for k, v in paths.items()}
         label = read_image(case.label, what="label")
         check_label_values(label, case.convention, case.label)
