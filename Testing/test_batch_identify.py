@@ -61,6 +61,17 @@ def test_file_names(name, expected):
     ("Ax T2 FRFSE", {}, "t2"), ("AX FLAIR", {}, "flair"), ("t1_vibe_tra", {"ContrastBolusAgent": "Gadovist"}, "t1c"),
     ("t2_fl2d_tra_hemo", {}, None),  # T2* gradient echo: not one of ours, reported as unknown
     ("perfusion_dsc", {}, IGNORE),
+    # GE's T1 FLAIR is a T1-weighted inversion recovery, not a FLAIR (it was taken as FLAIR, even post-contrast)
+    ("AX T1 FLAIR", {"ScanningSequence": "SE\\IR", "RepetitionTime": 2200, "EchoTime": 9, "InversionTime": 860}, "t1"),
+    ("AX T1 FLAIR POST", {"ScanningSequence": "SE\\IR", "RepetitionTime": 2200, "EchoTime": 9, "InversionTime": 860,
+                          "ContrastBolusAgent": "GADAVIST"}, "t1c"),
+    ("AX T2 FLAIR", {"RepetitionTime": 9000, "EchoTime": 120, "InversionTime": 2375}, "flair"),
+    # Siemens 2D FLASH is a T1 unless the name says T2* (it was always taken as T2*)
+    ("t1_fl2d_tra_KM", {"ScanningSequence": "GR", "RepetitionTime": 250, "EchoTime": 2.5}, "t1c"),
+    ("t1_fl2d_tra", {"ScanningSequence": "GR", "RepetitionTime": 250, "EchoTime": 2.5}, "t1"),
+    ("fl2d_hemo", {}, None),
+    # "+GAD" and "T1+C" mark contrast (they were missed: "+" glued to the word)
+    ("T1 AX +GAD", {}, "t1c"), ("AX T1+GAD", {}, "t1c"), ("T1+C", {}, "t1c"), ("T1 AX", {}, "t1"),
 ])
 def test_descriptions_and_headers(description, header, expected):
     assert identify(description, header=header).sequence == expected

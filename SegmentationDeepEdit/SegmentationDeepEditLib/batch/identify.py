@@ -104,7 +104,7 @@ _NAME_RULES: List[Tuple[str, str, float, str]] = [
     (r"_swi|_swan_|_swip_|venobold|suscept|_sw_images_|_swi_images_", "swi", 0.95, "susceptibility-weighted"),
     (r"_mag_images_|_mag_", "swi", 0.5, "magnitude images (SWI component)"),
     # T2* gradient echo (not one of ours)
-    (r"t2\*|t2_?star|_hemo|_fl2d_|_t2_?gre_|_gre_t2|_me_?gre_", "other", 0.9, "T2* gradient echo"),
+    (r"t2\*|t2_?star|_hemo|_t2_?fl2d|_fl2d_?t2|_t2_?gre_|_gre_t2|_me_?gre_", "other", 0.9, "T2* gradient echo"),
     # T1 post-contrast written as one token
     (r"_t1_?c_|_t1_?ce_|_t1_?gd_|_t1_?gad_|_t1_?post|_t1c|_t1ce|_t1gd|_t1_?km_|_t1_?contrast|_ce_?t1", "t1c", 0.95,
      "'t1c'"),
@@ -116,19 +116,29 @@ _NAME_RULES: List[Tuple[str, str, float, str]] = [
     (r"_t2_|_t2w|_t2_?tse|_t2_?frfse|_t2_?fse|_t2_?space|_t2_?blade|_t2_?haste|_t2_?propeller|_t2_", "t2", 0.85, "'t2'"),
     (r"_tse_|_fse_|_frfse_|_blade_|_propeller_", "t2", 0.35, "turbo spin echo"),
 ]
-_CONTRAST = re.compile(r"_post|_\+_?c_|_c\+|\+c_|_gd_|_gad|_ce_|_ce_gd|_contrast|_km_|_kontrast|_enh|_postcontrast|_dotarem|"
+_CONTRAST = re.compile(r"_post|_\+_?c_|_c\+|\+c_|_gd_|_gad|_\+_?gd_|_\+_?gad|_ce_|_ce_gd|_contrast|_km_|_kontrast|_enh|_postcontrast|_dotarem|"
                        r"_gadovist|_magnevist|_omniscan|_prohance|_multihance|_clariscan")
 _PRECONTRAST = re.compile(r"_pre_|_native|_nativ|_plain|_wo_|_noncontrast|_t1n_")
 
 
+# T1-weighted FLAIR (GE "AX T1 FLAIR", a T1 inversion recovery): a T1, whatever "flair" says
+_T1_FLAIR = re.compile(r"_t1_?flair|_t1w_?flair|_flair_?t1_|_t1_?ir_|_t1_?tirm")
+
+
 def _normalise(text: str) -> str:
-    return "_" + re.sub(r"[^a-z0-9+*]+", "_", text.lower()).strip("_") + "_"
+    s = re.sub(r"[^a-z0-9+*]+", "_", text.lower().replace("+", "_+"))  # "t1+gad": "t1", then "+gad"
+    return "_" + re.sub(r"_+", "_", s).strip("_") + "_"
 
 
 def _name_evidence(text: str, where: str) -> List[Tuple[str, float, str]]:
     s = _normalise(text)
     found: List[Tuple[str, float, str]] = []
+    t1_flair = bool(_T1_FLAIR.search(s))
+    if t1_flair:
+        found.append(("t1", 0.95, f"{where}: 'T1 FLAIR' (T1-weighted inversion recovery)"))
     for pattern, seq, weight, label in _NAME_RULES:
+        if t1_flair and seq in ("flair", "t1"):
+            continue
         if re.search(pattern, s):
             found.append((seq, weight, f"{where}: {label}"))
     if _CONTRAST.search(s) and not _PRECONTRAST.search(s):
