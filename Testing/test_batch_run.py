@@ -300,6 +300,21 @@ def test_output_folder_inside_or_equal_to_the_input_is_refused(inputs, tmp_path,
     assert "inside the input folder" in err and not (main / "labels").exists()
 
 
+def test_a_study_the_model_cannot_segment_needs_review(inputs, tmp_path):
+    """A study without an input the model needs was 'done' with needs_review 'no': a user filtering on the
+    review flag never saw that it has no segmentation."""
+    only_b = tmp_path / "in"
+    shutil.copytree(inputs["main"] / "case-b", only_b / "case-b")  # T1c, T1, T2: no FLAIR
+    seg = Segmenter(fb.threshold_segmenter, ("t1c", "flair"), "needs-flair", "1.0.0")
+    result = run_batch(only_b, tmp_path / "out", options=BatchOptions(spacing_mm=2.0, segmenter=seg))
+    assert result.exit_code == EXIT_OK
+    row = _rows(tmp_path / "out" / "summary.csv")[0]
+    assert row["needs_review"] == "yes" and row["segmentation"].startswith("not segmented: the model needs flair"), row
+    # --model none asks for no segmentation: nothing to review
+    result = run_batch(only_b, tmp_path / "out2", options=BatchOptions(spacing_mm=2.0, model="none"))
+    assert _rows(tmp_path / "out2" / "summary.csv")[0]["needs_review"] == "no"
+
+
 def test_an_empty_input_folder_or_a_bad_spacing_is_refused_before_anything_is_written(inputs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["batch", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 1

@@ -99,8 +99,8 @@ class Manifest:
             raise InputError("the output path exists and is not a folder", out)
         if not resume:
             if out.is_dir() and any(not p.name.startswith(TMP_PREFIX) and p.name != LOCK_NAME for p in out.iterdir()):
-                what = "a batch run (manifest.json); use --resume to continue it" if path.exists() else "files"
-                raise InputError(f"the output folder already holds {what}, or choose an empty folder", out)
+                what = "a batch run (manifest.json): use --resume to continue it" if path.exists() else "files:"
+                raise InputError(f"the output folder already holds {what} or choose an empty or new folder", out)
         if not out.parent.is_dir():
             raise InputError("the folder that should hold the output folder does not exist", out.parent)
         out.mkdir(exist_ok=True)

@@ -321,7 +321,7 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
         t0 = time.perf_counter()
         seg_report: Dict[str, Any] = {"model": step.model_id, "version": step.model_version}
         label, segments = None, []
-        not_stripped = False  # the model refused the study's images: a person should look
+        unsegmented = False  # a model was asked for but could not run on this study: a person should look
         if step.kind == "skip":
             seg_report.update(status="not segmented", reason=step.reason)
         elif step.missing(list(volumes)):
@@ -329,13 +329,14 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
             seg_report.update(status="not segmented", reason=f"the model needs {', '.join(miss)}, which this study "
                                                               "lacks (or could not be registered)")
             warnings.append(f"not segmented: missing {', '.join(miss)}")
+            unsegmented = True
         else:
             try:
                 out = step.run(volumes)
             except NotSkullStripped as e:  # registration and QC are still worth keeping
                 seg_report.update(status="not segmented", reason=e.message.split(":")[0])  # short: the QC title
                 warnings.append(f"not segmented: {e.message}")
-                not_stripped = True
+                unsegmented = True
             except DeepEditError as e:
                 raise _StudyFailed("segment", f"segmentation failed: {e}") from None
         if seg_report.get("status") is None:  # the model ran
@@ -381,7 +382,7 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
             series_list.append(d)
         seconds["register_total"] = round(reg_total, 3)
         seconds["read"] = round(seconds["read"], 3)
-        needs_review = bool(counts["flagged"] or counts["refused"] or counts["unreadable"] or not_stripped)
+        needs_review = bool(counts["flagged"] or counts["refused"] or counts["unreadable"] or unsegmented)
         report = {
             "format": "deepedit-batch-report", "version": 1, "study": name, "folder": plan.study.folder,
             "software": {"deepedit": __version__, "SimpleITK": sitk.Version.VersionString()},
