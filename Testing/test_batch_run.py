@@ -8,6 +8,7 @@ map. Every run here uses ``--spacing 2`` and ``--model none`` (or a stand-in thr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -186,6 +187,45 @@ def test_sigkill_mid_study_then_resume_gives_the_uninterrupted_outputs(inputs, b
     assert result.exit_code == EXIT_OK
     assert not list(out.glob(".deepedit-tmp-*")) and not list(out.rglob(".*.tmp*"))
     assert fb.output_differences(baseline[0], out) == []
+
+
+def test_sigterm_stops_the_worker_processes_and_leaves_nothing_half_done(inputs, baseline, tmp_path):
+    """SIGTERM to a `--workers 2` run (a scheduler or service stop) killed the main process only: its workers went
+    on, wrote studies that no manifest recorded, then idled forever with parent PID 1."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "SegmentationDeepEditLib.cli", "batch", str(inputs["main"]), "-o", str(out),
+           "--workers", "2", *CLI_OPTIONS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.is_dir() and any(out.glob(".deepedit-tmp-*/registered/*.nii.gz"))):
+            assert proc.poll() is None, proc.stderr.read().decode()[-500:]
+            assert time.monotonic() < deadline, "no study output appeared in time"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGTERM)  # the main process only, not its group
+        assert proc.wait(60) == 143
+        assert "terminated" in proc.stderr.read().decode()
+        for _ in range(100):  # the workers are gone with it
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("worker processes outlived the terminated batch")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not list(out.glob(".deepedit-tmp-*"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    done = {k for k, v in manifest["studies"].items() if v["state"] == "done"}
+    assert "running" not in {v["state"] for v in manifest["studies"].values()}
+    assert {p.name for p in out.iterdir() if p.is_dir()} == done  # no unrecorded study folder
+    assert not (out / ".deepedit-batch.lock").exists()
+    result = run_batch(inputs["main"], out, options=OPTIONS, resume=True)
+    assert result.exit_code == EXIT_OK and fb.output_differences(baseline[0], out) == []
 
 
 def test_resume_skips_intact_studies_and_redoes_damaged_ones(inputs, baseline, tmp_path):

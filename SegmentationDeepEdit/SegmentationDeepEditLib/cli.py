@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -413,6 +415,21 @@ _COMMANDS = {"annotate": _cmd_annotate, "segment": _cmd_segment, "models": _cmd_
              "evaluate": _cmd_evaluate, "batch": _cmd_batch}
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or service stop), turned into an exception so that the command cleans up as
+    after Ctrl-C: worker processes stopped, temporary files removed."""
+
+
+def _stop_on_sigterm():
+    """Install the SIGTERM handler (main thread only); returns the previous handler, or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Terminated()
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def _os_error_text(e: OSError) -> str:
     """``PATH: what went wrong`` for an operating-system error; a temporary file of ours is named by its folder."""
     path = e.filename
@@ -433,8 +450,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="deepedit: %(levelname)s: %(message)s")
     name = args.command
     t0 = time.perf_counter()
+    previous = _stop_on_sigterm()
     try:
         summary = _COMMANDS[name](args)
+    except _Terminated:
+        print(f"deepedit {name}: terminated", file=sys.stderr)
+        return 143
     except DeepEditError as e:
         if args.debug:
             raise
@@ -453,6 +474,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"deepedit {name}: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
         return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if args.json:
         summary = dict(summary, command=name, wall_seconds=round(time.perf_counter() - t0, 3))
         print(json.dumps(summary, indent=2, default=str))

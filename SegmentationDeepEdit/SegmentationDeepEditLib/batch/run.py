@@ -601,6 +601,13 @@ def _drive(plans: List[StudyPlan], inp: Path, out: Path, manifest: Manifest, opt
     except BaseException:
         manifest.reset_unfinished()
         manifest.save()
+        # what the interrupted studies left: their temporary folders, and any finished after the interrupt
+        # without being recorded (a resumed run would remove those too)
+        manifest.clean_temporary()
+        for plan, _fp in todo:
+            name = plan.study.name
+            if manifest.studies.get(name, {}).get("state") != "done" and (out / name).exists():
+                remove_tree(out / name)
         raise
 
     studies = [rows[p.study.name] for p in plans if p.study.name in rows]
@@ -627,24 +634,32 @@ def _run_processes(todo, inp: Path, out: Path, options: BatchOptions, step: Segm
     opts = _per_worker_threads(options, workers)
     ctx = mp.get_context("spawn")  # fresh interpreters: forking a process with live thread pools can deadlock
     pending = list(todo)
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(process_study, plan, str(inp), str(out), opts, step): (plan, fp) for plan, fp in pending}
-        try:
-            for fut in cf.as_completed(futures):
-                plan, fp = futures[fut]
-                try:
-                    res = fut.result()
-                except cf.process.BrokenProcessPool:
-                    res = _failed(plan.study.name, plan, "study", "the worker process died (out of memory?); "
-                                  "run again with --resume", [], [], time.perf_counter())
-                except Exception as e:  # noqa: BLE001
-                    res = _failed(plan.study.name, plan, "study", f"internal error: {type(e).__name__}: {e}", [], [],
-                                  time.perf_counter())
-                record(plan, fp, res)
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    futures = {pool.submit(process_study, plan, str(inp), str(out), opts, step): (plan, fp) for plan, fp in pending}
+    try:
+        for fut in cf.as_completed(futures):
+            plan, fp = futures[fut]
+            try:
+                res = fut.result()
+            except cf.process.BrokenProcessPool:
+                res = _failed(plan.study.name, plan, "study", "the worker process died (out of memory?); "
+                              "run again with --resume", [], [], time.perf_counter())
+            except Exception as e:  # noqa: BLE001
+                res = _failed(plan.study.name, plan, "study", f"internal error: {type(e).__name__}: {e}", [], [],
+                              time.perf_counter())
+            record(plan, fp, res)
+    except BaseException:
+        # interrupted (Ctrl-C, Cancel, SIGTERM): stop the studies now rather than let them finish unrecorded
+        for f in futures:
+            f.cancel()
+        workers_now = list((getattr(pool, "_processes", None) or {}).values())
+        for proc in workers_now:
+            proc.terminate()
+        for proc in workers_now:
+            proc.join(timeout=10)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _run_dask(todo, inp: Path, out: Path, options: BatchOptions, step: SegmentStep, scheduler, record) -> None:
