@@ -259,3 +259,30 @@ def test_discovery_of_a_missing_or_empty_input(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         discover_studies(tmp_path / "nope")
     assert discover_studies(tmp_path) == []
+
+
+def test_a_series_split_over_two_folders_is_one_series(tmp_path):
+    """CD and PACS exports split a series' files over folders (DIR000, DIR001): each folder's part was taken as a
+    series of its own, and the reference became the 55-slice tail of the T1c."""
+    from SegmentationDeepEditLib.batch.run import _read_series
+
+    inp = tmp_path / "in"
+    vol = _volume(10, size=(12, 10, 9))
+    p = PROTOCOL["t1c"]
+    files = write_dicom_series(vol, inp / "EXPORT" / "DIR000", study_uid="1.2.826.0.1.3680043.99.8",
+                               series_uid="1.2.826.0.1.3680043.99.8.1", description=p["description"], series_number=3,
+                               tags=p["tags"])
+    (inp / "EXPORT" / "DIR001").mkdir()
+    for f in sorted(files)[:4]:
+        f.rename(inp / "EXPORT" / "DIR001" / f.name)
+    p2 = PROTOCOL["flair"]
+    write_dicom_series(_volume(30), inp / "EXPORT" / "DIR001", study_uid="1.2.826.0.1.3680043.99.8",
+                       series_uid="1.2.826.0.1.3680043.99.8.2", description=p2["description"], series_number=4,
+                       tags=p2["tags"], prefix="FL")
+    studies = discover_studies(inp)
+    assert [s.name for s in studies] == ["EXPORT"]
+    series = {s.number: s for s in studies[0].series}
+    assert sorted(series) == [3, 4] and len(series[3].files) == 9 and len(series[4].files) == 6
+    img = _read_series(series[3])
+    assert img.GetSize() == (12, 10, 9)
+    assert np.array_equal(sitk.GetArrayViewFromImage(img), sitk.GetArrayViewFromImage(vol))

@@ -701,7 +701,13 @@ class _Slice:
 
 
 def _scan_dicom_folder(folder: Path) -> Tuple[Dict[str, Tuple[Any, List[_Slice]]], Dict[str, int]]:
-    """Read the headers of the files directly in ``folder`` (not in sub-folders).
+    """Read the headers of the files directly in ``folder`` (not in sub-folders); see :func:`_scan_dicom_files`."""
+    entries = sorted((e for e in os.scandir(folder) if e.is_file()), key=lambda e: e.name)
+    return _scan_dicom_files([Path(e.path) for e in entries])
+
+
+def _scan_dicom_files(paths: Sequence[Path]) -> Tuple[Dict[str, Tuple[Any, List[_Slice]]], Dict[str, int]]:
+    """Read the headers of ``paths`` (files, possibly from several folders).
 
     Returns:
         series UID -> (first dataset's description/modality, list of slices), and counts
@@ -716,13 +722,13 @@ def _scan_dicom_folder(folder: Path) -> Tuple[Dict[str, Tuple[Any, List[_Slice]]
     def skip(reason: str) -> None:
         skipped[reason] = skipped.get(reason, 0) + 1
 
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if not entry.is_file() or entry.name.upper() == "DICOMDIR":
-            if entry.is_file():
-                skip("DICOMDIR")
+    for entry in paths:
+        entry = Path(entry)
+        if entry.name.upper() == "DICOMDIR":
+            skip("DICOMDIR")
             continue
         try:
-            ds = pydicom.dcmread(entry.path, stop_before_pixels=True, specific_tags=_DICOM_TAGS)
+            ds = pydicom.dcmread(str(entry), stop_before_pixels=True, specific_tags=_DICOM_TAGS)
         except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError):
             skip("not DICOM")
             continue
@@ -755,7 +761,7 @@ def _scan_dicom_folder(folder: Path) -> Tuple[Dict[str, Tuple[Any, List[_Slice]]
         if not uid or position.shape != (3,) or orientation.shape != (6,):
             skip("DICOM without image geometry")
             continue
-        sl = _Slice(Path(entry.path), position, orientation, rows, columns, pixel_spacing, samples)
+        sl = _Slice(entry, position, orientation, rows, columns, pixel_spacing, samples)
         if uid not in series:
             description = str(ds.get("SeriesDescription", "") or "")
             series[uid] = ({"description": description, "modality": modality}, [])
@@ -831,8 +837,9 @@ def read_dicom_series(
     *,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     what: str = "image",
+    files: Optional[Sequence[PathLike]] = None,
 ) -> sitk.Image:
-    """Read one DICOM image series from a folder as a 3D image.
+    """Read one DICOM image series from a folder (or from ``files``) as a 3D image.
 
     The slices are sorted by position along the slice normal (not by file name or
     InstanceNumber) and refused when they differ in orientation, size or pixel spacing,
@@ -847,6 +854,8 @@ def read_dicom_series(
         series_uid: SeriesInstanceUID to read; needed when the folder holds several series.
         max_voxels: largest accepted number of voxels (rows x columns x slices).
         what: what the image is, used in error messages.
+        files: read these files instead of the folder's (a series whose files an export split
+            over several folders); ``folder`` then only names the series in messages.
 
     Returns:
         The image (spacing in mm, origin = ImagePositionPatient of the first slice, LPS).
@@ -859,7 +868,7 @@ def read_dicom_series(
     p = Path(folder).expanduser()
     if not p.is_dir():
         raise InputError(f"the {what} DICOM folder does not exist" if not p.exists() else "is not a folder", p)
-    series, skipped = _scan_dicom_folder(p)
+    series, skipped = _scan_dicom_folder(p) if files is None else _scan_dicom_files([Path(f) for f in files])
     infos = _series_infos(series)
     if not infos:
         detail = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))

@@ -7,7 +7,8 @@ Rules:
   path inside the input folder (``sub-01/ses-1/anat`` -> ``sub-01_ses-1_anat``), or after the
   input folder itself for files directly in it.
 - DICOM files are split by SeriesInstanceUID (:func:`imageio.list_dicom_series`, one folder at
-  a time) and grouped into studies by StudyInstanceUID. A study is named after the top-level
+  a time; a series whose files lie in several folders, as CD and PACS exports split them, is
+  joined into one) and grouped into studies by StudyInstanceUID. A study is named after the top-level
   folder (inside the input folder) that holds its files; when that folder holds several
   studies, or the files lie directly in the input folder, a short hash of the
   StudyInstanceUID is appended. UIDs themselves never appear in names or reports.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -208,6 +209,22 @@ def discover_studies(input_dir: Path) -> List[Study]:
                        protocol=str(hdr.get("ProtocolName") or ""), number=number, series_uid=info.series_uid,
                        header={k: hdr[k] for k in _HEADER_KEYS if k in hdr}, files=tuple(str(f) for f in info.files))
             dicom.setdefault(study_uid, []).append((top, s))
+
+    # one series whose files an export (CD, PACS) split over several folders is read as one
+    for uid, items in dicom.items():
+        by_series: Dict[str, List[Tuple[Path, Series]]] = {}
+        for top, s in items:
+            by_series.setdefault(s.series_uid, []).append((top, s))
+        if all(len(parts) == 1 for parts in by_series.values()):
+            continue
+        joined = []
+        for parts in by_series.values():
+            top, first = parts[0]
+            if len(parts) > 1:
+                files = tuple(f for _, part in parts for f in part.files)
+                first = replace(first, files=files)
+            joined.append((top, first))
+        dicom[uid] = joined
 
     # name the studies
     dicom_tops = {t for items in dicom.values() for t, _ in items}

@@ -183,8 +183,8 @@ def _clean(text: str, root: Path, series: Any = ()) -> str:
 
 def _read_series(s: Series) -> sitk.Image:
     what = f"series {s.describe()}"
-    if s.kind == "dicom":
-        return read_dicom_series(s.path, s.series_uid, what=what)
+    if s.kind == "dicom":  # its own files: they may lie in several folders
+        return read_dicom_series(s.path, s.series_uid, what=what, files=s.files)
     return read_image(s.path, what=what)
 
 
