@@ -89,6 +89,37 @@ def test_models_dir_env_lists_and_finds_bundles(tiny_bundle, monkeypatch):
         B.load_bundle("nope")
 
 
+def test_a_user_bundle_in_a_folder_named_other_than_its_id_overrides_the_shipped_one(tmp_path, monkeypatch, capsys):
+    """`models list` went by id and found the user's bundle, while `annotate`, `verify` and every other command went
+    by folder name first and used the shipped one."""
+    from SegmentationDeepEditLib.cli import main
+
+    meta = tiny_meta(B.DEFAULT_ANNOTATION_MODEL)
+    user = B.save_bundle(tmp_path / "models" / "my-retrained", meta, B.build_network(meta).state_dict(), "# card\n")
+    monkeypatch.setenv("DEEPEDIT_MODELS_DIR", str(tmp_path / "models"))
+    listed = {b.id: b.path for b in B.list_bundles()}
+    assert listed[B.DEFAULT_ANNOTATION_MODEL] == user.path
+    assert B.load_bundle(B.DEFAULT_ANNOTATION_MODEL).path == user.path == B.load_bundle(None).path
+    assert main(["models", "verify", B.DEFAULT_ANNOTATION_MODEL, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verified"][0]["sha256"] == B.sha256_of(user.weights_path)
+    # a bundle without a model card fails verify, and the others are still checked and reported
+    (user.path / "README.md").unlink()
+    assert main(["models", "verify"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out and "liver-lesion" in captured.out and " ok " in captured.out
+    assert "1 of 5 bundle(s) failed verification" in captured.err and "model card README.md is missing" in captured.err
+
+
+def test_a_trained_bundle_without_a_card_in_its_config_gets_a_draft_card(tmp_path):
+    meta = tiny_meta("drafted")
+    config = {"steps": 3, "seed": 4, "data": [{"synthetic": "brain", "cases": 2, "seed": 9},
+                                              {"image": "a/t1c.nii.gz", "label": "a/seg.nii.gz"}]}
+    card = B.draft_card(meta, config)
+    assert card.startswith("# Model card (draft): drafted 0.0.1") and "3 steps, seed 4" in card
+    assert "2 generated brain cases (seed 9)" in card and "a/t1c.nii.gz with label a/seg.nii.gz" in card
+    assert "licences of the real training data" in card
+
+
 def test_bundled_models_verify():
     bundles = B.list_bundles()
     assert any(b.id == B.DEFAULT_ANNOTATION_MODEL for b in bundles), "the default annotation model is not bundled"

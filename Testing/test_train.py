@@ -115,8 +115,12 @@ def test_cases_generated_in_worker_processes_equal_the_serial_ones(tmp_path):
             assert x.GetDirection() == y.GetDirection() and x.GetSpacing() == y.GetSpacing()
             assert np.array_equal(sitk.GetArrayViewFromImage(x), sitk.GetArrayViewFromImage(y))
     # the command line passes --workers to the annotation trainer too
+    cfg = _config()
+    del cfg["card"]  # no card in the config (as in the presets): the bundle gets a draft, and verifies
     cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(_config()))
+    cfg_path.write_text(json.dumps(cfg))
     assert main(["train", str(cfg_path), "--run-dir", str(tmp_path / "run"), "--steps", "2", "--workers", "2",
                  "--json"]) == 0
     assert len(_losses(tmp_path / "run")) == 2
+    assert (tmp_path / "run" / "bundle" / "README.md").read_text().startswith("# Model card (draft): tiny-train")
+    assert verify_bundle(tmp_path / "run" / "bundle")["id"] == "tiny-train"

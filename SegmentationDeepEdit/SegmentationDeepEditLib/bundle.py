@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +27,7 @@ from .jsonfile import read_json
 
 __all__ = [
     "Bundle", "models_dirs", "list_bundles", "load_bundle", "verify_bundle", "build_network",
-    "load_network", "get_network", "save_bundle", "sha256_of", "DEFAULT_ANNOTATION_MODEL", "CT_ANNOTATION_MODEL",
+    "load_network", "get_network", "save_bundle", "draft_card", "sha256_of", "DEFAULT_ANNOTATION_MODEL", "CT_ANNOTATION_MODEL",
 ]
 
 DEFAULT_ANNOTATION_MODEL = "deepedit-extreme-points"
@@ -93,6 +94,15 @@ def _read_meta(folder: Path) -> Dict[str, Any]:
     return meta
 
 
+def _declared_id(folder: Path) -> Optional[str]:
+    """The id a bundle folder's metadata.json declares (read without validation), or None."""
+    try:
+        meta = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta.get("id") if isinstance(meta, dict) else None
+
+
 def list_bundles() -> List[Bundle]:
     """All valid bundles found (invalid ones are skipped; ``verify_bundle`` reports them)."""
     found: Dict[str, Bundle] = {}
@@ -119,14 +129,20 @@ def load_bundle(id_or_path: Union[str, Path, Bundle, None] = None) -> Bundle:
     p = Path(key)
     if p.is_dir():
         return Bundle(p.resolve(), _read_meta(p))
-    for d in models_dirs():
+    dirs = models_dirs()
+    for d in dirs:  # by id, the first models folder first: the bundle `deepedit models list` shows
+        for sub in sorted(d.iterdir()):
+            if _declared_id(sub) == key:
+                try:
+                    return Bundle(sub.resolve(), _read_meta(sub))
+                except ModelError:
+                    if any(b.id == key for b in list_bundles()):
+                        continue  # an invalid copy: the valid one further on is the one listed
+                    raise
+    for d in dirs:  # a folder name that is no bundle's id (an invalid bundle reports its problem)
         if (d / key / "metadata.json").is_file():
             return Bundle((d / key).resolve(), _read_meta(d / key))
-    bundles = list_bundles()
-    for b in bundles:  # a folder named other than its id
-        if b.id == key:
-            return b
-    known = ", ".join(b.id for b in bundles) or "none"
+    known = ", ".join(b.id for b in list_bundles()) or "none"
     raise ModelError(f"unknown model {key!r} (installed: {known}; see `deepedit models list`)")
 
 
@@ -249,6 +265,25 @@ def verify_bundle(bundle: Union[str, Path, Bundle]) -> Dict[str, Any]:
     n_params = sum(p.numel() for p in net.parameters())
     return {"id": b.id, "version": b.version, "task": b.task, "path": str(b.path),
             "parameters": n_params, "weights_bytes": b.weights_path.stat().st_size, "sha256": b.meta["weights"]["sha256"]}
+
+
+def draft_card(meta: Dict[str, Any], config: Dict[str, Any], config_path: Optional[Path] = None) -> str:
+    """A draft model card for a bundle a training run wrote without one: what it was trained on and how,
+    and what is still to be written before it is shared (data licences, Dice on real data)."""
+    lines = [f"# Model card (draft): {meta.get('id')} {meta.get('version', '')}".rstrip(), "",
+             f"Written by `deepedit train{' ' + str(config_path) if config_path else ''}`"
+             f" on {time.strftime('%Y-%m-%d')}: {config.get('steps')} steps, seed {config.get('seed', 0)}.", "",
+             "## Training data", ""]
+    for src in config.get("data", []):
+        if "synthetic" in src:
+            lines.append(f"- {src.get('cases')} generated {src['synthetic']} cases (seed {src.get('seed', 0)})")
+        else:
+            lines.append(f"- {src.get('image') or ', '.join(src.get('images', {}).values())} with label {src.get('label')}")
+    lines += ["", "## Still to write before sharing", "",
+              "- the licences of the real training data and what they allow for these weights;",
+              "- Dice measured on real cases not used in training (`deepedit evaluate`), seconds and memory;",
+              "- intended use and known weaknesses.", ""]
+    return "\n".join(lines)
 
 
 def save_bundle(folder: Path, meta: Dict[str, Any], state_dict: Dict[str, Any], card: Optional[str] = None) -> Bundle:

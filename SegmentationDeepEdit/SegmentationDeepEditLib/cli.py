@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import DeepEditError, InputError
+from .errors import DeepEditError, InputError, ModelError
 
 __all__ = ["main", "build_parser"]
 
@@ -268,20 +268,31 @@ def _cmd_models(args) -> dict:
 
     if args.models_command == "list":
         rows = [{"id": b.id, "version": b.version, "task": b.task, "name": b.name, "description": b.description,
+                 "inputs": [i["name"] + (" (optional)" if i.get("optional") else "") for i in b.meta["inputs"]],
                  "path": str(b.path)} for b in list_bundles()]
         if not args.json:
             if not rows:
                 print("no model bundles found")
             for r in rows:
-                print(f"{r['id']:32s} {r['version']:8s} {r['task']:12s} {r['name']}")
+                print(f"{r['id']:32s} {r['version']:8s} {r['task']:12s} {r['name']}\n{'':32s} inputs: "
+                      f"{', '.join(r['inputs'])}; {r['path']}")
         return {"models": rows}
     ids = args.ids or [b.id for b in list_bundles()]
-    results = []
-    for i in ids:
-        info = verify_bundle(i)
+    results, failed = [], []
+    for i in ids:  # every bundle is checked, then the failures are reported together
+        try:
+            info = verify_bundle(i)
+        except ModelError as e:
+            failed.append({"id": i, "error": str(e)})
+            if not args.json:
+                print(f"{i:32s} FAILED  {e}")
+            continue
         results.append(info)
         if not args.json:
             print(f"{info['id']:32s} ok  {info['parameters']:,} parameters, weights {info['weights_bytes'] / 1e6:.1f} MB, sha256 {info['sha256'][:16]}...")
+    if failed:
+        raise ModelError(f"{len(failed)} of {len(ids)} bundle(s) failed verification: "
+                         + "; ".join(f["error"] for f in failed))
     return {"verified": results}
 
 

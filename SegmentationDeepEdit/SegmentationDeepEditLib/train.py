@@ -37,7 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .annotate import guidance_sigma_mm, prepare_input
-from .bundle import build_network, save_bundle
+from .bundle import build_network, draft_card, save_bundle
 from .errors import InputError
 from .geometry import resample_to_grid
 from .imageio import read_image
@@ -357,6 +357,6 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
     meta.setdefault("metrics", {})["validation_dice_model_grid"] = round(val, 4) if val == val else None
     meta["training"] = dict(meta.get("training", {}), steps=total, seed=seed)
     out = Path(bundle_dir) if bundle_dir else run_dir / "bundle"
-    bundle = save_bundle(out, meta, net.state_dict(), config.get("card"))
+    bundle = save_bundle(out, meta, net.state_dict(), config.get("card") or draft_card(meta, config))
     return {"steps": total, "validation_dice": val, "bundle": str(bundle.path), "log": str(log_path),
             "checkpoint": str(ckpt_path), "final_loss": float(np.mean(losses[-20:])) if losses else None}

@@ -54,7 +54,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .bundle import build_network, save_bundle
+from .bundle import build_network, draft_card, save_bundle
 from .train import load_checkpoint, save_checkpoint
 from .errors import InputError, ModelError
 from .geometry import resample_to_grid
@@ -455,6 +455,7 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
         if averaged:
             meta["training"]["averaged_weights"] = {"snapshots": int(averaged["n"]), **avg_cfg}
             summary["averaged_snapshots"] = int(averaged["n"])
-        b = save_bundle(Path(bundle_dir) if bundle_dir else run_dir / "bundle", meta, _weights_of(net))
+        b = save_bundle(Path(bundle_dir) if bundle_dir else run_dir / "bundle", meta, _weights_of(net),
+                        config.get("card") or draft_card(meta, config))
         summary["bundle"] = str(b.path)
     return summary
