@@ -213,3 +213,16 @@ def test_train_config_not_an_object_or_run_folder_a_file(tmp_path, capsys):
     cfg = _train_config(tmp_path)
     code, err = run(capsys, "train", cfg, "--run-dir", cfg)
     assert code == 1 and "is a file" in err and not (tmp_path / "run").exists(), err
+
+
+def test_annotate_names_the_segment_as_asked(case, capsys):
+    """The models are class-agnostic: a liver outlined with six points was always written as 'Tumor core'."""
+    import slicerio
+
+    out = case / "liver.seg.nrrd"
+    code, err = run(capsys, *_annotate(case, case / "img.nii.gz", out=out), "--name", "Liver")
+    assert code == 0, err
+    seg = slicerio.read_segmentation(str(out))["segments"][0]
+    assert seg["name"] == "Liver" and "terminology" not in seg  # the model's 'Mass' terminology is not kept
+    code, err = run(capsys, *_annotate(case, case / "img.nii.gz", out=case / "default.seg.nrrd"))
+    assert code == 0 and slicerio.read_segmentation(str(case / "default.seg.nrrd"))["segments"][0]["name"] == "Tumor core"

@@ -156,7 +156,7 @@ def test_input_names_accept_the_usual_other_names_and_file_names():
         resolve_input_names(meta, [("flair", 1), ("t2f", 2)])
     # a one-input bundle takes any single file
     got, notes = resolve_input_names(_regions(LIVER), [(None, "/d/abdomen.nii.gz")])
-    assert got == {"ct": "/d/abdomen.nii.gz"} and notes == []
+    assert got == {"ct": "/d/abdomen.nii.gz"} and notes == ["file 'abdomen.nii.gz' taken as input 'ct' (the model's only input)"]
 
 
 def test_cli_segment_with_brats2023_file_names_equals_the_named_run(tmp_path, capsys):

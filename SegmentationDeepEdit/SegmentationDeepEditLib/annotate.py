@@ -81,8 +81,14 @@ class AnnotationResult:
     warnings: List[str] = field(default_factory=list)
     terminology: Optional[str] = None
 
-    def segment_description(self) -> Dict[str, Any]:
-        """The mask's segment (value 1) as :func:`imageio.write_segmentation` takes it."""
+    def segment_description(self, name: Optional[str] = None) -> Dict[str, Any]:
+        """The mask's segment (value 1) as :func:`imageio.write_segmentation` takes it.
+
+        ``name``: the segment's name instead of the model's label (the models are class-agnostic: a
+        liver outlined with six points is no "Tumor core"); the label's terminology then goes too.
+        """
+        if name and name != self.segment_name:
+            return {"value": 1, "name": name, "color": tuple(self.color)}
         return {"value": 1, "name": self.segment_name, "color": tuple(self.color), "terminology": self.terminology}
 
     @property

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation; about 4x slower)")
     a.add_argument("--positive", help="corrective clicks inside what is missing (point file), for models that take them")
     a.add_argument("--negative", help="corrective clicks inside what is wrong (point file), for models that take them")
+    a.add_argument("--name", default=None, help="name of the segment in the output (default: the model's label, "
+                   "'Tumor core'; the models are class-agnostic: e.g. --name Liver)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     s = sub.add_parser("segment", parents=[common], formatter_class=fmt, help="run an automatic segmentation model",
@@ -82,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", parents=[common], formatter_class=fmt, help="list or verify model bundles",
                        epilog=_examples("deepedit models list", "deepedit models verify"))
     msub = m.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    msub.add_parser("list", parents=[common], help="list installed bundles")
-    v = msub.add_parser("verify", parents=[common], help="check metadata, model card, weights hash and that the weights load")
+    msub.add_parser("list", parents=[common], formatter_class=fmt, help="list installed bundles (id, version, inputs, folder)",
+                    epilog=_examples("deepedit models list", "DEEPEDIT_MODELS_DIR=my-models deepedit models list --json"))
+    v = msub.add_parser("verify", parents=[common], formatter_class=fmt,
+                        help="check metadata, model card, weights hash and that the weights load",
+                        epilog=_examples("deepedit models verify", "deepedit models verify liver-lesion"))
     v.add_argument("ids", nargs="*", help="bundle ids or folders (default: all)")
 
     t = sub.add_parser("train", parents=[common], formatter_class=fmt, help="train a model bundle from a config file",
@@ -102,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "cases (0: one per CPU core; the cases are the same whatever the number; default 1)")
 
     e = sub.add_parser("evaluate", parents=[common], formatter_class=fmt,
-                       help="Dice of an annotation model on cases with a ground truth, with simulated corrective clicks",
+                       help="Dice of a model on cases with a ground truth (annotation models: six points and simulated "
+                            "corrective clicks; automatic models: per region and TTA level)",
                        epilog=_examples("deepedit evaluate --cases Resources/Evaluation/real-annotation-cases.json -o eval-out --clicks 5"))
     e.add_argument("--cases", required=True, help="cases file (JSON: image, label, convention, regions per case)")
     e.add_argument("-o", "--output", required=True, help="output folder for per_case.csv, summary.csv, summary.json")
@@ -179,7 +185,7 @@ def _cmd_annotate(args) -> dict:
     with StageProgress("annotate", enabled=not args.json) as bar:
         r = annotate(image, pts, args.model, device=args.device, tta=args.tta, positive=pos, negative=neg,
                      points_source=args.points, progress=bar)
-    write_segmentation(r.mask, out, [r.segment_description()], overwrite=args.overwrite)
+    write_segmentation(r.mask, out, [r.segment_description(args.name)], overwrite=args.overwrite)
     for w in r.warnings:
         print(f"deepedit annotate: warning: {w}", file=sys.stderr)
     return {"output": str(out), "model": r.model_id, "model_version": r.model_version, "device": r.device,

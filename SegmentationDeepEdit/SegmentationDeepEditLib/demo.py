@@ -82,7 +82,7 @@ def run_demo(out_dir: Path, *, seed: int = 7, kind: str = "brain", model: Option
         write_image(image, tmp / "image.nrrd")
         target = "Tumor core" if kind == "brain" else "Liver"
         write_segmentation(truth, tmp / "truth.seg.nrrd", [{"value": 1, "name": f"{target} (truth)", "color": (0.2, 0.9, 0.3)}])
-        write_segmentation(result.mask, tmp / "segmentation.seg.nrrd", [result.segment_description()])
+        write_segmentation(result.mask, tmp / "segmentation.seg.nrrd", [result.segment_description(target)])
         (tmp / "points.json").write_text(write_points_json(pts), encoding="utf-8")
         render_overlay(image, [result.mask, truth], tmp / "overview.png",
                        title=f"demo {kind} seed {seed}: {channel}, Dice {d:.3f} ({result.model_id} {result.model_version})")

@@ -137,7 +137,7 @@ def resolve_input_names(meta: dict, given: Sequence[Tuple[Optional[str], Any]], 
         if name is None:
             fname = Path(str(value)).name
             if len(declared) == 1:
-                target, how = declared[0], None
+                target, how = declared[0], f"file {fname!r} taken as input {declared[0]!r} (the model's only input)"
             else:
                 ident = identify(file_name=fname)
                 target = ident.sequence if ident.sequence in declared else None
