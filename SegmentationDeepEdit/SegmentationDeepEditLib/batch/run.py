@@ -652,6 +652,7 @@ def _run_processes(todo, inp: Path, out: Path, options: BatchOptions, step: Segm
         # interrupted (Ctrl-C, Cancel, SIGTERM): stop the studies now rather than let them finish unrecorded
         for f in futures:
             f.cancel()
+        # the pool's processes: a private attribute (Python < 3.14 has no public way to stop running tasks)
         workers_now = list((getattr(pool, "_processes", None) or {}).values())
         for proc in workers_now:
             proc.terminate()
