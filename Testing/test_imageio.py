@@ -359,9 +359,23 @@ def test_dicom_folder_with_two_series_says_what_to_do(shared_data, tmp_path):
     assert err.value.path == str(tmp_path / "mixed")
     message = err.value.message
     assert "2 DICOM series" in message and "give a folder that holds only the one you mean" in message
+    assert "deepedit batch" in message  # MRI series: the batch sorts them
     for info in infos:
         assert info.series_uid in message
     assert message.count("4 files") == 2
+    # two CT series (a scan and its copy as a second series): the brain-MRI batch is not offered
+    import pydicom
+
+    ct = tmp_path / "ct"
+    ct.mkdir()
+    for f in sorted((shared_data / "dicom" / "ct-3slice-liver").glob("0*.dcm")):
+        for k in (1, 2):
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID = ds.SeriesInstanceUID + f".{k}"
+            ds.save_as(ct / f"{k}-{f.name}")
+    with pytest.raises(InputError) as err:
+        read_image(ct)
+    assert "2 DICOM series" in err.value.message and "deepedit batch" not in err.value.message
     ds = pydicom.dcmread(infos[0].files[0], stop_before_pixels=True)
     if str(ds.get("PatientName", "")):
         assert str(ds.PatientName) not in message

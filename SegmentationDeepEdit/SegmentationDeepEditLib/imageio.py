@@ -878,10 +878,12 @@ def read_dicom_series(
         raise InputError(f"no DICOM image series found in the {what} folder ({detail})", p)
     if series_uid is None:
         if len(infos) > 1:
+            mri = all(i.modality.upper() == "MR" for i in infos)  # the batch sorts brain MRI series, not CT
             raise InputError(
                 f"the {what} folder holds {len(infos)} DICOM series; give a folder that holds only the one you "
-                "mean (move each series' files into a folder of its own), or run `deepedit batch` on it, which sorts "
-                "series by itself. The series: " + _describe_series(infos),
+                "mean (move each series' files into a folder of its own)"
+                + (", or run `deepedit batch` on it, which sorts MRI series by itself" if mri else "")
+                + ". The series: " + _describe_series(infos),
                 p,
             )
         info = infos[0]
