@@ -100,8 +100,7 @@ class _about_case:
 
     def __exit__(self, kind, exc, tb):
         if isinstance(exc, InputError) and exc.path is None:
-            msg = exc.message.replace("give each as --input NAME=PATH; ", "add it to the case's 'images'; ")
-            raise InputError(f"case {self.case.name!r}: {msg}", self.case.source) from None
+            raise InputError(f"case {self.case.name!r}: {exc.message}", self.case.source) from None
         return False
 
 
@@ -319,7 +318,7 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
     for ci, case in enumerate(cases):
         with _about_case(case):
             paths, _ = resolve_input_names(bundle.meta, list(case.images.items()), ignore_unknown=True)
-            check_input_names(bundle.meta, paths)
+            check_input_names(bundle.meta, paths, how="add each to the case's 'images'")
             unknown = [r for r in case.regions if r not in CONVENTIONS[out_conv]]
             if unknown:
                 raise InputError(f"model {bundle.id!r} has no region {unknown[0]!r} (its regions: "

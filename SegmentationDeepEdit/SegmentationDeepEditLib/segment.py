@@ -179,8 +179,10 @@ def resolve_input_names(meta: dict, given: Sequence[Tuple[Optional[str], Any]], 
     return out, notes
 
 
-def check_input_names(meta: dict, names) -> None:
+def check_input_names(meta: dict, names, how: str = "give each as --input NAME=PATH") -> None:
     """Refuse input names the bundle does not declare, and missing required inputs (before any image is read).
+
+    ``how`` tells the user how to give a missing input (the command line's way by default).
 
     Raises:
         InputError: naming the bundle's inputs.
@@ -193,7 +195,7 @@ def check_input_names(meta: dict, names) -> None:
                          f"{', '.join(_describe_input(s) for s in specs)}")
     missing = [s["name"] for s in specs if s["name"] not in names and not s.get("optional")]
     if missing:
-        raise InputError(f"model {meta['id']!r} needs input(s) {', '.join(missing)} (give each as --input NAME=PATH; "
+        raise InputError(f"model {meta['id']!r} needs input(s) {', '.join(missing)} ({how}; "
                          f"its inputs are {', '.join(_describe_input(s) for s in specs)})")
 
 
