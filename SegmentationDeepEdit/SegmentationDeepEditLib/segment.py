@@ -648,6 +648,34 @@ def volume_warnings(meta: dict, label: np.ndarray, voxel_ml: float) -> List[str]
     return out
 
 
+def edge_warnings(meta: dict, label: np.ndarray, axial_axis: int = 0) -> List[str]:
+    """Warnings from the bundle's ``segmentation.edge_checks``: a structure that reaches the edge of the
+    scan (more than ``max_fraction`` of its voxels on the outer faces of the reference grid) is cut
+    by the field of view: its volume is a lower bound and its boundary there is not its own.
+    ``message`` is formatted with ``fraction`` and ``where`` (the first or last slice, the side)."""
+    out = []
+    for chk in _seg(meta).get("edge_checks", []):
+        inside = np.isin(label, chk["values"])
+        total = int(np.count_nonzero(inside))
+        if total == 0:
+            continue
+        on_face = np.zeros_like(inside)
+        where = []
+        for axis in range(3):
+            faces = [0, inside.shape[axis] - 1]
+            hit = np.take(inside, faces, axis=axis)
+            if hit.any():
+                where.append("the first or last slice" if axis == axial_axis else "the side of the field of view")
+                idx = [slice(None)] * 3
+                for f in faces:
+                    idx[axis] = f
+                    on_face[tuple(idx)] |= inside[tuple(idx)]
+        fraction = np.count_nonzero(on_face) / total
+        if fraction > float(chk["max_fraction"]):
+            out.append(chk["message"].format(fraction=fraction, where=" and ".join(dict.fromkeys(where))))
+    return out
+
+
 def _postprocess(meta: dict, probs: np.ndarray, mgrid: Grid, ref: sitk.Image) -> np.ndarray:
     """Probabilities on the model grid -> label array on the reference grid (channel by channel)."""
     seg = _seg(meta)
@@ -764,6 +792,7 @@ def segment_images(
     if not out.any():
         warnings.append("the model found nothing: check that the inputs are the sequences the model expects")
     warnings.extend(volume_warnings(meta, out, voxel_ml))
+    warnings.extend(edge_warnings(meta, out, axial_array_axis(ref)))
     warnings.extend(intensity_warnings(meta, out, aligned))
     t3 = time.perf_counter()
     report("done", 1.0)
