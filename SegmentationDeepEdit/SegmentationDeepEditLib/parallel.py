@@ -7,9 +7,9 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
-__all__ = ["ordered_results", "worker_count"]
+__all__ = ["ordered_results", "sources_in_order", "worker_count"]
 
 
 def worker_count(workers: int, jobs: int) -> int:
@@ -35,3 +35,18 @@ def ordered_results(fn: Callable, jobs: Sequence[tuple], workers: int = 1) -> It
         yield (f.result() for f in futures)
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def sources_in_order(sources: Sequence[dict], jobs_of: Callable[[dict], List[tuple]], fn: Callable,
+                     workers: int = 1) -> Iterator[Tuple[dict, Optional[tuple], Any]]:
+    """A training config's sources in its order: ``(source, job, fn(*job))`` for each job of a generated
+    source (``"synthetic"`` in it; its jobs from ``jobs_of``, run in ``workers`` processes), and
+    ``(source, None, None)`` for each other source, which the caller loads itself."""
+    jobs = [job for src in sources if "synthetic" in src for job in jobs_of(src)]
+    with ordered_results(fn, jobs, workers) as results:
+        for src in sources:
+            if "synthetic" not in src:
+                yield src, None, None
+                continue
+            for job in jobs_of(src):
+                yield src, job, next(results)

@@ -44,7 +44,7 @@ from .imageio import read_image
 from .jsonfile import read_json
 from .labels import values_mask
 from .metrics import dice
-from .parallel import ordered_results
+from .parallel import sources_in_order
 from .points import extreme_points_from_mask
 
 __all__ = ["TrainCase", "load_config", "build_cases", "make_sample", "train", "save_checkpoint", "load_checkpoint"]
@@ -120,24 +120,19 @@ def build_cases(sources: List[dict], data_root: Path, progress=None, workers: in
         return [(src["synthetic"], s, src.get("options", {}), src.get("objects", []))
                 for s in range(first, first + int(src["cases"]))]
 
-    jobs = [job for src in sources if "synthetic" in src for job in jobs_of(src)]
     cases: List[TrainCase] = []
-    with ordered_results(_synthetic_train_cases, jobs, workers) as generated:
-        for src in sources:
-            if "synthetic" in src:
-                for _ in jobs_of(src):
-                    cases.extend(next(generated))
-                    if progress:
-                        progress(1)
-                continue
+    for src, job, generated in sources_in_order(sources, jobs_of, _synthetic_train_cases, workers):
+        if job is not None:
+            cases.extend(generated)
+        else:
             img = read_image(data_root / src["image"])
             label = read_image(data_root / src["label"], what="label")
             for obj, values in src["objects"].items():
                 m = values_mask(label, values)
                 if sitk.GetArrayViewFromImage(m).any():
                     cases.append(TrainCase(f"{src['image']}:{obj}", [img], {obj: m}))
-            if progress:
-                progress(1)
+        if progress:
+            progress(1)
     return cases
 
 

@@ -60,7 +60,7 @@ from .errors import InputError, ModelError
 from .geometry import resample_to_grid
 from .imageio import atomic_output, read_image
 from .labels import CONVENTIONS, check_label_values
-from .parallel import ordered_results
+from .parallel import sources_in_order
 from .segment import model_grid, predict_volume, prepare_volume
 
 __all__ = ["SegCase", "build_seg_cases", "targets_for", "train_segmentation", "sample_batch"]
@@ -144,33 +144,31 @@ def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: P
     worker processes; each case depends only on its seed, so the cases and their order are the
     same as with one.
     """
-    def jobs_of(src):  # (kind, seed, options, weight) of each generated case of a source
+    spacings = spacings or [None]
+
+    def jobs_of(src):  # (kind, seed, options, weight, meta, targets, spacings) of each generated case of a source
         first = int(src.get("seed", 0))
-        return [(src["synthetic"], s, src.get("options", {}), float(src.get("weight", 1.0)))
+        return [(src["synthetic"], s, src.get("options", {}), float(src.get("weight", 1.0)), meta, targets, spacings)
                 for s in range(first, first + int(src["cases"]))]
 
-    spacings = spacings or [None]
-    jobs = [job + (meta, targets, spacings) for src in sources if "synthetic" in src for job in jobs_of(src)]
     cases: List[SegCase] = []
-    with ordered_results(_synthetic_cases, jobs, workers) as generated:
-        for src in sources:
-            if "synthetic" in src:
-                for job in jobs_of(src):
-                    cases.extend(next(generated))
-                    if progress:
-                        progress(f"synthetic-{job[0]}-{job[1]}")
-                continue
-            images = {}
-            for name, rel in src["images"].items():
-                images[name] = read_image(Path(data_root) / rel)
-            label = read_image(Path(data_root) / src["label"], what="label")
-            conv = src["convention"]
-            check_label_values(label, conv, Path(data_root) / src["label"])
-            for sp in spacings:
-                cases.append(_prepare_case(src.get("name", src["label"]), images, label, conv, meta, targets, sp))
-                cases[-1].weight = float(src.get("weight", 1.0))
+    for src, job, generated in sources_in_order(sources, jobs_of, _synthetic_cases, workers):
+        if job is not None:
+            cases.extend(generated)
             if progress:
-                progress(src.get("name", src["label"]))
+                progress(f"synthetic-{job[0]}-{job[1]}")
+            continue
+        images = {}
+        for name, rel in src["images"].items():
+            images[name] = read_image(Path(data_root) / rel)
+        label = read_image(Path(data_root) / src["label"], what="label")
+        conv = src["convention"]
+        check_label_values(label, conv, Path(data_root) / src["label"])
+        for sp in spacings:
+            cases.append(_prepare_case(src.get("name", src["label"]), images, label, conv, meta, targets, sp))
+            cases[-1].weight = float(src.get("weight", 1.0))
+        if progress:
+            progress(src.get("name", src["label"]))
     return cases
 
 
