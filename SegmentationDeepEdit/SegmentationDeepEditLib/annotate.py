@@ -300,6 +300,7 @@ def annotate(
     negative: Optional[np.ndarray] = None,
     points_source: Optional[str] = None,
     progress: Progress = None,
+    sources: Optional[Dict[str, str]] = None,
 ) -> AnnotationResult:
     """Segment the object enclosed by six extreme points.
 
@@ -313,6 +314,8 @@ def annotate(
         positive, negative: corrective clicks (N, 3) LPS mm for bundles that take them.
         points_source: file the points came from, for error messages.
         progress: optional callback(stage, fraction).
+        sources: files the first image and the clicks came from (keys "image", "positive",
+            "negative"), for error messages.
 
     Returns:
         :class:`AnnotationResult`, whose ``mask`` has exactly the geometry of ``images[0]``.
@@ -325,15 +328,16 @@ def annotate(
     meta = bundle.meta
     if meta["task"] != "annotation":
         raise InputError(f"model {bundle.id!r} is an automatic model, not an annotation model (use `deepedit segment`)")
-    for img in imgs:
-        check_not_blank(img)
+    sources = sources or {}
+    for n, img in enumerate(imgs):
+        check_not_blank(img, sources.get("image") if n == 0 else None)
     n_extreme = 6
     pts = validate_extreme_points(points_lps, ref, source=points_source, count=n_extreme)
     for extra, what in ((positive, "positive"), (negative, "negative")):
         if extra is not None and len(np.asarray(extra).reshape(-1, 3)) and what not in meta.get("guidance", {}).get("channels", []):
             raise InputError(f"model {bundle.id!r} takes no {what} clicks")
         if extra is not None:
-            check_inside(extra, ref, what=f"{what} click")
+            check_inside(extra, ref, sources.get(what), what=f"{what} click")
     report("prepare", 0.1)
     mi = prepare_input(imgs, pts, meta, positive=positive, negative=negative)
     t1 = time.perf_counter()

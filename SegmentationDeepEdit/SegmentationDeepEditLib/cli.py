@@ -168,23 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_annotate(args) -> dict:
     from .annotate import annotate
     from .bundle import load_bundle
-    from .imageio import check_not_blank, check_output_path, read_image, write_segmentation
-    from .points import check_inside, read_points
+    from .imageio import check_output_path, read_image, write_segmentation
+    from .points import read_points
     from .progress import StageProgress
 
     out = check_output_path(args.output, inputs=[args.image, args.points], overwrite=args.overwrite)
     load_bundle(args.model)  # an unknown model is reported before any image is read
     image = read_image(args.image)
-    check_not_blank(image, args.image)
     pts = read_points(args.points)
     pos = read_points(args.positive) if args.positive else None
     neg = read_points(args.negative) if args.negative else None
-    for clicks, source, what in ((pos, args.positive, "positive click"), (neg, args.negative, "negative click")):
-        if clicks is not None:
-            check_inside(clicks, image, source, what)
     with StageProgress("annotate", enabled=not args.json) as bar:
         r = annotate(image, pts, args.model, device=args.device, tta=args.tta, positive=pos, negative=neg,
-                     points_source=args.points, progress=bar)
+                     points_source=args.points, progress=bar,
+                     sources={"image": args.image, "positive": args.positive, "negative": args.negative})
     write_segmentation(r.mask, out, [r.segment_description(args.name)], overwrite=args.overwrite)
     for w in r.warnings:
         print(f"deepedit annotate: warning: {w}", file=sys.stderr)
