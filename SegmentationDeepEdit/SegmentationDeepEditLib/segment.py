@@ -786,13 +786,14 @@ def segment_images(
     t2 = time.perf_counter()
     report("postprocess", 0.9)
     voxel_ml = float(np.prod(ref.GetSpacing())) / 1000.0
-    out = clean_label(meta, _postprocess(meta, probs, grid, ref), voxel_ml=voxel_ml, axial_axis=axial_array_axis(ref))
+    axial = axial_array_axis(ref)
+    out = clean_label(meta, _postprocess(meta, probs, grid, ref), voxel_ml=voxel_ml, axial_axis=axial)
     label = image_on_grid(out, grid_of(ref))
     segments, regions = label_segments(meta)
     if not out.any():
         warnings.append("the model found nothing: check that the inputs are the sequences the model expects")
     warnings.extend(volume_warnings(meta, out, voxel_ml))
-    warnings.extend(edge_warnings(meta, out, axial_array_axis(ref)))
+    warnings.extend(edge_warnings(meta, out, axial))
     warnings.extend(intensity_warnings(meta, out, aligned))
     t3 = time.perf_counter()
     report("done", 1.0)
