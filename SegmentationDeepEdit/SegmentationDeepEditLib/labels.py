@@ -33,9 +33,10 @@ CONVENTIONS: Dict[str, Dict[str, List[int]]] = {
 }
 
 
-# the values a label map of each convention may hold besides 0 (None: any positive integer)
-_VALUES: Dict[str, object] = {"brats2013": {1, 2, 3, 4}, "brats2017": {1, 2, 4}, "brats2023": {1, 2, 3}, "binary": None,
-                              "liver-lesion": {1, 2}, "totalsegmentator": set(range(1, 118))}
+# the values a label map of each convention may hold besides 0: those of its regions, except that a binary
+# mask may use any positive value and a TotalSegmentator map all 117 classes (None: any positive integer)
+_VALUES: Dict[str, object] = {**{c: set().union(*map(set, regions.values())) for c, regions in CONVENTIONS.items()},
+                              "binary": None, "totalsegmentator": set(range(1, 118))}
 
 
 def check_label_values(label: sitk.Image, convention: str, path=None) -> None:
