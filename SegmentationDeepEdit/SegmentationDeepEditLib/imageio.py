@@ -450,6 +450,24 @@ def _parse_nrrd_header(path: Path) -> Tuple[Dict[str, str], int]:
         return fields, f.tell()
 
 
+def _detached_data_file(path: Path, datafile: str, what: str) -> Optional[Path]:
+    """The single data file a NRRD or MetaImage header names, relative to the header's folder.
+
+    Returns None for multi-file data (a list or a pattern), which SimpleITK checks itself.
+
+    Raises:
+        InputError: when the named file does not exist.
+    """
+    if " " in datafile or datafile.upper().startswith("LIST"):
+        return None
+    data_path = Path(datafile)
+    if not data_path.is_absolute():
+        data_path = path.parent / data_path
+    if not data_path.is_file():
+        raise InputError(f"the data file '{datafile}' named in the {what} header does not exist", path)
+    return data_path
+
+
 def _check_nrrd(path: Path, what: str, needed: int) -> None:
     """Check that a NRRD file (attached or single detached data file) holds all voxel data.
 
@@ -469,13 +487,9 @@ def _check_nrrd(path: Path, what: str, needed: int) -> None:
     if encoding not in ("raw", "gzip", "gz", "bzip2", "bz2") or line_skip != 0:
         return  # ascii/hex encodings and line skips: left to SimpleITK
     if datafile is not None:
-        if " " in datafile or datafile.upper().startswith("LIST"):
+        data_path = _detached_data_file(path, datafile, what)
+        if data_path is None:
             return  # multi-file data: left to SimpleITK
-        data_path = Path(datafile)
-        if not data_path.is_absolute():
-            data_path = path.parent / data_path
-        if not data_path.is_file():
-            raise InputError(f"the data file '{datafile}' named in the {what} header does not exist", path)
         start = 0
     else:
         data_path, start = path, header_end
@@ -520,14 +534,9 @@ def _check_meta(path: Path, what: str, needed: int) -> None:
     if datafile.upper() == "LOCAL":
         data_path, start = path, header_end
     else:
-        if " " in datafile or datafile.upper().startswith("LIST"):
+        data_path = _detached_data_file(path, datafile, what)
+        if data_path is None:
             return  # multi-file data: left to SimpleITK
-        data_path = Path(datafile)
-        if not data_path.is_absolute():
-            data_path = path.parent / data_path
-        if not data_path.is_file():
-            raise InputError(f"the data file '{datafile}' named in the {what} header does not exist", path)
-        start = 0
         try:
             header_size = int(fields.get("headersize", "0"))
         except ValueError:
