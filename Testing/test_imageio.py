@@ -133,7 +133,7 @@ def test_unsupported_extension(tmp_path):
 def test_garbage_with_image_extension(tmp_path):
     path = tmp_path / "garbage.nrrd"
     path.write_bytes(b"this is not an image\n" * 20)
-    expect_error(path, "cannot read")
+    expect_error(path, "is not a NRRD file")
 
 
 @pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
@@ -178,6 +178,18 @@ def test_truncated_detached_nrrd(tmp_path):
     assert len(data_files) == 1
     truncate(data_files[0], 0.5)
     expect_error(path, "is truncated")
+
+
+@pytest.mark.parametrize("ext", [".nhdr", ".mhd"])
+def test_detached_header_whose_data_file_is_gone(tmp_path, ext):
+    # A header copied without its data file (.nhdr + .raw.gz, .mhd + .raw): name the missing file.
+    path = tmp_path / f"det{ext}"
+    sitk.WriteImage(make_image(), str(path))
+    data_files = [p for p in tmp_path.iterdir() if p != path]
+    assert len(data_files) == 1
+    data_files[0].unlink()
+    message = expect_error(path, "does not exist")
+    assert data_files[0].name in message
 
 
 def test_nan_voxels_in_nifti_are_refused(tmp_path):

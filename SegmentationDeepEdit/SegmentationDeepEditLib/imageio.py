@@ -634,6 +634,11 @@ def read_image(path: PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS, what: st
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
+        if ext in (".nrrd", ".nhdr"):  # teem reads a detached data file with the header
+            fields = _parse_nrrd_header(p)[0]
+            datafile = fields.get("data file", fields.get("datafile"))
+            if datafile is not None:
+                _detached_data_file(p, datafile, what)  # raises when it is missing
         raise InputError(f"cannot read the {what} header: {_sitk_message(e)}", p) from e
     size = [int(s) for s in reader.GetSize()]
     _check_header_shape(
