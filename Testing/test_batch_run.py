@@ -471,3 +471,32 @@ def test_segmentation_step_resolution(monkeypatch):
     monkeypatch.setattr(segment_mod, "_core_runner", lambda: None)
     step = resolve_segment_step(None)
     assert step.kind == "skip" and "cannot run automatic models yet" in step.reason
+
+
+def test_anonymised_dicom_without_series_uids_is_segmented_without_a_dicom_seg(shared_data, tmp_path):
+    # Anonymisers that blank SeriesInstanceUID and SOPClassUID leave series that read fine (one per
+    # folder and geometry) but that a DICOM SEG cannot reference: the study is done, with NIfTI and
+    # .seg.nrrd, and the missing SEG is a warning.
+    import pydicom
+
+    case = fb.load_case_cached(str(shared_data / CASE), 2.0)
+    study = _build(case, tmp_path / "in", "anon", sequences=("t1c", "t2"), fmt="dicom", seed=41, extras=False)
+    for f in sorted(p for p in study.folder.rglob("*") if p.is_file()):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = ""
+        ds.SOPClassUID = ""
+        ds.save_as(f)
+    seg = Segmenter(fb.threshold_segmenter, ("t1c", "t2"), "threshold-test", "1.0.0")
+    out = tmp_path / "out"
+    result = run_batch(tmp_path / "in", out, options=BatchOptions(spacing_mm=2.0, segmenter=seg))
+    assert result.exit_code == EXIT_OK and [s["state"] for s in result.studies] == ["done"]
+    report = json.loads((out / "anon" / "report.json").read_text())
+    used = [s for s in report["series"] if s["role"] == "used"]
+    assert sorted(s["identified"]["sequence"] for s in used) == ["t1c", "t2"], report["series"]
+    assert report["segmentation"]["status"] == "segmented"
+    assert "segmentation.dcm" not in report["segmentation"]["files"] and not (out / "anon" / "segmentation.dcm").exists()
+    assert (out / "anon" / "segmentation.nii.gz").is_file() and (out / "anon" / "segmentation.seg.nrrd").is_file()
+    assert any("no DICOM SEG written" in w and "SeriesInstanceUID" in w for w in report["warnings"])
+    # the segmentation itself needs no review for it; the run's own summary carries the warning
+    assert _rows(out / "summary.csv")[0]["needs_review"] == "no"
+    assert any("no DICOM SEG written" in w for w in result.studies[0]["warnings"])

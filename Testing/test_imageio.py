@@ -23,6 +23,7 @@ import slicerio
 from SegmentationDeepEditLib import imageio
 from SegmentationDeepEditLib.errors import InputError
 from SegmentationDeepEditLib.imageio import (
+    NO_SERIES_UID,
     atomic_output,
     check_output_path,
     list_dicom_series,
@@ -396,6 +397,31 @@ def test_dicom_folder_with_two_series_says_what_to_do(shared_data, tmp_path):
     assert chosen.GetSize()[2] == 4
     with input_error("no DICOM series with UID 1.2.3"):
         read_dicom_series(tmp_path / "mixed", "1.2.3")
+
+
+def test_dicom_series_whose_anonymiser_blanked_the_uids(shared_data, tmp_path):
+    # Real exports (TotalSegmentator's Siemens test CT) arrive with SeriesInstanceUID and SOPClassUID
+    # emptied: still one series, read like the original; two such volumes in one folder are refused.
+    import pydicom
+
+    source = shared_data / "dicom" / "ct-3slice-liver"
+    original = read_image(source)
+    anon = tmp_path / "anon"
+    anon.mkdir()
+    for f in sorted(source.glob("0*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = ""
+        ds.SOPClassUID = ""
+        ds.save_as(anon / f.name)
+    (info,) = list_dicom_series(anon)
+    assert info.series_uid.startswith(NO_SERIES_UID) and info.n_files == 3
+    image = read_image(anon)
+    assert image.GetSize() == original.GetSize() and image.GetOrigin() == original.GetOrigin()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(original))
+    for f in sorted(anon.iterdir()):  # a second volume without UIDs at the same positions
+        (anon / f"copy-{f.name}").write_bytes(f.read_bytes())
+    with input_error("share a slice position"):
+        read_image(anon)
 
 
 def test_dicom_missing_middle_slice(shared_data, tmp_path):

@@ -26,6 +26,10 @@ __all__ = ["write_dicom_seg", "sorted_source_datasets"]
 PathLike = Union[str, Path]
 
 
+#: The identifiers a DICOM SEG copies from, or references in, its source images.
+REFERENCED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
 def sorted_source_datasets(files: Sequence[PathLike]):
     """The source series' datasets sorted by position along the slice normal, with their files."""
     import pydicom
@@ -38,6 +42,10 @@ def sorted_source_datasets(files: Sequence[PathLike]):
             raise InputError(f"cannot read the DICOM source image ({type(e).__name__})", f) from None
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             raise InputError("the DICOM source image has no position or orientation", f)
+        blank = [key for key in REFERENCED_UIDS if not str(ds.get(key, "") or "")]
+        if blank:  # some anonymisers empty them; a SEG must name the images it segments
+            raise InputError(f"the DICOM source image has no {', '.join(blank)} (emptied, e.g. by anonymisation), "
+                             "so a DICOM SEG cannot reference it", f)
         items.append((str(f), ds))
     if not items:
         raise InputError("no DICOM source images were given for the DICOM SEG")

@@ -114,6 +114,7 @@ _DICOM_TAGS = [
     "SOPClassUID",
     "SeriesInstanceUID",
     "SeriesDescription",
+    "SeriesNumber",
     "Modality",
     "ImagePositionPatient",
     "ImageOrientationPatient",
@@ -124,6 +125,9 @@ _DICOM_TAGS = [
     "SamplesPerPixel",
 ]
 
+
+#: How a series whose files have no SeriesInstanceUID is named (its key starts with this).
+NO_SERIES_UID = "(no SeriesInstanceUID)"
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -772,9 +776,18 @@ def _scan_dicom_files(paths: Sequence[Path]) -> Tuple[Dict[str, Tuple[Any, List[
         except (AttributeError, TypeError, ValueError):
             skip("DICOM without image geometry")
             continue
-        if not uid or position.shape != (3,) or orientation.shape != (6,):
+        if position.shape != (3,) or orientation.shape != (6,):
             skip("DICOM without image geometry")
             continue
+        if not uid:
+            # Some anonymisers blank the (required) SeriesInstanceUID. Such files are one series per
+            # folder, number and geometry; two volumes left in it are refused as sharing positions.
+            number = str(ds.get("SeriesNumber", "") or "")
+            spacing = "x".join(f"{v:g}" for v in pixel_spacing)
+            cosines = ",".join(f"{v:.3f}" for v in orientation)
+            parts = (NO_SERIES_UID, number and f"number {number}", modality, f"{rows}x{columns}", spacing,
+                     f"[{cosines}]", f"in {entry.parent}")
+            uid = " ".join(x for x in parts if x)
         sl = _Slice(entry, position, orientation, rows, columns, pixel_spacing, samples)
         if uid not in series:
             description = str(ds.get("SeriesDescription", "") or "")

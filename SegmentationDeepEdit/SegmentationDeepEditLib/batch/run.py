@@ -348,11 +348,14 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
                 # DICOM in, DICOM out: a DICOM SEG on the reference series' own grid
                 from ..dicomseg import write_dicom_seg
 
-                with pywarnings.catch_warnings():
-                    pywarnings.simplefilter("ignore")  # highdicom's remarks on the source's patient name format
-                    write_dicom_seg(label, segments, ref_series.files, tmp / "segmentation.dcm",
-                                    model_id=str(out.model_id), model_version=str(out.model_version))
-                seg_files.append("segmentation.dcm")
+                try:
+                    with pywarnings.catch_warnings():
+                        pywarnings.simplefilter("ignore")  # highdicom's remarks on the source's patient name format
+                        write_dicom_seg(label, segments, ref_series.files, tmp / "segmentation.dcm",
+                                        model_id=str(out.model_id), model_version=str(out.model_version))
+                    seg_files.append("segmentation.dcm")
+                except InputError as e:  # e.g. anonymised sources without UIDs: the other formats stand
+                    warnings.append(f"no DICOM SEG written: {_clean(e.message, root, plan.study.series)}")
             seg_report.update(status="segmented", model=out.model_id, version=out.model_version,
                               files=seg_files,
                               segments=[{"value": int(s["value"]), "name": s["name"],
