@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -203,6 +204,27 @@ def test_kill_and_close_clean_up(models_dir, tmp_path):
         c.send("ping")
     c.close()
     assert not scratch.exists()
+
+
+def test_unnamed_outputs_go_to_the_client_scratch_and_go_with_it_after_a_kill(models_dir, tmp_path):
+    # The Slicer module names no output path; Cancel kills the worker. Its results (full-size label
+    # maps of patient images) must not outlive the kill in a folder of the worker's own.
+    env = dict(os.environ, DEEPEDIT_MODELS_DIR=str(models_dir))
+    env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    c = WorkerClient([sys.executable, "-m", "SegmentationDeepEditLib.worker"], cwd=str(MODULE_DIR), env=env,
+                     scratch_parent=str(tmp_path / "client"))
+    (tmp_path / "client").mkdir()
+    before = set(Path(tempfile.gettempdir()).glob("deepedit-worker-*"))
+    c.start()
+    image, mask = _oblique_image()
+    path = write_exchange_image(image, c.scratch / "image.mha")
+    r = c.request("annotate", timeout=60, images=[str(path)], points=extreme_points_from_mask(mask).tolist(),
+                  model="throwaway-clicks", device="cpu")
+    assert Path(r["mask"]).parent == c.scratch and Path(r["mask"]).is_file()
+    assert set(Path(tempfile.gettempdir()).glob("deepedit-worker-*")) == before  # no folder of its own
+    c.kill()
+    c.close()
+    assert list((tmp_path / "client").iterdir()) == []
 
 
 def test_demo_request_writes_a_generated_case(client, tmp_path):

@@ -107,6 +107,10 @@ def _points(value, what: str, required: bool = False):
     return arr
 
 
+#: Environment variable through which the client gives the worker process its scratch folder.
+SCRATCH_ENV = "DEEPEDIT_WORKER_SCRATCH"
+
+
 class Worker:
     """Serves requests (one at a time) and writes messages through ``emit``.
 
@@ -409,7 +413,10 @@ def _serve(stdin: TextIO, out: TextIO) -> int:
             out.write(text + "\n")
             out.flush()
 
-    worker = Worker(emit)
+    # outputs a request does not name go into the client's scratch folder, which the client removes
+    # even when it had to kill this process (our own folder would outlive a kill)
+    given = os.environ.get(SCRATCH_ENV, "")
+    worker = Worker(emit, scratch=Path(given) if given and Path(given).is_dir() else None)
     try:
         emit({"id": None, "ready": True, "pid": os.getpid(), "protocol": PROTOCOL})
         for line in stdin:
@@ -502,9 +509,10 @@ class WorkerClient:
         if self.process_group:
             kwargs["start_new_session"] = True
         self._queue = queue.Queue()
+        env = dict(self.env if self.env is not None else os.environ, **{SCRATCH_ENV: str(self.scratch)})
         proc = subprocess.Popen(
             self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=self.cwd, env=self.env, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+            cwd=self.cwd, env=env, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
         self._proc = proc
         self._threads = [
             threading.Thread(target=self._read_messages, args=(proc, self._queue), daemon=True, name="deepedit-worker-out"),
