@@ -144,9 +144,20 @@ def registerSampleData():
 
 
 def _generateDemoCase(source=None):
-    """Sample Data button callback (it passes the data source)."""
-    with slicer.util.tryWithErrorDisplay(_("Could not generate the demo case."), waitCursor=True):
-        SegmentationDeepEditLogic().loadDemoCase()
+    """Sample Data button callback (it passes the data source); a progress dialog while the worker generates."""
+    dialog = slicer.util.createProgressDialog(labelText=_("Generating the demo case..."), windowTitle="SegmentationDeepEdit",
+                                              maximum=100)
+    dialog.setCancelButton(None)  # Qt: no cancel button (the generation takes seconds and cannot be stopped)
+
+    def progress(stage: str, fraction: float) -> None:
+        dialog.labelText = _("Generating the demo case: {stage}").format(stage=stage) if stage else dialog.labelText
+        dialog.value = int(round(100 * fraction))
+
+    try:
+        with slicer.util.tryWithErrorDisplay(_("Could not generate the demo case."), waitCursor=True):
+            SegmentationDeepEditLogic().loadDemoCase(progress=progress)
+    finally:
+        dialog.close()
 
 
 #
@@ -219,6 +230,8 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._rerunRequested = False
         self._restoringPoints = False
         self._lastAnnotateFields = None
+        self._target = None  # AnnotationTarget: which segment the next clicks refine (set up in setup())
+        self._shownOutputId = None  # the output segmentation the segment id belongs to
         self._dependenciesDeclined = False
         self._models = {}  # bundle id -> bundle (both tabs)
         self._inputSelectors = {"annotate": {}, "auto": {}}  # tab -> input name -> qMRMLNodeComboBox
@@ -238,6 +251,9 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = SegmentationDeepEditLogic()
+        from SegmentationDeepEditLib.slicer_bridge import AnnotationTarget
+
+        self._target = AnnotationTarget()
 
         for placeWidget in (self.ui.pointsPlaceWidget, self.ui.positivePlaceWidget, self.ui.negativePlaceWidget):
             placeWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
@@ -310,6 +326,8 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.initializeParameterNode()
         self.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
         self.segmentEditorWidget.updateWidgetFromMRML()
+        # Ctrl+Z / Ctrl+Y (undo a result), effect shortcuts: as Slicer's Segment Editor module does on enter
+        self.segmentEditorWidget.installKeyboardShortcuts()
         # Start the worker and load the model while the user clicks, if nothing must be installed
         if not self.logic.missingDependencies():
             self._warmUp()
@@ -319,6 +337,7 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._observePointNodes([])
         self._autoUpdateTimer.stop()
         self.segmentEditorWidget.setActiveEffect(None)
+        self.segmentEditorWidget.uninstallKeyboardShortcuts()
         self.segmentEditorWidget.removeViewObservations()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
@@ -377,6 +396,8 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified):
                 self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
+        output = inputParameterNode.outputSegmentation if inputParameterNode else None
+        self._shownOutputId = output.GetID() if output else None  # a loaded scene's segment stays current
         if self._parameterNode:
             # Widgets with the "SlicerParameterName" property in the .ui are bound here
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
@@ -392,13 +413,22 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             placeWidget.setCurrentNode(node)
 
         segmentationNode = p.outputSegmentation if p else None
+        outputId = segmentationNode.GetID() if segmentationNode else None
+        if p and outputId != self._shownOutputId:
+            # Another output segmentation: the segment id belonged to the old one (ids such as
+            # "Segment_1" repeat across segmentations), so the next result is a new segment there.
+            self._shownOutputId = outputId
+            self._target.detach()
+            if p.segmentId:
+                p.segmentId = ""  # re-enters this method once, with nothing left to change
         wasBlocked = self.ui.segmentSelector.blockSignals(True)
         self.ui.segmentSelector.setCurrentNode(segmentationNode)
         self.ui.segmentSelector.setCurrentSegmentID(p.segmentId if p else "")
         self.ui.segmentSelector.blockSignals(wasBlocked)
         if self.segmentEditorWidget:
             self.segmentEditorWidget.setSegmentationNode(segmentationNode)
-            self.segmentEditorWidget.setSourceVolumeNode(p.inputVolume if p else None)
+            # (a source volume without a segmentation is refused with an error in the log)
+            self.segmentEditorWidget.setSourceVolumeNode(p.inputVolume if p and segmentationNode else None)
             if p and p.segmentId:
                 self.segmentEditorWidget.setCurrentSegmentID(p.segmentId)
 
@@ -467,6 +497,8 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         p = self._parameterNode
         if not p:
             return
+        if (segmentId or "") != p.segmentId:
+            self._target.detach()  # a result still running no longer picks the segment the next clicks refine
         p.segmentId = segmentId or ""
         if not segmentId or not p.outputSegmentation:
             return
@@ -499,6 +531,8 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             p.segmentId = ""
         finally:
             self._restoringPoints = False
+        self._target.detach()  # a run still in flight writes its own object, not this new one's segment
+        self._rerunRequested = False
         self._autoUpdateTimer.stop()
         self._lastAnnotateFields = None
         self.ui.pointsPlaceWidget.setPlaceModeEnabled(True)
@@ -688,6 +722,9 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         try:
             if not p.outputSegmentation:
                 p.outputSegmentation = self.logic.createSegmentationNode(p.inputVolume)
+            if self.logic.needsExchangeFile(p.inputVolume):  # a large volume takes seconds to hand over
+                self.ui.statusLabel.text = _("Preparing the image...")
+                slicer.app.processEvents()
             fields = self.logic.annotationFields(
                 p.inputVolume, p.extremePoints, p.positivePoints, p.negativePoints, modelId=p.modelId,
                 device=p.device, tta=p.tta, extraInputs=self._inputVolumes("annotate"))
@@ -700,17 +737,24 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._lastAnnotateFields = fields
         self._pending[rid] = {
             "kind": "annotate", "showErrors": showErrors, "volumeNode": p.inputVolume,
-            "segmentationNode": p.outputSegmentation, "segmentId": p.segmentId, "fields": fields}
+            "segmentationNode": p.outputSegmentation, "segmentId": p.segmentId, "fields": fields,
+            "ticket": self._target.ticket(p.outputSegmentation.GetID(), p.segmentId)}
         self._setBusy(_("Segmenting..."))
 
     def onAutoApplyButton(self) -> None:
         p = self._parameterNode
+        if any(ctx["kind"] == "segment" for ctx in self._pending.values()):
+            self.ui.statusLabel.text = _("Automatic segmentation is still running (Cancel stops it).")
+            return  # a double click queues no second run (nor a second segmentation node)
         if not p or not p.autoModelId or not self._ensureDependencies(True):
             return
         inputs = self._inputVolumes("auto")
         bundle = self._models.get(p.autoModelId)
         optional = [spec["name"] for spec in bundle.meta["inputs"] if spec.get("optional")] if bundle else []
         try:
+            if any(node is not None and self.logic.needsExchangeFile(node) for node in inputs.values()):
+                self.ui.statusLabel.text = _("Preparing the images...")
+                slicer.app.processEvents()
             fields = self.logic.segmentFields(p.autoModelId, inputs, device=p.autoDevice, tta=p.autoTta, fast=p.autoFast,
                                               optional=optional)
             rid = self.logic.sendRequest("segment", fields)
@@ -724,7 +768,11 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._setBusy(_("Segmenting automatically..."))
 
     def onLoadDemoButton(self) -> None:
-        _generateDemoCase()
+        self.ui.loadDemoButton.enabled = False  # one demo at a time
+        try:
+            _generateDemoCase()
+        finally:
+            self.ui.loadDemoButton.enabled = True
 
     def _warmUp(self) -> None:
         """Start the worker and load the selected model, so that the first click is fast."""
@@ -807,11 +855,13 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                 segmentId = self.logic.applyAnnotationResult(
                     result, ctx["volumeNode"], ctx["segmentationNode"], ctx["segmentId"], ctx["fields"],
                     segmentEditorWidget=self.segmentEditorWidget)
-                if p and p.outputSegmentation is ctx["segmentationNode"] and p.segmentId == ctx["segmentId"]:
-                    p.segmentId = segmentId
+                outputId = p.outputSegmentation.GetID() if p and p.outputSegmentation else None
+                if p and self._target.adopts(ctx["ticket"], outputId, p.segmentId):
+                    p.segmentId = segmentId  # the next clicks refine it
                 self.ui.statusLabel.text = AnnotationOutcome(segmentId, result).summary()
             else:
-                segmentationNode = self.logic.applySegmentationResult(result, ctx["volumeNode"], ctx["segmentationNode"])
+                segmentationNode = self.logic.applySegmentationResult(result, ctx["volumeNode"], ctx["segmentationNode"],
+                                                                      segmentEditorWidget=self.segmentEditorWidget)
                 if p:
                     p.autoOutputSegmentation = segmentationNode
                 summary = _("{count} segments in {seconds:.1f} s on {device}").format(
@@ -1215,6 +1265,9 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
         """
         from SegmentationDeepEditLib.worker import WorkerError
 
+        if SegmentationDeepEditLogic._blocking:
+            # a nested wait (a second click while events are processed) would take the first one's reply
+            raise RuntimeError("another request is still running; try again when it has finished")
         client = self.worker()
 
         def onMessage(message):
@@ -1330,13 +1383,21 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
         ijkToRas = ijk_to_ras_from_lps_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
         return slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image), ijkToRas, name)
 
+    def _exchangeKey(self, volumeNode) -> tuple:
+        return (volumeNode.GetImageData().GetMTime() if volumeNode.GetImageData() else None,
+                tuple(self.ijkToRas(volumeNode).ravel().tolist()))
+
+    def needsExchangeFile(self, volumeNode) -> bool:
+        """True when :meth:`exchangeFile` would write the volume (again), which takes a while for a large one."""
+        known = SegmentationDeepEditLogic._exchangeFiles.get(volumeNode.GetID())
+        return not (known and known[0] == self._exchangeKey(volumeNode) and os.path.isfile(known[1]))
+
     def exchangeFile(self, volumeNode) -> str:
         """The volume written for the worker (MetaImage, LPS); rewritten only when its voxels or geometry change."""
         from SegmentationDeepEditLib.worker import EXCHANGE_SUFFIX, write_exchange_image
 
         client = self.worker()
-        key = (volumeNode.GetImageData().GetMTime() if volumeNode.GetImageData() else None,
-               tuple(self.ijkToRas(volumeNode).ravel().tolist()))
+        key = self._exchangeKey(volumeNode)
         known = SegmentationDeepEditLogic._exchangeFiles.get(volumeNode.GetID())
         if known and known[0] == key and os.path.isfile(known[1]):
             return known[1]
@@ -1418,20 +1479,23 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def writeMaskToSegment(maskArray: np.ndarray, segmentationNode, segmentId: str, referenceVolumeNode,
                            name: str = "Segment", color: Sequence[float] = (1.0, 1.0, 0.0),
-                           terminology: Optional[str] = None, segmentEditorWidget=None) -> str:
+                           terminology: Optional[str] = None, segmentEditorWidget=None, saveUndo: bool = True) -> str:
         """Replace the segment's voxels with a 0/1 mask on the reference volume's grid.
 
         Args:
             maskArray: uint8 [k, j, i] on the grid of ``referenceVolumeNode``.
             segmentId: segment to overwrite; if empty or missing, a new segment named ``name``
                 with ``color`` (RGB 0..1) and ``terminology`` (Slicer terminology string) is added.
-            segmentEditorWidget: a Segment Editor showing this segmentation saves an undo state first.
+            segmentEditorWidget: a Segment Editor showing this segmentation saves an undo state first
+                (``saveUndo``; off when the caller saved one for several segments).
 
         Returns:
             The id of the segment written.
         """
         SegmentationDeepEditLogic.checkNotTransformed(segmentationNode)
         segmentation = segmentationNode.GetSegmentation()
+        if saveUndo:  # before a segment is added, so that undo removes it too
+            SegmentationDeepEditLogic.saveUndoState(segmentationNode, segmentEditorWidget)
         if segmentation.GetNumberOfSegments() == 0:
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
         if not segmentId or segmentation.GetSegment(segmentId) is None:
@@ -1440,23 +1504,33 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
             segment.SetColor(*[float(c) for c in color[:3]])
             if terminology:
                 segment.SetTag(segment.GetTerminologyEntryTagName(), terminology)
-        # Undo works on the segmentation a Segment Editor shows: save a state there first, so
-        # that Ctrl+Z in the editor brings back the previous result.
+        slicer.util.updateSegmentBinaryLabelmapFromArray(maskArray, segmentationNode, segmentId, referenceVolumeNode)
+        return segmentId
+
+    @staticmethod
+    def saveUndoState(segmentationNode, segmentEditorWidget=None) -> None:
+        """Undo works on the segmentation a Segment Editor shows: save a state there, so that
+        Ctrl+Z (or the Undo button) in that editor brings back what was there before a result."""
         for editor in (segmentEditorWidget, getattr(getattr(slicer.modules, "SegmentEditorWidget", None), "editor", None)):
             shownNode = editor.segmentationNode() if editor is not None else None
             if shownNode is not None and shownNode.GetID() == segmentationNode.GetID():
                 editor.saveStateForUndo()
-        slicer.util.updateSegmentBinaryLabelmapFromArray(maskArray, segmentationNode, segmentId, referenceVolumeNode)
-        return segmentId
 
     def applyAnnotationResult(self, result: dict, volumeNode, segmentationNode, segmentId: str, fields: dict,
                               segmentEditorWidget=None) -> str:
-        """Write the worker's mask into the segment and keep the clicks with it; returns the segment id."""
+        """Write the worker's mask into the segment and keep the clicks with it; returns the segment id.
+
+        Only a segment made here (it keeps its clicks) is replaced; any other becomes a new segment.
+        """
+        from SegmentationDeepEditLib.slicer_bridge import segment_to_replace
+
         try:
             mask = self.readMaskFor(result["mask"], volumeNode)
         finally:
             if os.path.isfile(result["mask"]):
                 os.remove(result["mask"])
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId) if segmentId else None
+        segmentId = segment_to_replace(segmentId, segment is not None, self._pointsTagText(segment) is not None)
         segmentId = self.writeMaskToSegment(
             mask, segmentationNode, segmentId, volumeNode, name=result["segment_name"], color=result["color"],
             terminology=result.get("terminology"), segmentEditorWidget=segmentEditorWidget)
@@ -1464,7 +1538,7 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
                                   fields.get("negative"), result.get("model_id", ""))
         return segmentId
 
-    def applySegmentationResult(self, result: dict, referenceVolumeNode, segmentationNode=None):
+    def applySegmentationResult(self, result: dict, referenceVolumeNode, segmentationNode=None, segmentEditorWidget=None):
         """Write an automatic model's label map as named segments.
 
         ``result`` is the worker's reply: ``{"label": path, "segments": [{value, name, color, terminology}],
@@ -1474,16 +1548,21 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
         """
         from SegmentationDeepEditLib.slicer_bridge import segments_from_result
 
-        label = self.readMaskFor(result["label"], referenceVolumeNode)
+        try:
+            label = self.readMaskFor(result["label"], referenceVolumeNode)
+        finally:
+            if os.path.isfile(result["label"]):
+                os.remove(result["label"])
         if segmentationNode is None:
             segmentationNode = self.createSegmentationNode(referenceVolumeNode)
             segmentationNode.SetName(slicer.mrmlScene.GenerateUniqueName(f"{referenceVolumeNode.GetName()} {result.get('model_id', '')}".strip()))
         segmentation = segmentationNode.GetSegmentation()
+        self.saveUndoState(segmentationNode, segmentEditorWidget)  # one undo step for all the model's segments
         for spec in segments_from_result(result):
             segmentId = segmentation.GetSegmentIdBySegmentName(spec["name"])
             self.writeMaskToSegment(np.isin(label, spec["values"]).astype(np.uint8), segmentationNode, segmentId,
                                     referenceVolumeNode, name=spec["name"], color=spec["color"],
-                                    terminology=spec.get("terminology"))
+                                    terminology=spec.get("terminology"), saveUndo=False)
         shNode = slicer.mrmlScene.GetSubjectHierarchyNode()
         studyItem = shNode.GetItemParent(shNode.GetItemByDataNode(referenceVolumeNode))
         shNode.SetItemParent(shNode.GetItemByDataNode(segmentationNode), studyItem)
@@ -1500,19 +1579,25 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
         segment.SetTag(POINTS_TAG, points_tag_value(np.asarray(extreme), positive, negative, modelId))
 
     @staticmethod
+    def _pointsTagText(segment) -> Optional[str]:
+        """The clicks tag of a segment (a segment made here has one), or None."""
+        from SegmentationDeepEditLib.slicer_bridge import POINTS_TAG
+
+        value = vtk.reference("")
+        return value.get() if segment is not None and segment.GetTag(POINTS_TAG, value) else None
+
+    @staticmethod
     def pointsOfSegment(segmentationNode, segmentId: str):
         """The clicks kept with a segment (SegmentPoints, LPS), or None when it has none or they are unreadable."""
         from SegmentationDeepEditLib.errors import InputError
-        from SegmentationDeepEditLib.slicer_bridge import POINTS_TAG, parse_points_tag
+        from SegmentationDeepEditLib.slicer_bridge import parse_points_tag
 
         segment = segmentationNode.GetSegmentation().GetSegment(segmentId) if segmentationNode else None
-        if segment is None:
-            return None
-        value = vtk.reference("")
-        if not segment.GetTag(POINTS_TAG, value):
+        text = SegmentationDeepEditLogic._pointsTagText(segment)
+        if text is None:
             return None
         try:
-            return parse_points_tag(value.get())
+            return parse_points_tag(text)
         except InputError as e:
             logging.warning(f"SegmentationDeepEdit: segment {segmentId}: {e}")
             return None
@@ -1546,7 +1631,7 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
         logging.info(f"SegmentationDeepEdit: {outcome.summary()}")
         return outcome
 
-    def loadDemoCase(self, seed: int = 7) -> dict:
+    def loadDemoCase(self, seed: int = 7, progress=None) -> dict:
         """Generate the synthetic glioma case (T1, T1c, T2, FLAIR) in the worker and load its volumes.
 
         Returns:
@@ -1559,7 +1644,7 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError("the demo case needs nilearn (its MNI152 brain template), which is not installed")
         folder = os.path.join(slicer.app.temporaryPath, "SegmentationDeepEdit-demo")
         os.makedirs(folder, exist_ok=True)
-        result = self.request("demo", {"kind": "brain", "seed": int(seed), "output_dir": folder})
+        result = self.request("demo", {"kind": "brain", "seed": int(seed), "output_dir": folder}, progress=progress)
         volumes = {}
         for sequence, path in result["images"].items():
             volumes[sequence] = slicer.util.loadVolume(path, {"name": f"Demo{seed} {sequence.upper()}", "show": False})

@@ -264,3 +264,37 @@ def test_route_worker_messages_reports_requests_lost_when_the_worker_exits():
     assert events[1].contexts == [a, b] and events[1].message["exited"] == -9
     assert pending == {}
     assert SB.route_worker_messages([{"exited": 0}], {}) == []  # a clean exit with nothing pending
+
+
+# ------------------------------------------------------------- which segment a result replaces
+
+
+def test_only_a_segment_made_here_is_replaced_by_a_result():
+    # e.g. Slicer selects a hand-painted "Liver" after the current segment is deleted: never overwritten
+    assert SB.segment_to_replace("Segment_1", exists=True, has_points=True) == "Segment_1"
+    assert SB.segment_to_replace("Segment_1", exists=True, has_points=False) == ""
+    assert SB.segment_to_replace("Segment_1", exists=False, has_points=False) == ""  # deleted meanwhile
+    assert SB.segment_to_replace("", exists=False, has_points=False) == ""
+
+
+def test_a_result_becomes_the_refined_segment_only_when_nothing_changed_since_it_was_sent():
+    target = SB.AnnotationTarget()
+    # first run of object A into segmentation S: its new segment is what the next clicks refine
+    a = target.ticket("S", "")
+    assert target.adopts(a, "S", "")
+    # "New object" while A's first run is still going: A's result must not become the new object's segment
+    a = target.ticket("S", "")
+    target.detach()
+    assert not target.adopts(a, "S", "")
+    # the user chose another output segmentation T (its "Segment_1" is not ours) while a run was going
+    b = target.ticket("S", "Segment_1")
+    target.detach()
+    assert not target.adopts(b, "T", "")
+    # another segment chosen in the selector while a run was going
+    c = target.ticket("S", "Segment_1")
+    target.detach()
+    assert not target.adopts(c, "S", "Segment_2")
+    # a refinement of the current segment, nothing changed: stays current
+    d = target.ticket("S", "Segment_2")
+    assert target.adopts(d, "S", "Segment_2")
+    assert not target.adopts(d, "S", "Segment_3") and not target.adopts(d, None, "Segment_2")

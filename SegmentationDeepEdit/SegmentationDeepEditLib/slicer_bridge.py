@@ -12,7 +12,9 @@ values back, so that every rule here is tested with pytest:
 - input volumes for a model guessed from volume names (``"T1 post Gd"`` -> the ``t1c`` input);
 - the Slicer terminology string of a bundle label, when it has a well-formed one;
 - a background worker's messages sorted against the requests awaiting an answer
-  (:func:`route_worker_messages`: the inference and the batch worker share it).
+  (:func:`route_worker_messages`: the inference and the batch worker share it);
+- which segment an annotation result replaces, and whether it becomes the one the next clicks
+  refine (:func:`segment_to_replace`, :class:`AnnotationTarget`).
 
 Coordinates: Slicer's RAS and ITK's LPS differ by the sign of x and y. Index order: IJK-to-RAS
 maps [i, j, k, 1]; numpy arrays of volumes (``slicer.util.arrayFromVolume``,
@@ -42,6 +44,7 @@ __all__ = [
     "sequence_of_name", "guess_input_volumes", "terminology_of_label", "segments_from_result",
     "WorkerEvent", "route_worker_messages",
     "batch_request",
+    "segment_to_replace", "AnnotationTarget",
 ]
 
 #: Segment tag that keeps the points a segment was made from (value: :func:`points_tag_value`).
@@ -469,3 +472,42 @@ def route_worker_messages(messages: Sequence[Mapping[str, Any]], pending: Dict[A
         elif "result" in message:
             events.append(WorkerEvent("result", dict(message), [ctx]))
     return events
+
+
+# --------------------------------------------------------------------------------------
+# Which segment an annotation result replaces
+# --------------------------------------------------------------------------------------
+
+
+def segment_to_replace(segment_id: str, exists: bool, has_points: bool) -> str:
+    """The segment an annotation result may overwrite: only one this module made.
+
+    A segment made here carries its clicks (:data:`POINTS_TAG`). Any other segment (painted by
+    hand, imported, or the one Slicer selects after the current segment is deleted) is never
+    overwritten: the result then becomes a new segment ("").
+    """
+    return segment_id if segment_id and exists and has_points else ""
+
+
+class AnnotationTarget:
+    """Whether a finished annotation may become the segment that the next clicks refine.
+
+    Each request takes a :meth:`ticket` (the output segmentation and segment it was sent for,
+    and the current generation). Starting a new object, choosing another output segmentation
+    or another segment calls :meth:`detach`: a request still running then writes its own
+    result but no longer decides which segment the following clicks refine.
+    """
+
+    def __init__(self) -> None:
+        self.generation = 0
+
+    def detach(self) -> None:
+        self.generation += 1
+
+    def ticket(self, segmentation_id: Optional[str], segment_id: str) -> Dict[str, Any]:
+        return {"generation": self.generation, "segmentation": segmentation_id or None, "segment": segment_id or ""}
+
+    def adopts(self, ticket: Mapping[str, Any], segmentation_id: Optional[str], segment_id: str) -> bool:
+        """True when the result of ``ticket`` becomes the current segment (nothing changed since it was sent)."""
+        return (ticket.get("generation") == self.generation and ticket.get("segmentation") == (segmentation_id or None)
+                and ticket.get("segment", "") == (segment_id or ""))
