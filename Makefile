@@ -31,6 +31,7 @@ demo: install
 	$(BIN)/deepedit demo -o out/demo --overwrite
 
 test: install
+	$(BIN)/deepedit data fetch || echo "registry CTs not fetched (offline?): the tests that need them skip"
 	$(BIN)/python -m pytest -q Testing
 
 bench: install

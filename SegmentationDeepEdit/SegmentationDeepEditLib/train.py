@@ -46,6 +46,7 @@ from .labels import values_mask
 from .metrics import dice
 from .parallel import sources_in_order
 from .points import extreme_points_from_mask
+from .registry_data import source_root
 
 __all__ = ["TrainCase", "load_config", "build_cases", "make_sample", "train", "save_checkpoint", "load_checkpoint"]
 
@@ -91,6 +92,9 @@ def load_config(path: Path) -> dict:
             elif "label" not in src or not ("image" in src or "images" in src):
                 raise InputError(f"{key} source {n} is neither generated ('synthetic', 'cases') nor real "
                                  "('image' or 'images', and 'label')", path)
+            elif src.get("root", "data") not in ("data", "registry"):
+                raise InputError(f"{key} source {n}: 'root' must be 'data' (--data-root, the default) or 'registry' "
+                                 f"(the CTs `deepedit data fetch` prepares), not {src['root']!r}", path)
     return cfg
 
 
@@ -125,8 +129,9 @@ def build_cases(sources: List[dict], data_root: Path, progress=None, workers: in
         if job is not None:
             cases.extend(generated)
         else:
-            img = read_image(data_root / src["image"])
-            label = read_image(data_root / src["label"], what="label")
+            root = source_root(src, data_root)
+            img = read_image(root / src["image"])
+            label = read_image(root / src["label"], what="label")
             for obj, values in src["objects"].items():
                 m = values_mask(label, values)
                 if sitk.GetArrayViewFromImage(m).any():

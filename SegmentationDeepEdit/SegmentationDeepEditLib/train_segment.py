@@ -8,7 +8,8 @@ A run is described by its JSON config (kept in ``Resources/Training/``) and its 
   so training and inference see identical inputs;
 - ``data`` / ``validation``: sources, either ``{"synthetic": "brain"|"ct", "cases": N, "seed": S,
   "options": {...}}`` or ``{"images": {input name: path}, "label": path, "convention": NAME}``
-  (paths relative to the data root, ``--data-root``, default ``../shared/data``). Real cases
+  (paths relative to the data root, ``--data-root``, default ``../shared/data``; with ``"root":
+  "registry"``, relative to the real CTs ``deepedit data fetch`` prepares). Real cases
   may lack inputs (BraTS 2013 has no T2 or T1): those channels are zeros, as at inference
   with a missing optional input;
 - ``targets``: ``{"kind": "regions", "regions": ["ET", "TC", "WT"]}`` (one sigmoid channel per
@@ -61,6 +62,7 @@ from .geometry import resample_to_grid
 from .imageio import atomic_output, read_image
 from .labels import CONVENTIONS, check_label_values
 from .parallel import sources_in_order
+from .registry_data import source_root
 from .segment import model_grid, predict_volume, prepare_volume
 
 __all__ = ["SegCase", "build_seg_cases", "targets_for", "train_segmentation", "sample_batch"]
@@ -158,12 +160,13 @@ def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: P
             if progress:
                 progress(f"synthetic-{job[0]}-{job[1]}")
             continue
+        root = source_root(src, data_root)
         images = {}
         for name, rel in src["images"].items():
-            images[name] = read_image(Path(data_root) / rel)
-        label = read_image(Path(data_root) / src["label"], what="label")
+            images[name] = read_image(root / rel)
+        label = read_image(root / src["label"], what="label")
         conv = src["convention"]
-        check_label_values(label, conv, Path(data_root) / src["label"])
+        check_label_values(label, conv, root / src["label"])
         for sp in spacings:
             cases.append(_prepare_case(src.get("name", src["label"]), images, label, conv, meta, targets, sp))
             cases[-1].weight = float(src.get("weight", 1.0))
