@@ -1754,6 +1754,13 @@ class SegmentationDeepEditTest(ScriptedLoadableModuleTest):
         self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 1)
         self.assertFalse(outcome2.result["model_loaded"])
         self.delayDisplay(f"Warm run: {outcome2.summary()}")
+
+        # A segment this module did not make (painted by hand) is never overwritten: a new one is added
+        handId = segmentationNode.GetSegmentation().AddEmptySegment("", "Painted by hand")
+        outcome3 = logic.process(volumeNode, pointsNode, segmentationNode, segmentId=handId, device="cpu")
+        self.assertNotEqual(outcome3.segmentId, handId)
+        self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 3)
+        self.assertEqual(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, handId, volumeNode).sum(), 0)
         self.delayDisplay("Test passed")
 
     def test_AutomaticModelRequest(self):
