@@ -500,3 +500,67 @@ def test_anonymised_dicom_without_series_uids_is_segmented_without_a_dicom_seg(s
     # the segmentation itself needs no review for it; the run's own summary carries the warning
     assert _rows(out / "summary.csv")[0]["needs_review"] == "no"
     assert any("no DICOM SEG written" in w for w in result.studies[0]["warnings"])
+
+
+def test_resume_into_a_folder_that_is_not_a_batch_output_is_refused(inputs, tmp_path):
+    # a mistyped -o with --resume replaced the user's study-named folders with batch output
+    out = tmp_path / "not-a-batch"
+    (out / "case-a").mkdir(parents=True)
+    (out / "case-a" / "my-work.txt").write_text("precious")
+    with pytest.raises(InputError, match="no batch run \\(no manifest.json\\)"):
+        run_batch(inputs["main"], out, options=OPTIONS, resume=True)
+    assert (out / "case-a" / "my-work.txt").read_text() == "precious"
+    assert sorted(p.name for p in out.iterdir()) == ["case-a"]
+
+
+def test_an_empty_or_garbled_lock_left_by_a_kill_is_taken_over(inputs, tmp_path):
+    from SegmentationDeepEditLib.batch.manifest import LOCK_NAME, Manifest
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    lock.write_text("")  # a kill between creating the lock and writing it
+    with pytest.raises(InputError, match="another batch run"):  # young: maybe a run writing it right now
+        Manifest.open(out, input_dir=inputs["main"], options={}, resume=True)
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    m = Manifest.open(out, input_dir=inputs["main"], options={}, resume=True)
+    try:
+        pid, host, token = lock.read_text().split()
+        assert int(pid) == os.getpid() and host == socket.gethostname() and token == m.token
+        assert Manifest.holds_lock(out, m.token) and not Manifest.holds_lock(out, "another-run")
+    finally:
+        m.close()
+    assert not lock.exists() and not Manifest.holds_lock(out, m.token)
+
+
+def test_a_study_whose_run_has_ended_writes_nothing(inputs, tmp_path):
+    # a worker (or Dask task) outliving a driver killed with -9, or a run taken over by a resume:
+    # its results must not land in the output folder unrecorded
+    from SegmentationDeepEditLib.batch.run import plan_batch, process_study
+
+    plan = next(p for p in plan_batch(inputs["main"]) if p.study.name == "case-b")
+    out = tmp_path / "out"
+    out.mkdir()
+    res = process_study(plan, str(inputs["main"]), str(out), OPTIONS, run_token="a-run-that-is-gone")
+    assert res.state == "failed" and "has ended" in res.error
+    assert list(out.iterdir()) == []  # neither the study nor its temporary folder
+
+
+def test_batch_worker_processes_end_when_the_driver_is_gone():
+    # kill -9 of the driver sends its workers nothing: they watch their parent and exit
+    code = ("from SegmentationDeepEditLib.batch.run import _exit_with_parent; import time; "
+            "_exit_with_parent(1); time.sleep(30)")  # parent 1 is not its parent: as if re-parented after a kill
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], timeout=20)
+    assert done.returncode == 1 and time.monotonic() - t0 < 15
+
+
+def test_a_bad_scheduler_address_or_workers_value_writes_nothing(inputs, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="cannot reach the Dask scheduler nonsense://x:1"):
+        run_batch(inputs["main"], out, options=OPTIONS, scheduler="nonsense://x:1")
+    assert not out.exists()
+    with pytest.raises(InputError, match="--workers must be a whole number"):
+        run_batch(inputs["main"], out, options=OPTIONS, workers="2")
+    assert not out.exists()

@@ -66,6 +66,26 @@ def test_inputs_by_name_missing_extra_optional():
     assert e.value.path == "/d/t1c-again.nii.gz"
 
 
+def test_python_api_refuses_paths_arrays_and_nan_images_clearly():
+    # segment_images / annotate take SimpleITK images; a path or an array was an AttributeError, and a
+    # NaN voxel in memory shifted the result silently (files with NaN are refused by read_image).
+    meta = _regions(GLIOMA)
+    ramp = np.arange(512, dtype=float).reshape(8, 8, 8)
+    a, b = _img(ramp), _img(2.0 * ramp)
+    with pytest.raises(InputError, match="input 't1c' must be a SimpleITK image, not str .*read_image"):
+        check_inputs(meta, {"t1c": "t1c.nii.gz", "flair": b})
+    with pytest.raises(InputError, match="input 'flair' must be a SimpleITK image, not ndarray"):
+        check_inputs(meta, {"t1c": a, "flair": ramp})
+    holed = ramp.copy()
+    holed[1, 2, 3] = np.nan
+    with pytest.raises(InputError, match="input 'flair' has 1 NaN or infinite voxels"):
+        check_inputs(meta, {"t1c": a, "flair": _img(holed)})
+    from SegmentationDeepEditLib.annotate import annotate
+
+    with pytest.raises(InputError, match="must be a SimpleITK image, not str"):
+        annotate("t1c.nii.gz", np.zeros((6, 3)))
+
+
 def _head_phantom(radii_mm, background=0.0, noise=0.0, seed=0):
     """A 2 mm volume holding an ellipsoid of tissue (radii in mm) on a constant or noisy background."""
     n = (120, 130, 110)

@@ -30,7 +30,7 @@ from .errors import InputError
 from .geometry import (Grid, bounding_box_grid, grid_of, image_on_grid, index_box_covering, physical_to_index,
                        resample_to_grid)
 from .heatmap import gaussian_heatmap
-from .imageio import check_not_blank
+from .imageio import check_image_values
 from .points import check_inside, validate_extreme_points
 
 __all__ = ["ModelInput", "AnnotationResult", "prepare_input", "guidance_sigma_mm", "predict", "annotate",
@@ -322,15 +322,15 @@ def annotate(
     """
     t0 = time.perf_counter()
     report = progress or (lambda stage, frac: None)
-    imgs = [images] if isinstance(images, sitk.Image) else list(images)
+    imgs = [images] if isinstance(images, sitk.Image) else list(images) if isinstance(images, (list, tuple)) else [images]
+    sources = sources or {}
+    for n, img in enumerate(imgs):
+        check_image_values(img, sources.get("image") if n == 0 else None)
     ref = imgs[0]
     bundle = load_bundle(model) if model is not None else default_model_for(ref)
     meta = bundle.meta
     if meta["task"] != "annotation":
         raise InputError(f"model {bundle.id!r} is an automatic model, not an annotation model (use `deepedit segment`)")
-    sources = sources or {}
-    for n, img in enumerate(imgs):
-        check_not_blank(img, sources.get("image") if n == 0 else None)
     n_extreme = 6
     pts = validate_extreme_points(points_lps, ref, source=points_source, count=n_extreme)
     for extra, what in ((positive, "positive"), (negative, "negative")):

@@ -42,7 +42,7 @@ __all__ = [
     "SEGMENTATION_WRITE_EXTENSIONS",
     "DicomSeriesInfo",
     "read_image",
-    "check_not_blank",
+    "check_image_values",
     "list_dicom_series",
     "read_dicom_series",
     "slice_normal",
@@ -567,14 +567,24 @@ def _check_meta(path: Path, what: str, needed: int) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
-def check_not_blank(image: sitk.Image, source=None, what: str = "image") -> None:
-    """Refuse an image whose voxels all hold one value (a blank export, a failed conversion): a model
-    given it returns a confident answer that means nothing.
+def check_image_values(image: Any, source=None, what: str = "image") -> None:
+    """Refuse what a model must not be given from memory (the Python API): something that is not a
+    SimpleITK image (a path or an array: read files with :func:`read_image`), NaN or infinite voxels
+    (a file with them is refused by :func:`read_image`; in memory they would shift the result
+    silently), and a blank image, whose voxels all hold one value (a blank export, a failed
+    conversion): a model given it returns a confident answer that means nothing.
 
     Raises:
-        InputError: naming ``source`` and the value.
+        InputError: naming ``source`` and the problem.
     """
+    if not isinstance(image, sitk.Image):
+        raise InputError(f"the {what} must be a SimpleITK image, not {type(image).__name__} (read files with "
+                         "SegmentationDeepEditLib.imageio.read_image)", source)
     arr = sitk.GetArrayViewFromImage(image)
+    if arr.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise InputError(f"the {what} has {bad} NaN or infinite voxels", source)
     first = arr.flat[0]
     if arr.size and not np.any(arr != first):
         raise InputError(f"the {what} is blank: every voxel holds the value {float(first):g}", source)

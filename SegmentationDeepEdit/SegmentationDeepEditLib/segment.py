@@ -38,7 +38,7 @@ from .annotate import fraction_at_or_below, normalise_input
 from .bundle import Bundle, get_network, load_bundle
 from .device import cpu_supports_bf16, pick_device, run_with_fallback
 from .errors import InputError, ModelError, NotSkullStripped
-from .imageio import check_not_blank
+from .imageio import check_image_values
 from .geometry import (Grid, bounding_box_grid, corners_lps, frequent_values, grid_of, image_on_grid,
                        index_box_covering, index_to_physical, resample_to_grid)
 
@@ -212,6 +212,9 @@ def check_inputs(meta: dict, images: Mapping[str, Optional[sitk.Image]],
     specs = meta["inputs"]
     sources = sources or {}
     given = {k: v for k, v in images.items() if v is not None}
+    for name, img in given.items():
+        if not isinstance(img, sitk.Image):
+            check_image_values(img, sources.get(name), f"input {name!r}")  # refuses it, clearly
     check_input_names(meta, given)
     warnings = []
     out: Dict[str, Optional[sitk.Image]] = {}
@@ -224,7 +227,7 @@ def check_inputs(meta: dict, images: Mapping[str, Optional[sitk.Image]],
             raise InputError(f"input {s['name']!r} must be a 3D scalar image (it has {img.GetDimension()} dimensions and "
                              f"{img.GetNumberOfComponentsPerPixel()} channel(s) per voxel)", where)
         else:
-            check_not_blank(img, sources.get(s["name"]), f"input {s['name']!r}")
+            check_image_values(img, sources.get(s["name"]), f"input {s['name']!r}")
         if s.get("normalization") == "ct_window":
             check_hounsfield(img, s["name"], sources.get(s["name"]))
         out[s["name"]] = img

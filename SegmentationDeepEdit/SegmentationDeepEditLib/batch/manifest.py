@@ -13,8 +13,12 @@ into place in one rename, and then recorded here with the size and SHA-256 of ev
 - failed and unfinished studies are redone.
 
 Only the driver process writes the manifest (workers return their results to it), and every
-write replaces the file atomically. A lock file (``.deepedit-batch.lock``: process id and host)
-keeps a second run out of a folder that a live run is writing; a killed run's lock is taken over.
+write replaces the file atomically. A lock file (``.deepedit-batch.lock``: process id, host and
+the run's token) keeps a second run out of a folder that a live run is writing; a killed run's
+lock is taken over (also an empty or garbled one, as a kill while writing it leaves). A study task
+moves its results in only while its run's token is in the lock (:meth:`Manifest.holds_lock`), so
+tasks that outlive a killed driver (worker processes, Dask) write nothing unrecorded.
+``--resume`` on a folder that holds files but no manifest is refused (it is not a batch output).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 from ..errors import InputError
 from .report import write_json
@@ -35,6 +40,7 @@ __all__ = ["Manifest", "MANIFEST_NAME", "TMP_PREFIX", "LOCK_NAME", "FORMAT", "st
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".deepedit-batch.lock"
+_LOCK_WRITE_S = 10.0  # an unreadable lock file younger than this may be being written by a starting run
 TMP_PREFIX = ".deepedit-tmp-"
 FORMAT = "deepedit-batch-manifest"
 _VERSION = 1
@@ -97,10 +103,15 @@ class Manifest:
         path = out / MANIFEST_NAME
         if out.exists() and not out.is_dir():
             raise InputError("the output path exists and is not a folder", out)
+        holds_files = out.is_dir() and any(not p.name.startswith(TMP_PREFIX) and p.name != LOCK_NAME for p in out.iterdir())
         if not resume:
-            if out.is_dir() and any(not p.name.startswith(TMP_PREFIX) and p.name != LOCK_NAME for p in out.iterdir()):
+            if holds_files:
                 what = "a batch run (manifest.json): use --resume to continue it" if path.exists() else "files:"
                 raise InputError(f"the output folder already holds {what} or choose an empty or new folder", out)
+        elif holds_files and not path.exists():
+            # not a batch run's output (a mistyped -o): resuming would replace its study-named folders
+            raise InputError("--resume: the output folder holds files but no batch run (no manifest.json); give the "
+                             "folder of the run to continue, or an empty or new folder", out)
         if not out.parent.is_dir():
             raise InputError("the folder that should hold the output folder does not exist", out.parent)
         out.mkdir(exist_ok=True)
@@ -142,7 +153,12 @@ class Manifest:
                     pid_text, host = lock.read_text().split()[:2]
                     pid = int(pid_text)
                 except (OSError, ValueError):
-                    pid, host = -1, ""
+                    # empty or garbled: a run killed between creating and writing it, unless that is happening now
+                    try:
+                        young = time.time() - lock.stat().st_mtime < _LOCK_WRITE_S
+                    except OSError:
+                        young = False
+                    pid, host = -1, socket.gethostname() if not young else ""
                 alive = host != socket.gethostname()  # another machine's run: assume alive
                 if host == socket.gethostname() and pid > 0:
                     try:
@@ -157,10 +173,25 @@ class Manifest:
                                      f"or delete {LOCK_NAME} if it is gone", self.path.parent) from None
                 lock.unlink(missing_ok=True)  # left by a killed run
                 continue
+            self.token = uuid.uuid4().hex
             with os.fdopen(fd, "w") as f:
-                f.write(me + "\n")
+                f.write(f"{me} {self.token}\n")
             self._locked = True
             return
+
+    @staticmethod
+    def holds_lock(output_dir: Path, token: Optional[str]) -> bool:
+        """True when the run with ``token`` still holds ``output_dir``'s lock (no token: not checked).
+
+        A study task checks it before moving its results in: a task whose run was killed (kill -9
+        of the driver) or taken over by a resumed run must not write unrecorded results.
+        """
+        if not token:
+            return True
+        try:
+            return (Path(output_dir) / LOCK_NAME).read_text().split()[2:3] == [token]
+        except OSError:
+            return False
 
     def close(self) -> None:
         """Release the folder's lock."""

@@ -209,7 +209,7 @@ def _grid_dict(img: sitk.Image) -> Dict[str, Any]:
 
 
 def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: BatchOptions,
-                  step: Optional[SegmentStep] = None) -> StudyResult:
+                  step: Optional[SegmentStep] = None, run_token: Optional[str] = None) -> StudyResult:
     """Process one study; never raises for a bad study (returns a failed result).
 
     Args:
@@ -219,6 +219,8 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
             exist (the driver removes stale ones).
         options: run options.
         step: the segmentation step (resolved by the driver; resolved here when None).
+        run_token: the driver's lock token: the results are moved into ``output_dir`` only while
+            the lock still holds it (a task that outlives its killed driver writes nothing).
 
     Returns:
         The result; on success ``output_dir/<study>`` holds every output.
@@ -403,6 +405,9 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
         write_json(report, tmp / "report.json")
         outputs = {rel: file_record(tmp / rel) for rel in files}
         final = out_root / name
+        if not Manifest.holds_lock(out_root, run_token):
+            raise _StudyFailed("write", "the batch run that started this study has ended (killed, or taken over by a "
+                                        "resumed run); its results were not written")
         if final.exists():
             remove_tree(final)
         os.rename(tmp, final)
@@ -519,8 +524,8 @@ def run_batch(input_dir: Path, output_dir: Optional[Path], *, options: BatchOpti
         InputError, ModelError: bad folders, options, mapping file or model, before any study runs.
     """
     report = progress or (lambda stage, frac: None)
-    if workers < 1:
-        raise InputError(f"--workers must be 1 or more, not {workers}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise InputError(f"--workers must be a whole number, 1 or more, not {workers!r}")
     if scheduler is not None and workers > 1:
         raise InputError("use either --workers or --scheduler, not both")
     bad = [r for r in options.reference if r not in SEQUENCES]
@@ -549,11 +554,17 @@ def run_batch(input_dir: Path, output_dir: Optional[Path], *, options: BatchOpti
         from ..bundle import sha256_of
 
         mapping_sha = sha256_of(Path(mapping_file))
-    manifest = Manifest.open(out, input_dir=inp, options=options.recorded(mapping, mapping_sha), resume=resume)
+    # the scheduler is reached before anything is written: a wrong address leaves no output folder behind
+    client, own_client = _dask_client(scheduler) if scheduler is not None else (None, False)
     try:
-        return _drive(plans, inp, out, manifest, options, step, workers, scheduler, report)
+        manifest = Manifest.open(out, input_dir=inp, options=options.recorded(mapping, mapping_sha), resume=resume)
+        try:
+            return _drive(plans, inp, out, manifest, options, step, workers, client, report)
+        finally:
+            manifest.close()
     finally:
-        manifest.close()
+        if own_client:
+            client.close()
 
 
 def _drive(plans: List[StudyPlan], inp: Path, out: Path, manifest: Manifest, options: BatchOptions, step: SegmentStep,
@@ -595,12 +606,12 @@ def _drive(plans: List[StudyPlan], inp: Path, out: Path, manifest: Manifest, opt
         if total:
             report(f"0/{total} studies", 0.0)
         if scheduler is not None:
-            _run_dask(todo, inp, out, options, step, scheduler, record)
+            _run_dask(todo, inp, out, options, step, scheduler, record, manifest.token)
         elif workers > 1 and total > 1:
-            _run_processes(todo, inp, out, options, step, min(workers, total), record)
+            _run_processes(todo, inp, out, options, step, min(workers, total), record, manifest.token)
         else:
             for plan, fp in todo:
-                record(plan, fp, process_study(plan, str(inp), str(out), options, step))
+                record(plan, fp, process_study(plan, str(inp), str(out), options, step, manifest.token))
     except BaseException:
         manifest.reset_unfinished()
         manifest.save()
@@ -630,15 +641,31 @@ def _per_worker_threads(options: BatchOptions, workers: int) -> BatchOptions:
     return replace(options, threads=max(1, (os.cpu_count() or 1) // workers))
 
 
-def _run_processes(todo, inp: Path, out: Path, options: BatchOptions, step: SegmentStep, workers: int, record) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """Worker-process initializer: end this process when the driver is gone (kill -9 leaves no other signal)."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="deepedit-parent-watch", daemon=True).start()
+
+
+def _run_processes(todo, inp: Path, out: Path, options: BatchOptions, step: SegmentStep, workers: int, record,
+                   token: Optional[str] = None) -> None:
     import concurrent.futures as cf
     import multiprocessing as mp
 
     opts = _per_worker_threads(options, workers)
     ctx = mp.get_context("spawn")  # fresh interpreters: forking a process with live thread pools can deadlock
     pending = list(todo)
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-    futures = {pool.submit(process_study, plan, str(inp), str(out), opts, step): (plan, fp) for plan, fp in pending}
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent,
+                                  initargs=(os.getpid(),))
+    futures = {pool.submit(process_study, plan, str(inp), str(out), opts, step, token): (plan, fp)
+               for plan, fp in pending}
     try:
         for fut in cf.as_completed(futures):
             plan, fp = futures[fut]
@@ -666,37 +693,41 @@ def _run_processes(todo, inp: Path, out: Path, options: BatchOptions, step: Segm
     pool.shutdown(wait=True)
 
 
-def _run_dask(todo, inp: Path, out: Path, options: BatchOptions, step: SegmentStep, scheduler, record) -> None:
+def _dask_client(scheduler):
+    """(client, whether this run made it): a ``distributed.Client`` is used as given, an address connected to."""
     try:
-        from distributed import Client, as_completed
+        from distributed import Client
     except ImportError:
         raise InputError("--scheduler needs dask.distributed (pip install 'dask[distributed]')") from None
-    own = not isinstance(scheduler, Client)
+    if isinstance(scheduler, Client):
+        return scheduler, False
     try:
-        client = Client(scheduler, timeout="30s") if own else scheduler
-    except (OSError, TimeoutError, ValueError) as e:
+        return Client(scheduler, timeout="30s"), True
+    except (OSError, TimeoutError, ValueError, TypeError) as e:
         raise InputError(f"cannot reach the Dask scheduler {scheduler}: {e}") from None
+
+
+def _run_dask(todo, inp: Path, out: Path, options: BatchOptions, step: SegmentStep, client, record,
+              token: Optional[str] = None) -> None:
+    from distributed import as_completed
+
+    nthreads = client.nthreads() or {}
+    opts = options if options.threads > 0 else replace(options, threads=1 if len(nthreads) > 0 and
+                                                       min(nthreads.values()) > 1 else 0)
+    futures = {}
+    for plan, fp in todo:
+        f = client.submit(process_study, plan, str(inp), str(out), opts, step, token, pure=False,
+                          key=f"deepedit-batch-{plan.study.name}-{uuid.uuid4().hex[:8]}", retries=0)
+        futures[f] = (plan, fp)
     try:
-        nthreads = client.nthreads() or {}
-        opts = options if options.threads > 0 else replace(options, threads=1 if len(nthreads) > 0 and
-                                                           min(nthreads.values()) > 1 else 0)
-        futures = {}
-        for plan, fp in todo:
-            f = client.submit(process_study, plan, str(inp), str(out), opts, step, pure=False,
-                              key=f"deepedit-batch-{plan.study.name}-{uuid.uuid4().hex[:8]}", retries=0)
-            futures[f] = (plan, fp)
-        try:
-            for f in as_completed(list(futures)):
-                plan, fp = futures[f]
-                try:
-                    res = f.result()
-                except Exception as e:  # noqa: BLE001 - a lost worker, a pickling problem...
-                    res = _failed(plan.study.name, plan, "study", f"Dask task failed: {type(e).__name__}: {e}", [], [],
-                                  time.perf_counter())
-                record(plan, fp, res)
-        except BaseException:
-            client.cancel(list(futures))
-            raise
-    finally:
-        if own:
-            client.close()
+        for f in as_completed(list(futures)):
+            plan, fp = futures[f]
+            try:
+                res = f.result()
+            except Exception as e:  # noqa: BLE001 - a lost worker, a pickling problem...
+                res = _failed(plan.study.name, plan, "study", f"Dask task failed: {type(e).__name__}: {e}", [], [],
+                              time.perf_counter())
+            record(plan, fp, res)
+    except BaseException:
+        client.cancel(list(futures))
+        raise
