@@ -63,6 +63,35 @@ def study_fingerprint(files: Iterable[str], decisions: Any) -> str:
     return h.hexdigest()
 
 
+def _refuse_live_lock(folder: Path) -> None:
+    """Raise when ``folder``'s lock file belongs to a live run (or one that may be writing it now)."""
+    lock = Path(folder) / LOCK_NAME
+    if not lock.exists():
+        return
+    try:
+        pid_text, host = lock.read_text().split()[:2]
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        # empty or garbled: a run killed between creating and writing it, unless that is happening now
+        try:
+            young = time.time() - lock.stat().st_mtime < _LOCK_WRITE_S
+        except OSError:
+            young = False
+        pid, host = -1, socket.gethostname() if not young else ""
+    alive = host != socket.gethostname()  # another machine's run: assume alive
+    if host == socket.gethostname() and pid > 0:
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+    if alive:
+        raise InputError(f"another batch run (process {pid} on {host or '?'}) is writing this folder; wait for it, "
+                         f"or delete {LOCK_NAME} if it is gone", folder) from None
+
+
 def remove_tree(path: Path) -> None:
     """Delete a folder we own: first renamed aside (so a half-deleted folder never keeps its name)."""
     p = Path(path)
@@ -103,6 +132,8 @@ class Manifest:
         path = out / MANIFEST_NAME
         if out.exists() and not out.is_dir():
             raise InputError("the output path exists and is not a folder", out)
+        if out.is_dir():
+            _refuse_live_lock(out)  # a run writing it now: say so first (not "use --resume")
         holds_files = out.is_dir() and any(not p.name.startswith(TMP_PREFIX) and p.name != LOCK_NAME for p in out.iterdir())
         if not resume:
             if holds_files:
@@ -149,28 +180,7 @@ class Manifest:
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    pid_text, host = lock.read_text().split()[:2]
-                    pid = int(pid_text)
-                except (OSError, ValueError):
-                    # empty or garbled: a run killed between creating and writing it, unless that is happening now
-                    try:
-                        young = time.time() - lock.stat().st_mtime < _LOCK_WRITE_S
-                    except OSError:
-                        young = False
-                    pid, host = -1, socket.gethostname() if not young else ""
-                alive = host != socket.gethostname()  # another machine's run: assume alive
-                if host == socket.gethostname() and pid > 0:
-                    try:
-                        os.kill(pid, 0)
-                        alive = True
-                    except ProcessLookupError:
-                        alive = False
-                    except PermissionError:
-                        alive = True
-                if alive:
-                    raise InputError(f"another batch run (process {pid} on {host}) is writing this folder; wait for it, "
-                                     f"or delete {LOCK_NAME} if it is gone", self.path.parent) from None
+                _refuse_live_lock(self.path.parent)
                 lock.unlink(missing_ok=True)  # left by a killed run
                 continue
             self.token = uuid.uuid4().hex
