@@ -546,6 +546,14 @@ def test_a_study_whose_run_has_ended_writes_nothing(inputs, tmp_path):
     res = process_study(plan, str(inputs["main"]), str(out), OPTIONS, run_token="a-run-that-is-gone")
     assert res.state == "failed" and "has ended" in res.error
     assert list(out.iterdir()) == []  # neither the study nor its temporary folder
+    # the driver killed with -9: its lock still holds its token, but names a process that is gone
+    from SegmentationDeepEditLib.batch.manifest import LOCK_NAME, Manifest
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LOCK_NAME).write_text(f"{int(dead.stdout)} {socket.gethostname()} token-of-the-killed-run\n")
+    assert not Manifest.holds_lock(out, "token-of-the-killed-run")
+    (out / LOCK_NAME).write_text(f"{os.getpid()} {socket.gethostname()} token-of-a-live-run\n")
+    assert Manifest.holds_lock(out, "token-of-a-live-run")
 
 
 def test_batch_worker_processes_end_when_the_driver_is_gone():
@@ -565,3 +573,34 @@ def test_a_bad_scheduler_address_or_workers_value_writes_nothing(inputs, tmp_pat
     with pytest.raises(InputError, match="--workers must be a whole number"):
         run_batch(inputs["main"], out, options=OPTIONS, workers="2")
     assert not out.exists()
+
+
+def test_anonymised_studies_stay_apart_and_a_split_anonymised_series_is_joined(shared_data, tmp_path):
+    # Blank SeriesInstanceUID and StudyInstanceUID: two patients' folders must not become one study,
+    # and a T1c whose export split it over two folders is still one series (not half a reference).
+    import pydicom
+
+    from SegmentationDeepEditLib.batch.run import plan_batch
+
+    case = fb.load_case_cached(str(shared_data / CASE), 2.0)
+    for name, seed in (("patient-a", 51), ("patient-b", 52)):
+        study = _build(case, tmp_path / "in", name, sequences=("t1c", "flair"), fmt="dicom", seed=seed, extras=False)
+        for f in sorted(p for p in study.folder.rglob("*") if p.is_file()):
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID = ""
+            ds.StudyInstanceUID = ""
+            ds.save_as(f)
+    t1c_files = sorted((tmp_path / "in" / "patient-a" / Path(study.files["t1c"][0]).parent.name).iterdir())
+    t1c_folder = t1c_files[0].parent
+    n_slices = len(t1c_files)
+    part2 = t1c_folder.parent / (t1c_folder.name + "-part2")
+    part2.mkdir()
+    for f in t1c_files[: n_slices // 2]:
+        f.rename(part2 / f.name)
+    plans = {p.study.name: p for p in plan_batch(tmp_path / "in")}
+    assert sorted(plans) == ["patient-a", "patient-b"]
+    for p in plans.values():
+        assert p.ok, p.problems
+        assert set(p.sequences) == {"t1c", "flair"}, p.warnings
+        assert len(p.sequences["t1c"].files) == n_slices  # in patient-a both parts: one series
+        assert not any("two series identified" in w for w in p.warnings), p.warnings

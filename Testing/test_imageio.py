@@ -422,6 +422,23 @@ def test_dicom_series_whose_anonymiser_blanked_the_uids(shared_data, tmp_path):
         (anon / f"copy-{f.name}").write_bytes(f.read_bytes())
     with input_error("share a slice position"):
         read_image(anon)
+    # two phases without UIDs whose slices follow on (no gap, no shared position) are never stacked
+    # into one volume: their descriptions (or series times) tell them apart
+    phases = tmp_path / "phases"
+    phases.mkdir()
+    files = sorted(source.glob("0*.dcm"))
+    step = float(np.linalg.norm(np.subtract(pydicom.dcmread(files[1]).ImagePositionPatient,
+                                            pydicom.dcmread(files[0]).ImagePositionPatient)))
+    for phase, shift in (("ART", 0.0), ("VEN", 3 * step)):
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID = ""
+            ds.SeriesDescription = phase
+            ds.ImagePositionPatient = [float(v) for v in ds.ImagePositionPatient[:2]] + [float(ds.ImagePositionPatient[2]) + shift]
+            ds.save_as(phases / f"{phase}-{f.name}")
+    assert sorted(i.n_files for i in list_dicom_series(phases)) == [3, 3]
+    with input_error("holds 2 DICOM series"):
+        read_image(phases)
 
 
 def test_dicom_missing_middle_slice(shared_data, tmp_path):

@@ -84,6 +84,14 @@ def test_python_api_refuses_paths_arrays_and_nan_images_clearly():
 
     with pytest.raises(InputError, match="must be a SimpleITK image, not str"):
         annotate("t1c.nii.gz", np.zeros((6, 3)))
+    with pytest.raises(InputError, match="image 2 must be a SimpleITK image"):
+        annotate([a, "flair.nii.gz"], np.zeros((6, 3)))
+    with pytest.raises(InputError, match="not a file name"):
+        annotate(a, "points.json")
+    from SegmentationDeepEditLib.segment import segment_images
+
+    with pytest.raises(InputError, match="images must be a mapping"):
+        segment_images(GLIOMA, a)
 
 
 def _head_phantom(radii_mm, background=0.0, noise=0.0, seed=0):

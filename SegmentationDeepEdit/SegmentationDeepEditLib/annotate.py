@@ -17,6 +17,7 @@ Pipeline (the same :func:`prepare_input` feeds training, so train and inference 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -325,7 +326,10 @@ def annotate(
     imgs = [images] if isinstance(images, sitk.Image) else list(images) if isinstance(images, (list, tuple)) else [images]
     sources = sources or {}
     for n, img in enumerate(imgs):
-        check_image_values(img, sources.get("image") if n == 0 else None)
+        check_image_values(img, sources.get("image") if n == 0 else None, "image" if n == 0 else f"image {n + 1}")
+    if isinstance(points_lps, (str, os.PathLike)):
+        raise InputError("points must be an array of six [x, y, z] in LPS mm, not a file name (read a file with "
+                         "SegmentationDeepEditLib.points.read_points)", str(points_lps))
     ref = imgs[0]
     bundle = load_bundle(model) if model is not None else default_model_for(ref)
     meta = bundle.meta

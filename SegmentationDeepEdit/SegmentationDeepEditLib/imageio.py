@@ -115,6 +115,7 @@ _DICOM_TAGS = [
     "SeriesInstanceUID",
     "SeriesDescription",
     "SeriesNumber",
+    "SeriesTime",
     "Modality",
     "ImagePositionPatient",
     "ImageOrientationPatient",
@@ -791,12 +792,15 @@ def _scan_dicom_files(paths: Sequence[Path]) -> Tuple[Dict[str, Tuple[Any, List[
             continue
         if not uid:
             # Some anonymisers blank the (required) SeriesInstanceUID. Such files are one series per
-            # folder, number and geometry; two volumes left in it are refused as sharing positions.
+            # number, description, series time, modality and geometry (an export's parts in two
+            # folders stay one series); two volumes left alike are refused as sharing positions.
             number = str(ds.get("SeriesNumber", "") or "")
+            description = str(ds.get("SeriesDescription", "") or "")
+            series_time = str(ds.get("SeriesTime", "") or "")
             spacing = "x".join(f"{v:g}" for v in pixel_spacing)
             cosines = ",".join(f"{v:.3f}" for v in orientation)
-            parts = (NO_SERIES_UID, number and f"number {number}", modality, f"{rows}x{columns}", spacing,
-                     f"[{cosines}]", f"in {entry.parent}")
+            parts = (NO_SERIES_UID, number and f"number {number}", description and f'"{description}"',
+                     series_time and f"time {series_time}", modality, f"{rows}x{columns}", spacing, f"[{cosines}]")
             uid = " ".join(x for x in parts if x)
         sl = _Slice(entry, position, orientation, rows, columns, pixel_spacing, samples)
         if uid not in series:

@@ -747,6 +747,9 @@ def segment_images(
     """
     t0 = time.perf_counter()
     report = progress or (lambda stage, frac: None)
+    if not isinstance(images, Mapping):
+        raise InputError(f"images must be a mapping {{input name: SimpleITK image}} (e.g. {{'ct': image}}), "
+                         f"not {type(images).__name__}")
     bundle = load_bundle(model)
     meta = bundle.meta
     if meta["task"] != "segmentation":

@@ -198,7 +198,8 @@ def discover_studies(input_dir: Path) -> List[Study]:
         ignored[top] = ignored.get(top, 0) + len(others) - used
         for info in infos:
             hdr = _read_header(info.files[0])
-            study_uid = str(hdr.get("StudyInstanceUID") or "")
+            # a blank StudyInstanceUID (anonymised): one study per top-level folder, never one for all
+            study_uid = str(hdr.get("StudyInstanceUID") or "") or f"(no StudyInstanceUID) {top}"
             number = hdr.get("SeriesNumber")
             try:
                 number = int(number) if number is not None else None

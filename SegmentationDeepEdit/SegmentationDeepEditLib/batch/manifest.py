@@ -17,7 +17,9 @@ write replaces the file atomically. A lock file (``.deepedit-batch.lock``: proce
 the run's token) keeps a second run out of a folder that a live run is writing; a killed run's
 lock is taken over (also an empty or garbled one, as a kill while writing it leaves). A study task
 moves its results in only while its run's token is in the lock (:meth:`Manifest.holds_lock`), so
-tasks that outlive a killed driver (worker processes, Dask) write nothing unrecorded.
+tasks that outlive a killed driver write nothing unrecorded: the lock must hold their run's token and,
+on the driver's machine, name a live process (a Dask worker on another machine cannot see that the
+driver died; the resumed run takes the lock over, and redoes a study such a task wrote unrecorded).
 ``--resume`` on a folder that holds files but no manifest is refused (it is not a batch output).
 """
 
@@ -63,6 +65,17 @@ def study_fingerprint(files: Iterable[str], decisions: Any) -> str:
     return h.hexdigest()
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _refuse_live_lock(folder: Path) -> None:
     """Raise when ``folder``'s lock file belongs to a live run (or one that may be writing it now)."""
     lock = Path(folder) / LOCK_NAME
@@ -78,17 +91,10 @@ def _refuse_live_lock(folder: Path) -> None:
         except OSError:
             young = False
         pid, host = -1, socket.gethostname() if not young else ""
-    alive = host != socket.gethostname()  # another machine's run: assume alive
-    if host == socket.gethostname() and pid > 0:
-        try:
-            os.kill(pid, 0)
-            alive = True
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
+    alive = host != socket.gethostname() or (pid > 0 and _alive(pid))  # another machine's run: assume alive
     if alive:
-        raise InputError(f"another batch run (process {pid} on {host or '?'}) is writing this folder; wait for it, "
+        who = f"process {pid} on {host}" if pid > 0 else "one starting now: its lock file is being written"
+        raise InputError(f"another batch run ({who}) is writing this folder; wait for it, "
                          f"or delete {LOCK_NAME} if it is gone", folder) from None
 
 
@@ -199,14 +205,20 @@ class Manifest:
         if not token:
             return True
         try:
-            return (Path(output_dir) / LOCK_NAME).read_text().split()[2:3] == [token]
+            fields = (Path(output_dir) / LOCK_NAME).read_text().split()
         except OSError:
             return False
+        if fields[2:3] != [token]:
+            return False
+        # a driver killed with -9 leaves its lock as it was: on its own machine, check it still runs
+        # (a Dask worker on another machine cannot; a resumed run takes the lock over there)
+        return fields[1] != socket.gethostname() or (fields[0].isdigit() and _alive(int(fields[0])))
 
     def close(self) -> None:
         """Release the folder's lock."""
         if getattr(self, "_locked", False):
-            (self.path.parent / LOCK_NAME).unlink(missing_ok=True)
+            if Manifest.holds_lock(self.path.parent, self.token):  # not a lock someone else took over meanwhile
+                (self.path.parent / LOCK_NAME).unlink(missing_ok=True)
             self._locked = False
 
     def clean_temporary(self) -> List[str]:
