@@ -122,6 +122,7 @@ class Manifest:
     def __init__(self, path: Path, data: Dict[str, Any]):
         self.path = Path(path)
         self.data = data
+        self.token: Optional[str] = None  # this run's lock token (set when it takes the lock)
 
     # ------------------------------------------------------------------ opening
 
