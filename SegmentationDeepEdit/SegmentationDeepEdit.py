@@ -1072,7 +1072,16 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
                         packages=", ".join(missing)),
                     windowTitle=_("Install Python packages")):
                 return False
-            self.installDependencies(missing)
+            # pip runs for minutes and Slicer only repaints between its output lines: say what is happening
+            dialog = slicer.util.createProgressDialog(
+                labelText=_("Installing {packages}... (this may take several minutes)").format(packages=", ".join(missing)),
+                windowTitle=_("Install Python packages"), maximum=0)  # maximum 0: a busy indicator
+            dialog.setCancelButton(None)
+            slicer.app.processEvents()
+            try:
+                self.installDependencies(missing)
+            finally:
+                dialog.close()
             still = missingPackages(requirements)
             if still:
                 raise RuntimeError(f"these Python packages could not be installed: {', '.join(still)}")
