@@ -65,6 +65,12 @@ def test_evaluate_bad_cases_file(tmp_path, capsys):
     code = main(["evaluate", "--cases", str(tmp_path / "c.json"), "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 1 and "c.json" in err and "case 1 lacks" in err
+    # an automatic models' cases file given without --model: says so
+    auto = {"cases": [{"images": {"ct": "ct.nii.gz"}, "label": "l.nii.gz", "convention": "binary",
+                       "regions": {"liver": "object"}}]}
+    (tmp_path / "auto.json").write_text(json.dumps(auto))
+    assert main(["evaluate", "--cases", str(tmp_path / "auto.json"), "-o", str(tmp_path / "o")]) == 1
+    assert "add --model ID to evaluate an automatic model" in capsys.readouterr().err
 
 
 def test_no_array_view_of_a_temporary_image():

@@ -68,6 +68,9 @@ def _case_entries(path: Path, required, hint: str = "") -> list:
         what = f"case {n} ({c['name']!r})" if isinstance(c.get("name"), str) else f"case {n}"
         missing = [k for k in required if k not in c]
         if missing:
+            if "image" in missing and "images" in c:
+                hint = (" (it has 'images', as the automatic models' cases files do: add --model ID to evaluate an "
+                        "automatic model, or give one 'image' for the annotation model)")
             raise InputError(f"{what} lacks {', '.join(missing)}{hint}", p)
         paths = [c[k] for k in ("image", "label") if k in c] + \
             (list(c["images"].values()) if isinstance(c.get("images"), dict) else [None] if "images" in c else [])
