@@ -145,9 +145,10 @@ def registerSampleData():
 
 def _generateDemoCase(source=None):
     """Sample Data button callback (it passes the data source); a progress dialog while the worker generates."""
-    dialog = slicer.util.createProgressDialog(labelText=_("Generating the demo case..."), windowTitle="SegmentationDeepEdit",
-                                              maximum=100)
-    dialog.setCancelButton(None)  # Qt: no cancel button (the generation takes seconds and cannot be stopped)
+    logic = SegmentationDeepEditLogic()
+    with slicer.util.tryWithErrorDisplay(_("Could not generate the demo case."), waitCursor=True):
+        logic.ensureDemoDependencies()  # its questions and installs come before the progress dialog
+    dialog = _busyDialog(_("Generating the demo case..."), maximum=100)
 
     def progress(stage: str, fraction: float) -> None:
         dialog.labelText = _("Generating the demo case: {stage}").format(stage=stage) if stage else dialog.labelText
@@ -155,9 +156,20 @@ def _generateDemoCase(source=None):
 
     try:
         with slicer.util.tryWithErrorDisplay(_("Could not generate the demo case."), waitCursor=True):
-            SegmentationDeepEditLogic().loadDemoCase(progress=progress)
+            logic.loadDemoCase(progress=progress)
     finally:
         dialog.close()
+
+
+def _busyDialog(text: str, maximum: int = 0):
+    """A modal progress dialog without a cancel button (``maximum`` 0: a busy indicator) that stays up
+    until closed; modal, so that clicks while it runs cannot start the same work again."""
+    dialog = slicer.util.createProgressDialog(labelText=text, windowTitle="SegmentationDeepEdit", maximum=maximum,
+                                              autoReset=False, autoClose=False)
+    dialog.setWindowModality(qt.Qt.ApplicationModal)
+    dialog.setCancelButton(None)  # Qt: no cancel button (this work cannot be stopped half-way)
+    slicer.app.processEvents()
+    return dialog
 
 
 #
@@ -231,6 +243,7 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._restoringPoints = False
         self._lastAnnotateFields = None
         self._target = None  # AnnotationTarget: which segment the next clicks refine (set up in setup())
+        self._starting = False  # a run is being prepared (events are processed while volumes are written)
         self._shownOutputId = None  # the output segmentation the segment id belongs to
         self._dependenciesDeclined = False
         self._models = {}  # bundle id -> bundle (both tabs)
@@ -305,6 +318,7 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.segmentEditorCollapsibleButton.layout().addWidget(self.segmentEditorWidget)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.populateModels()
@@ -316,6 +330,7 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                 timer.stop()
         if self.segmentEditorWidget:
             self.segmentEditorWidget.setActiveEffect(None)
+            self.segmentEditorWidget.uninstallKeyboardShortcuts()  # Reload calls cleanup(), not exit()
             self.segmentEditorWidget.removeViewObservations()
         self.removeObservers()
         if self.logic:
@@ -363,6 +378,13 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.setParameterNode(None)
         self.segmentEditorWidget.setSegmentationNode(None)
         self.segmentEditorWidget.removeViewObservations()
+
+    def onSceneEndImport(self, caller, event) -> None:
+        """A loaded scene copies its saved state into the parameter node: its output and segment are current."""
+        p = self._parameterNode
+        output = p.outputSegmentation if p else None
+        self._shownOutputId = output.GetID() if output else None
+        self.onParameterNodeModified()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -414,7 +436,7 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
         segmentationNode = p.outputSegmentation if p else None
         outputId = segmentationNode.GetID() if segmentationNode else None
-        if p and outputId != self._shownOutputId:
+        if p and outputId != self._shownOutputId and not slicer.mrmlScene.IsImporting():
             # Another output segmentation: the segment id belonged to the old one (ids such as
             # "Segment_1" repeat across segmentations), so the next result is a new segment there.
             self._shownOutputId = outputId
@@ -499,6 +521,17 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             return
         if (segmentId or "") != p.segmentId:
             self._target.detach()  # a result still running no longer picks the segment the next clicks refine
+            self._rerunRequested = False
+        gone = bool(p.segmentId and p.outputSegmentation
+                    and p.outputSegmentation.GetSegmentation().GetSegment(p.segmentId) is None)
+        if gone:
+            # The current segment was removed (undo of its first result, or deleted): the selector moved
+            # on by itself. Keep the user's points, choose nothing, and make the next result a new segment.
+            p.segmentId = ""
+            wasBlocked = self.ui.segmentSelector.blockSignals(True)
+            self.ui.segmentSelector.setCurrentSegmentID("")
+            self.ui.segmentSelector.blockSignals(wasBlocked)
+            return
         p.segmentId = segmentId or ""
         if not segmentId or not p.outputSegmentation:
             return
@@ -713,7 +746,7 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         Errors from the button open a dialog; errors from an automatic update (while the user
         drags points) go to the status label only, so that a drag does not raise a dialog storm.
         """
-        if any(ctx["kind"] == "annotate" for ctx in self._pending.values()):
+        if self._starting or any(ctx["kind"] == "annotate" for ctx in self._pending.values()):
             self._rerunRequested = True  # run once more with the newest points when this one is done
             return
         p = self._parameterNode
@@ -722,12 +755,16 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         try:
             if not p.outputSegmentation:
                 p.outputSegmentation = self.logic.createSegmentationNode(p.inputVolume)
-            if self.logic.needsExchangeFile(p.inputVolume):  # a large volume takes seconds to hand over
-                self.ui.statusLabel.text = _("Preparing the image...")
-                slicer.app.processEvents()
-            fields = self.logic.annotationFields(
-                p.inputVolume, p.extremePoints, p.positivePoints, p.negativePoints, modelId=p.modelId,
-                device=p.device, tta=p.tta, extraInputs=self._inputVolumes("annotate"))
+            self._starting = True  # events are processed below: a click or a timer meanwhile must not start another
+            try:
+                if self.logic.needsExchangeFile(p.inputVolume):  # a large volume takes seconds to hand over
+                    self.ui.statusLabel.text = _("Preparing the image...")
+                    slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
+                fields = self.logic.annotationFields(
+                    p.inputVolume, p.extremePoints, p.positivePoints, p.negativePoints, modelId=p.modelId,
+                    device=p.device, tta=p.tta, extraInputs=self._inputVolumes("annotate"))
+            finally:
+                self._starting = False
             if not force and fields == self._lastAnnotateFields:
                 return  # e.g. a preview point moved: nothing that matters changed
             rid = self.logic.sendRequest("annotate", fields)
@@ -743,7 +780,7 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     def onAutoApplyButton(self) -> None:
         p = self._parameterNode
-        if any(ctx["kind"] == "segment" for ctx in self._pending.values()):
+        if self._starting or any(ctx["kind"] == "segment" for ctx in self._pending.values()):
             self.ui.statusLabel.text = _("Automatic segmentation is still running (Cancel stops it).")
             return  # a double click queues no second run (nor a second segmentation node)
         if not p or not p.autoModelId or not self._ensureDependencies(True):
@@ -751,16 +788,19 @@ class SegmentationDeepEditWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         inputs = self._inputVolumes("auto")
         bundle = self._models.get(p.autoModelId)
         optional = [spec["name"] for spec in bundle.meta["inputs"] if spec.get("optional")] if bundle else []
+        self._starting = True  # (see startAnnotation)
         try:
             if any(node is not None and self.logic.needsExchangeFile(node) for node in inputs.values()):
                 self.ui.statusLabel.text = _("Preparing the images...")
-                slicer.app.processEvents()
+                slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
             fields = self.logic.segmentFields(p.autoModelId, inputs, device=p.autoDevice, tta=p.autoTta, fast=p.autoFast,
                                               optional=optional)
             rid = self.logic.sendRequest("segment", fields)
         except Exception as e:
             self._reportError(_("Automatic segmentation failed."), str(e), True)
             return
+        finally:
+            self._starting = False
         referenceName = bundle.meta.get("segmentation", {}).get("reference") if bundle else None
         referenceVolume = inputs.get(referenceName) or next((node for node in inputs.values() if node), None)
         self._pending[rid] = {"kind": "segment", "showErrors": True, "volumeNode": referenceVolume,
@@ -1041,6 +1081,7 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
     _exchangeCount = 0
     _blocking = False  # a blocking request() is reading the worker's messages
     _deferred = []  # messages a blocking request() read that belong to someone else
+    _installing = False  # pip is running (its output lines let Slicer process events meanwhile)
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -1072,16 +1113,20 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
                         packages=", ".join(missing)),
                     windowTitle=_("Install Python packages")):
                 return False
-            # pip runs for minutes and Slicer only repaints between its output lines: say what is happening
-            dialog = slicer.util.createProgressDialog(
-                labelText=_("Installing {packages}... (this may take several minutes)").format(packages=", ".join(missing)),
-                windowTitle=_("Install Python packages"), maximum=0)  # maximum 0: a busy indicator
-            dialog.setCancelButton(None)
-            slicer.app.processEvents()
+            if SegmentationDeepEditLogic._installing:
+                raise RuntimeError("the Python packages are being installed; wait for it to finish")
+            # pip runs for minutes and Slicer repaints only between its output lines: say what is happening
+            # (Slicer 5.12+ shows its own dialog: slicer.packaging)
+            own = importlib.util.find_spec("slicer.packaging") is None
+            dialog = _busyDialog(_("Installing {packages}... (this may take several minutes)").format(
+                packages=", ".join(missing))) if own else None
+            SegmentationDeepEditLogic._installing = True
             try:
                 self.installDependencies(missing)
             finally:
-                dialog.close()
+                SegmentationDeepEditLogic._installing = False
+                if dialog is not None:
+                    dialog.close()
             still = missingPackages(requirements)
             if still:
                 raise RuntimeError(f"these Python packages could not be installed: {', '.join(still)}")
@@ -1640,6 +1685,17 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
         logging.info(f"SegmentationDeepEdit: {outcome.summary()}")
         return outcome
 
+    def ensureDemoDependencies(self) -> None:
+        """The core's packages and nilearn (the demo's brain template), installed after asking.
+
+        Raises:
+            RuntimeError: declined or not installed.
+        """
+        if not self.ensureDependencies():
+            raise RuntimeError("the required Python packages are not installed")
+        if not self.ensureDependencies(requirements=DEMO_REQUIREMENTS):
+            raise RuntimeError("the demo case needs nilearn (its MNI152 brain template), which is not installed")
+
     def loadDemoCase(self, seed: int = 7, progress=None) -> dict:
         """Generate the synthetic glioma case (T1, T1c, T2, FLAIR) in the worker and load its volumes.
 
@@ -1647,10 +1703,7 @@ class SegmentationDeepEditLogic(ScriptedLoadableModuleLogic):
             {"volumes": {sequence: volume node}, "main": the T1c node, "truth": path of the tumour-core
             truth (MetaImage), "truthPointsLps": its six extreme points}.
         """
-        if not self.ensureDependencies():
-            raise RuntimeError("the required Python packages are not installed")
-        if not self.ensureDependencies(requirements=DEMO_REQUIREMENTS):
-            raise RuntimeError("the demo case needs nilearn (its MNI152 brain template), which is not installed")
+        self.ensureDemoDependencies()
         folder = os.path.join(slicer.app.temporaryPath, "SegmentationDeepEdit-demo")
         os.makedirs(folder, exist_ok=True)
         result = self.request("demo", {"kind": "brain", "seed": int(seed), "output_dir": folder}, progress=progress)
