@@ -257,13 +257,15 @@ class Manifest:
 
     def mark_running(self, name: str, fingerprint: str) -> None:
         rec = self.studies.setdefault(name, {})
-        rec.update(state="running", fingerprint=fingerprint, started=_now(), attempts=rec.get("attempts", 0) + 1)
+        rec.update(state="running", fingerprint=fingerprint, started=_now())  # queued in this run
         rec.pop("error", None)
 
     def record(self, name: str, fingerprint: str, result: Dict[str, Any]) -> None:
-        """Record a finished study (``result`` is :meth:`StudyResult.to_manifest`)."""
+        """Record a finished study (``result`` is :meth:`StudyResult.to_manifest`); ``attempts`` counts the
+        times it was finished (done or failed), not the runs that queued it and were interrupted."""
         rec = self.studies.setdefault(name, {})
         rec.update(result)
+        rec["attempts"] = rec.get("attempts", 0) + 1
         rec["fingerprint"] = fingerprint
         rec["finished"] = _now()
 
