@@ -520,9 +520,13 @@ def test_an_empty_or_garbled_lock_left_by_a_kill_is_taken_over(inputs, tmp_path)
     out.mkdir()
     lock = out / LOCK_NAME
     lock.write_text("")  # a kill between creating the lock and writing it
-    for resume in (True, False):  # young: maybe a run writing it right now (said first, not "use --resume")
-        with pytest.raises(InputError, match="another batch run"):
+    for resume in (True, False):  # young: maybe a run writing it right now
+        with pytest.raises(InputError, match="one starting now"):
             Manifest.open(out, input_dir=inputs["main"], options={}, resume=resume)
+    (out / "manifest.json").write_text("{}")  # a run's folder: the lock is still said first, not "use --resume"
+    with pytest.raises(InputError, match="one starting now"):
+        Manifest.open(out, input_dir=inputs["main"], options={}, resume=False)
+    (out / "manifest.json").unlink()
     old = time.time() - 60
     os.utime(lock, (old, old))
     m = Manifest.open(out, input_dir=inputs["main"], options={}, resume=True)
@@ -533,6 +537,11 @@ def test_an_empty_or_garbled_lock_left_by_a_kill_is_taken_over(inputs, tmp_path)
     finally:
         m.close()
     assert not lock.exists() and not Manifest.holds_lock(out, m.token)
+    # a run whose lock another run took over leaves that lock alone when it closes
+    m = Manifest.open(out, input_dir=inputs["main"], options={}, resume=True)
+    lock.write_text(f"{os.getpid()} {socket.gethostname()} another-runs-token\n")
+    m.close()
+    assert lock.read_text().split()[2] == "another-runs-token"
 
 
 def test_a_study_whose_run_has_ended_writes_nothing(inputs, tmp_path):
@@ -558,11 +567,31 @@ def test_a_study_whose_run_has_ended_writes_nothing(inputs, tmp_path):
 
 def test_batch_worker_processes_end_when_the_driver_is_gone():
     # kill -9 of the driver sends its workers nothing: they watch their parent and exit
+    import concurrent.futures as cf
+
+    from SegmentationDeepEditLib.batch import run as run_mod
+
     code = ("from SegmentationDeepEditLib.batch.run import _exit_with_parent; import time; "
             "_exit_with_parent(1); time.sleep(30)")  # parent 1 is not its parent: as if re-parented after a kill
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", code], timeout=20)
-    assert done.returncode == 1 and time.monotonic() - t0 < 15
+    done = subprocess.run([sys.executable, "-c", code], timeout=20, capture_output=True, text=True)
+    assert done.returncode == run_mod.ORPHAN_EXIT and done.stderr == "" and time.monotonic() - t0 < 15
+    # and the pool of `--workers` starts its processes with that watch
+    made = {}
+
+    class Pool:
+        def __init__(self, **kw):
+            made.update(kw)
+            raise RuntimeError("stop here")
+
+    real = cf.ProcessPoolExecutor
+    cf.ProcessPoolExecutor = Pool
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            run_mod._run_processes([], Path("in"), Path("out"), OPTIONS, None, 2, lambda *a: None, "token")
+    finally:
+        cf.ProcessPoolExecutor = real
+    assert made["initializer"] is run_mod._exit_with_parent and made["initargs"] == (os.getpid(),)
 
 
 def test_a_bad_scheduler_address_or_workers_value_writes_nothing(inputs, tmp_path):
@@ -583,14 +612,16 @@ def test_anonymised_studies_stay_apart_and_a_split_anonymised_series_is_joined(s
     from SegmentationDeepEditLib.batch.run import plan_batch
 
     case = fb.load_case_cached(str(shared_data / CASE), 2.0)
+    studies = {}
     for name, seed in (("patient-a", 51), ("patient-b", 52)):
-        study = _build(case, tmp_path / "in", name, sequences=("t1c", "flair"), fmt="dicom", seed=seed, extras=False)
+        study = studies[name] = _build(case, tmp_path / "in", name, sequences=("t1c", "flair"), fmt="dicom",
+                                       seed=seed, extras=False)
         for f in sorted(p for p in study.folder.rglob("*") if p.is_file()):
             ds = pydicom.dcmread(f)
             ds.SeriesInstanceUID = ""
             ds.StudyInstanceUID = ""
             ds.save_as(f)
-    t1c_files = sorted((tmp_path / "in" / "patient-a" / Path(study.files["t1c"][0]).parent.name).iterdir())
+    t1c_files = sorted((studies["patient-a"].folder / Path(studies["patient-a"].files["t1c"][0]).parent.name).iterdir())
     t1c_folder = t1c_files[0].parent
     n_slices = len(t1c_files)
     part2 = t1c_folder.parent / (t1c_folder.name + "-part2")
@@ -604,3 +635,20 @@ def test_anonymised_studies_stay_apart_and_a_split_anonymised_series_is_joined(s
         assert set(p.sequences) == {"t1c", "flair"}, p.warnings
         assert len(p.sequences["t1c"].files) == n_slices  # in patient-a both parts: one series
         assert not any("two series identified" in w for w in p.warnings), p.warnings
+
+
+def test_the_driver_hands_its_token_to_every_study(inputs, tmp_path):
+    # serial path: once another run has taken the folder's lock over, the next study writes nothing
+    from SegmentationDeepEditLib.batch.manifest import LOCK_NAME
+
+    out = tmp_path / "out"
+
+    def progress(stage, fraction):
+        if stage.startswith("1/2 studies"):
+            (out / LOCK_NAME).write_text(f"{os.getpid()} {socket.gethostname()} a-run-that-took-over\n")
+
+    result = run_batch(inputs["main"], out, options=OPTIONS, progress=progress)
+    states = sorted((s["state"], s.get("error") or "") for s in result.studies)
+    assert [s for s, _ in states] == ["done", "failed"] and "has ended" in states[1][1]
+    assert (out / LOCK_NAME).read_text().split()[2] == "a-run-that-took-over"  # left to its owner
+    assert len([p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 1

