@@ -652,3 +652,17 @@ def test_the_driver_hands_its_token_to_every_study(inputs, tmp_path):
     assert [s for s, _ in states] == ["done", "failed"] and "has ended" in states[1][1]
     assert (out / LOCK_NAME).read_text().split()[2] == "a-run-that-took-over"  # left to its owner
     assert len([p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 1
+
+
+def test_attempts_count_finished_attempts_not_interrupted_queues(inputs, tmp_path):
+    out = tmp_path / "out"
+
+    def interrupt(stage, fraction):
+        if stage.startswith("0/2 studies"):
+            raise KeyboardInterrupt  # Ctrl-C once the studies are queued, before any ran
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(inputs["main"], out, options=OPTIONS, progress=interrupt)
+    run_batch(inputs["main"], out, options=OPTIONS, resume=True)
+    studies = json.loads((out / "manifest.json").read_text())["studies"]
+    assert {name: rec["attempts"] for name, rec in studies.items()} == {"case-a": 1, "case-b": 1}

