@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import SimpleITK as sitk
 
 from .bundle import sha256_of
 from .errors import InputError
+from .geometry import grid_of, resample_to_grid
+from .labels import values_mask
 
 __all__ = ["REGISTRY_ENV", "default_registry_folder", "registry_folder", "fetch_registry_cts", "RegistryArchive",
            "ARCHIVES", "source_root"]
@@ -174,10 +175,7 @@ def _extract_tar(path: Path, prefix: str, members: dict, out: Path) -> None:
 
 def _liver_mask(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """Liver (value 5) as 0/1 on ``reference``'s grid (nearest neighbour, in physical space)."""
-    on_grid = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
-    mask = sitk.GetImageFromArray((sitk.GetArrayViewFromImage(on_grid) == _LIVER).astype(np.uint8))
-    mask.CopyInformation(reference)
-    return mask
+    return values_mask(resample_to_grid(label, grid_of(reference), interpolator=sitk.sitkNearestNeighbor), [_LIVER])
 
 
 def fetch_registry_cts(folder: Optional[os.PathLike] = None, *, force: bool = False,
