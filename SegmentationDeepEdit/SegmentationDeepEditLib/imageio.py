@@ -43,6 +43,7 @@ __all__ = [
     "DicomSeriesInfo",
     "read_image",
     "check_image_values",
+    "check_is_image",
     "list_dicom_series",
     "read_dicom_series",
     "slice_normal",
@@ -568,6 +569,13 @@ def _check_meta(path: Path, what: str, needed: int) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
+def check_is_image(image: Any, source=None, what: str = "image") -> None:
+    """Refuse what is not a SimpleITK image (a path or an array given to the Python API)."""
+    if not isinstance(image, sitk.Image):
+        raise InputError(f"the {what} must be a SimpleITK image, not {type(image).__name__} (read files with "
+                         "SegmentationDeepEditLib.imageio.read_image)", source)
+
+
 def check_image_values(image: Any, source=None, what: str = "image") -> None:
     """Refuse what a model must not be given from memory (the Python API): something that is not a
     SimpleITK image (a path or an array: read files with :func:`read_image`), NaN or infinite voxels
@@ -578,9 +586,7 @@ def check_image_values(image: Any, source=None, what: str = "image") -> None:
     Raises:
         InputError: naming ``source`` and the problem.
     """
-    if not isinstance(image, sitk.Image):
-        raise InputError(f"the {what} must be a SimpleITK image, not {type(image).__name__} (read files with "
-                         "SegmentationDeepEditLib.imageio.read_image)", source)
+    check_is_image(image, source, what)
     arr = sitk.GetArrayViewFromImage(image)
     if arr.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(arr)))

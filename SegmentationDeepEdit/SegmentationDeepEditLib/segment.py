@@ -38,7 +38,7 @@ from .annotate import fraction_at_or_below, normalise_input
 from .bundle import Bundle, get_network, load_bundle
 from .device import cpu_supports_bf16, pick_device, run_with_fallback
 from .errors import InputError, ModelError, NotSkullStripped
-from .imageio import check_image_values
+from .imageio import check_image_values, check_is_image
 from .geometry import (Grid, bounding_box_grid, corners_lps, frequent_values, grid_of, image_on_grid,
                        index_box_covering, index_to_physical, resample_to_grid)
 
@@ -213,8 +213,7 @@ def check_inputs(meta: dict, images: Mapping[str, Optional[sitk.Image]],
     sources = sources or {}
     given = {k: v for k, v in images.items() if v is not None}
     for name, img in given.items():
-        if not isinstance(img, sitk.Image):
-            check_image_values(img, sources.get(name), f"input {name!r}")  # refuses it, clearly
+        check_is_image(img, sources.get(name), f"input {name!r}")
     check_input_names(meta, given)
     warnings = []
     out: Dict[str, Optional[sitk.Image]] = {}
