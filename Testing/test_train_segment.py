@@ -201,3 +201,28 @@ def test_cases_prepared_in_worker_processes_equal_the_serial_ones():
         assert np.array_equal(a.fg, b.fg) and a.weight == b.weight
     assert serial[0].x.shape != serial[1].x.shape  # two spacings
     assert [c.weight for c in parallel] == [1.0] * 4 + [3.0] * 2
+
+
+def test_a_cache_folder_gives_other_runs_the_same_cases_without_making_them_again(tmp_path, monkeypatch):
+    from SegmentationDeepEditLib import synthetic
+
+    cfg = json.loads((REPO / "Resources" / "Training" / "liver-lesion.json").read_text())
+    meta = dict(cfg["bundle"], spacing_mm=[4.0, 4.0, 4.0])
+    sources = [{"synthetic": "ct", "cases": 2, "seed": 51, "options": {"spacing": 4.0, "oblique": False}}]
+    spacings = [[4.0] * 3, [6.0] * 3]
+    fresh = T.build_seg_cases(sources, meta, cfg["targets"], REPO, spacings=spacings, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("ct-5[12]-*.pkl"))) == 2
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a cached case was generated again")
+
+    monkeypatch.setattr(synthetic, "make_ct_case", must_not_run)
+    heavier = [dict(sources[0], weight=2.5)]  # the weight is the source's, not the cache's
+    again = T.build_seg_cases(heavier, meta, cfg["targets"], REPO, spacings=spacings, cache_dir=tmp_path / "cache")
+    assert [c.name for c in again] == [c.name for c in fresh]
+    for a, b in zip(fresh, again):
+        assert np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y) and np.array_equal(a.fg, b.fg)
+    assert [c.weight for c in again] == [2.5] * 4
+    # other bundle metadata (here the model spacing) is another case: not taken from the cache
+    with pytest.raises(AssertionError, match="generated again"):
+        T.build_seg_cases(sources, dict(meta, spacing_mm=[5.0] * 3), cfg["targets"], REPO, cache_dir=tmp_path / "cache")

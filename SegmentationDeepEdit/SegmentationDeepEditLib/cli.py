@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=1,
                    help="processes that generate (and, for automatic models, prepare) the synthetic training "
                         "cases (0: one per CPU core; the cases are the same whatever the number; default 1)")
+    t.add_argument("--cache-dir", help="automatic models: folder that keeps the prepared generated cases, so that other "
+                                       "seeds or runs of the same recipe reuse them instead of making them again "
+                                       "(kept until you delete it; default: none)")
 
     e = sub.add_parser("evaluate", parents=[common], formatter_class=fmt,
                        help="Dice of a model on cases with a ground truth (annotation models: six points and simulated "
@@ -337,7 +340,8 @@ def _cmd_train(args) -> dict:
 
             return train_segmentation(cfg, run_dir, data_root=data_root, device=args.device, resume=args.resume,
                                       steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None,
-                                      show_progress=not args.json, workers=args.workers)
+                                      show_progress=not args.json, workers=args.workers,
+                                      cache_dir=Path(args.cache_dir) if args.cache_dir else None)
         return train(cfg, run_dir, data_root=data_root, device=args.device, resume=args.resume,
                      steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None, quiet=args.json,
                      workers=args.workers)

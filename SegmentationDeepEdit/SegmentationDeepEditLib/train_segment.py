@@ -122,35 +122,74 @@ def _prepare_case(name: str, images: Dict[str, Optional[sitk.Image]], label: sit
     return SegCase(name, x, y, np.flatnonzero(fgmask.reshape(-1)))
 
 
+# the modules whose code decides what a generated, prepared case holds: a cached case is used only
+# while their source is unchanged
+_CASE_CODE = ("synthetic.py", "segment.py", "geometry.py", "labels.py", "train_segment.py")
+
+
+def _cache_file(cache_dir: Path, kind: str, s: int, options: dict, meta: dict, targets: dict, spacings) -> Path:
+    """The file that keeps generated case ``s`` of ``kind`` prepared for this bundle metadata, targets and
+    spacings (a hash of all of them and of the code that makes and prepares it)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _CASE_CODE:
+        h.update((here / name).read_bytes())
+    h.update(json.dumps([kind, s, options, meta, targets, spacings], sort_keys=True, default=str).encode())
+    return Path(cache_dir) / f"{kind}-{s}-{h.hexdigest()[:20]}.pkl"
+
+
 def _synthetic_cases(kind: str, s: int, options: dict, weight: float, meta: dict, targets: dict,
-                     spacings) -> List[SegCase]:
+                     spacings, cache_dir: Optional[str] = None) -> List[SegCase]:
     """Generated case ``s`` of ``kind`` prepared at each spacing (a top-level function: it also runs
-    in worker processes)."""
+    in worker processes). With ``cache_dir``, read from there when another run of the same recipe
+    prepared it already (see :func:`_cache_file`), else made and kept there."""
+    import pickle
+
     from . import synthetic
 
-    make = synthetic.make_brain_case if kind == "brain" else synthetic.make_ct_case
-    conv = "brats2017" if kind == "brain" else "liver-lesion"
-    c = make(s, **options)
-    out = []
-    for sp in spacings:
-        out.append(_prepare_case(f"synthetic-{kind}-{s}", c.images, c.label, conv, meta, targets, sp))
-        out[-1].weight = weight
+    path = _cache_file(Path(cache_dir), kind, s, options, meta, targets, spacings) if cache_dir else None
+    out = None
+    if path is not None and path.is_file():
+        try:
+            with open(path, "rb") as fh:
+                out = pickle.load(fh)
+        except Exception:  # unreadable here (written by another Python or numpy): made again below
+            out = None
+    if out is None:
+        make = synthetic.make_brain_case if kind == "brain" else synthetic.make_ct_case
+        conv = "brats2017" if kind == "brain" else "liver-lesion"
+        c = make(s, **options)
+        out = [_prepare_case(f"synthetic-{kind}-{s}", c.images, c.label, conv, meta, targets, sp) for sp in spacings]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # renamed in when complete: runs sharing the folder never read a half-written file, and two
+            # runs that made the same case at once write the same content
+            with atomic_output(path, overwrite=True) as tmp:
+                with open(tmp, "wb") as fh:
+                    pickle.dump(out, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    for case in out:
+        case.weight = weight
     return out
 
 
 def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: Path, spacings=None,
-                    progress=None, workers: int = 1) -> List[SegCase]:
+                    progress=None, workers: int = 1, cache_dir: Optional[Path] = None) -> List[SegCase]:
     """Load or generate and prepare the cases a config lists (at each spacing of ``spacings``).
 
     ``workers`` > 1 (0: one per CPU core) generates and prepares the synthetic cases in that many
     worker processes; each case depends only on its seed, so the cases and their order are the
-    same as with one.
+    same as with one. ``cache_dir`` keeps the prepared generated cases for other runs (seeds) of
+    the same recipe; the real cases are read each time.
     """
     spacings = spacings or [None]
 
     def jobs_of(src):  # (kind, seed, options, weight, meta, targets, spacings) of each generated case of a source
         first = int(src.get("seed", 0))
-        return [(src["synthetic"], s, src.get("options", {}), float(src.get("weight", 1.0)), meta, targets, spacings)
+        return [(src["synthetic"], s, src.get("options", {}), float(src.get("weight", 1.0)), meta, targets, spacings,
+                 str(cache_dir) if cache_dir else None)
                 for s in range(first, first + int(src["cases"]))]
 
     cases: List[SegCase] = []
@@ -310,10 +349,12 @@ def _average_into(averaged: dict, net) -> None:
 
 def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto", resume: bool = False,
                        steps: Optional[int] = None, bundle_dir: Optional[Path] = None,
-                       show_progress: bool = True, workers: int = 1) -> dict:
+                       show_progress: bool = True, workers: int = 1, cache_dir: Optional[Path] = None) -> dict:
     """Train an automatic model from a config (see module docstring). Returns a summary dict.
 
     ``workers``: processes that generate and prepare the synthetic cases (0: one per CPU core).
+    ``cache_dir``: a folder where the prepared generated cases are kept and found again by other
+    runs of the same recipe (other seeds); None: prepared in memory only.
     """
     import torch
     from tqdm import tqdm
@@ -340,8 +381,10 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     t_load = time.perf_counter()
     say = (lambda name: tqdm.write(f"prepared {name}")) if show_progress else None
     spacings = config.get("train_spacings")
-    cases = build_seg_cases(config["data"], meta, targets, data_root, spacings=spacings, progress=say, workers=workers)
-    val_cases = build_seg_cases(config.get("validation", []), meta, targets, data_root, workers=workers)
+    cases = build_seg_cases(config["data"], meta, targets, data_root, spacings=spacings, progress=say, workers=workers,
+                            cache_dir=cache_dir)
+    val_cases = build_seg_cases(config.get("validation", []), meta, targets, data_root, workers=workers,
+                                cache_dir=cache_dir)
     load_s = time.perf_counter() - t_load
     if not cases:
         raise InputError("the training config lists no cases")
