@@ -353,7 +353,7 @@ def test_liver_fast_mode_on_held_out_real_ct(shared_data):
     assert same_geometry(r.label, ct) and r.fast
     truth = sitk.GetArrayFromImage(read_image(d / "liver.nii.gz")) > 0
     pred = np.isin(sitk.GetArrayViewFromImage(r.label), [1, 2])
-    assert dice(pred, truth) >= 0.80  # measured 0.867 (full mode 0.873); see the model card
+    assert dice(pred, truth) >= 0.88  # 0.2.0: measured 0.914 (full mode 0.895; 0.1.5: 0.875 / 0.883); see the model card
     # a non-contrast CT (liver ~47 HU): the user is told the model was trained on portal-venous CT
     assert any("HU (median)" in w and "portal-venous" in w for w in r.warnings), r.warnings
     # this CT is a 30-slice slab through the liver: the user is told the liver is cut by the scan

@@ -226,3 +226,11 @@ def test_a_cache_folder_gives_other_runs_the_same_cases_without_making_them_agai
     # other bundle metadata (here the model spacing) is another case: not taken from the cache
     with pytest.raises(AssertionError, match="generated again"):
         T.build_seg_cases(sources, dict(meta, spacing_mm=[5.0] * 3), cfg["targets"], REPO, cache_dir=tmp_path / "cache")
+
+
+def test_a_config_whose_bundle_is_an_ensemble_is_refused(tmp_path):
+    cfg = json.loads((REPO / "Resources" / "Training" / "liver-lesion.json").read_text())
+    cfg["bundle"]["network"]["ensemble"] = 3
+    with pytest.raises(InputError, match="train its members one by one"):
+        T.train_segmentation(cfg, tmp_path / "run", data_root=REPO, device="cpu", show_progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -15,8 +15,8 @@ Run: python Resources/Evaluation/compare_liver_models.py liver-lesion runs/liver
 (bundle ids or bundle folders, or weight files such as runs/liver-v7/snapshots/step-01500.safetensors,
 which are scored with the shipped liver-lesion bundle's settings; weight files joined by '+'
 (`a.safetensors+b.safetensors+c.safetensors`) are scored as one ensemble: the mean of their
-networks' logits, a measurement only, since a bundle holds one network; about 1 min per model on 2
-CPU cores, n times that for an ensemble of n). `--foreground-thresholds 0.4,0.3` also scores each
+networks' logits (a ``network.ensemble`` bundle with the shipped settings); about 1 min per model
+on 2 CPU cores, n times that for an ensemble of n). `--foreground-thresholds 0.4,0.3` also scores each
 bundle with foreground where 1 - p(background) >= t instead of the argmax.
 """
 
@@ -68,36 +68,30 @@ def _bundle_with_weights(weights: Path, folder: Path) -> str:
     """A copy of the shipped liver-lesion bundle in ``folder`` with other weights (and their hash)."""
     src = load_bundle("liver-lesion")
     folder.mkdir(parents=True)
-    meta = dict(src.meta, weights={"file": "model.safetensors", "sha256": sha256_of(weights)})
+    single = {k: v for k, v in src.meta["network"].items() if k != "ensemble"}  # one network, the shipped settings
+    meta = dict(src.meta, network=single, weights={"file": "model.safetensors", "sha256": sha256_of(weights)})
     shutil.copyfile(weights, folder / "model.safetensors")
     shutil.copyfile(src.path / "README.md", folder / "README.md")
     (folder / "metadata.json").write_text(json.dumps(meta, indent=2))
     return str(folder)
 
 
-class _MeanOfLogits:
-    """Networks whose logits are averaged (an ensemble for measurement); called like one network."""
+def _ensemble_bundle(weights, folder: Path) -> str:
+    """A copy of the shipped liver-lesion bundle in ``folder`` whose network is the mean of the logits
+    of the networks in ``weights`` (``network.ensemble``, stored as float32)."""
+    from safetensors.torch import load_file, save_file
 
-    def __init__(self, nets):
-        self.nets = nets
+    from SegmentationDeepEditLib.bundle import ensemble_state_dict
 
-    def __call__(self, x):
-        return sum(n(x) for n in self.nets) / len(self.nets)
-
-
-def _use_ensembles(ensembles: dict) -> None:
-    """Make ``segment`` load, for each ensemble's stand-in bundle folder, the mean of its networks."""
-    from SegmentationDeepEditLib import segment
-
-    plain = segment.get_network
-
-    def get_network(bundle, device="cpu"):
-        members = ensembles.get(str(Path(load_bundle(bundle).path).resolve()))
-        if members is None:
-            return plain(bundle, device)
-        return _MeanOfLogits([plain(m, device) for m in members])
-
-    segment.get_network = get_network
+    src = load_bundle("liver-lesion")
+    folder.mkdir(parents=True)
+    single = {k: v for k, v in src.meta["network"].items() if k != "ensemble"}
+    save_file(ensemble_state_dict([load_file(str(w)) for w in weights], "float32"), str(folder / "model.safetensors"))
+    meta = dict(src.meta, network=dict(single, ensemble=len(weights)),
+                weights={"file": "model.safetensors", "sha256": sha256_of(folder / "model.safetensors")})
+    shutil.copyfile(src.path / "README.md", folder / "README.md")
+    (folder / "metadata.json").write_text(json.dumps(meta, indent=2))
+    return str(folder)
 
 
 def main() -> None:
@@ -108,17 +102,13 @@ def main() -> None:
                          "set to each (foreground where 1 - p(background) >= t, instead of the argmax)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        names, ensembles = {}, {}
+        names = {}
         for n, m in enumerate(args.models):
             parts = m.split("+")
             if len(parts) > 1:
-                members = [_bundle_with_weights(Path(p), Path(tmp) / f"w{n}-{i}") for i, p in enumerate(parts)]
-                names[m] = members[0]
-                ensembles[str(Path(members[0]).resolve())] = members
+                names[m] = _ensemble_bundle([Path(p) for p in parts], Path(tmp) / f"w{n}")
             else:
                 names[m] = _bundle_with_weights(Path(m), Path(tmp) / f"w{n}") if m.endswith(".safetensors") else m
-        if ensembles:
-            _use_ensembles(ensembles)
         models = list(args.models)
         for t in [float(v) for v in args.foreground_thresholds.split(",") if v.strip()]:
             for m in args.models:

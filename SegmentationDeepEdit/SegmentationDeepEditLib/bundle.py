@@ -155,10 +155,35 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _ensemble_class():
+    import torch
+
+    class MeanOfNetworks(torch.nn.Module):
+        """Several networks of one architecture whose logits are averaged (a deep ensemble,
+        Lakshminarayanan et al. 2017): called like one network. Its weights are those of every
+        member, keyed ``members.<i>.<name>``, in one file."""
+
+        def __init__(self, members):
+            super().__init__()
+            self.members = torch.nn.ModuleList(members)
+
+        def forward(self, x):
+            out = self.members[0](x)
+            for m in self.members[1:]:  # one member's activations at a time: memory as for one network
+                out = out + m(x)
+            return out / len(self.members)
+
+    return MeanOfNetworks
+
+
 def build_network(meta: Dict[str, Any]):
     """Build the (untrained) network a bundle declares: a MONAI class, or ``smp.<Class>`` from
     segmentation-models-pytorch (2D models; optional dependency, never with downloaded encoder
-    weights)."""
+    weights). With ``network.ensemble`` = N (>= 2), N such networks whose logits are averaged."""
+    n = meta["network"].get("ensemble")
+    if n is not None:
+        single = dict(meta, network={k: v for k, v in meta["network"].items() if k != "ensemble"})
+        return _ensemble_class()([build_network(single) for _ in range(int(n))])
     cls_name = meta["network"]["class"]
     args = dict(meta["network"]["args"])
     if cls_name.startswith("smp."):
@@ -211,8 +236,13 @@ def read_weights_for_init(source: Union[str, Path]) -> Dict[str, Any]:
     """
     folder = Path(source)
     if not (folder / "metadata.json").is_file():
-        return _read_state_dict(load_bundle(str(source)))
-    meta = read_json(folder / "metadata.json", "model bundle metadata.json", ModelError)
+        b = load_bundle(str(source))
+        folder, meta = b.path, b.meta
+    else:
+        meta = read_json(folder / "metadata.json", "model bundle metadata.json", ModelError)
+    if isinstance(meta.get("network"), dict) and meta["network"].get("ensemble"):
+        raise ModelError(f"is an ensemble of {meta['network']['ensemble']} networks: a run starts from one network "
+                         "(one of its members' run folders, e.g. runs/NAME/bundle)", folder / "metadata.json")
     if not isinstance(meta.get("weights"), dict) or "file" not in meta["weights"] or "sha256" not in meta["weights"]:
         raise ModelError("metadata.json names no weights file and hash", folder / "metadata.json")
     return _read_state_dict(Bundle(folder.resolve(), meta))
@@ -284,6 +314,25 @@ def draft_card(meta: Dict[str, Any], config: Dict[str, Any], config_path: Option
               "- Dice measured on real cases not used in training (`deepedit evaluate`), seconds and memory;",
               "- intended use and known weaknesses.", ""]
     return "\n".join(lines)
+
+
+def ensemble_state_dict(members: List[Dict[str, Any]], dtype: Optional[str] = "float16") -> Dict[str, Any]:
+    """One state dict for a ``network.ensemble`` bundle from its members' state dicts (keys
+    ``members.<i>.<name>``), stored as ``dtype`` (float16 halves the file; loading casts back to the
+    network's float32). The members must have the same keys and shapes."""
+    import torch
+
+    if len(members) < 2:
+        raise ModelError(f"an ensemble needs two or more networks, got {len(members)}")
+    keys = list(members[0])
+    out = {}
+    for i, sd in enumerate(members):
+        if list(sd) != keys or any(sd[k].shape != members[0][k].shape for k in keys):
+            raise ModelError(f"ensemble member {i} does not have the architecture of member 0")
+        for k in keys:
+            v = sd[k].detach().cpu()
+            out[f"members.{i}.{k}"] = v.to(getattr(torch, dtype)) if dtype and v.is_floating_point() else v
+    return out
 
 
 def save_bundle(folder: Path, meta: Dict[str, Any], state_dict: Dict[str, Any], card: Optional[str] = None) -> Bundle:

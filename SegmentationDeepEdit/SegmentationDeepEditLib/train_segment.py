@@ -362,6 +362,9 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     from .device import cpu_supports_bf16, pick_device
 
     meta = dict(config["bundle"])
+    if meta.get("network", {}).get("ensemble") is not None:
+        raise InputError("the config's bundle.network declares an ensemble: train its members one by one (one "
+                         "network each, with --seed) and join them with Resources/Training/assemble_ensemble.py")
     targets = config["targets"]
     steps = int(config["steps"] if steps is None else steps)
     total_steps = steps
