@@ -222,7 +222,16 @@ def test_assemble_ensemble_joins_trained_networks_into_a_bundle(tiny_bundle, tmp
     save_file({"w": torch.zeros(3)}, str(odd))
     assert main(["--base", str(tiny_bundle.path), "--version", "0.2.1", "-o", str(tmp_path / "e2"), files[0], str(odd)]) == 1
     assert "odd.safetensors: does not fit" in capsys.readouterr().err
-    assert not (tmp_path / "e2").exists() and not (tmp_path / "e2.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ens", "m0.safetensors", "m1.safetensors", "odd.safetensors", "tiny-test"]
+    for bad, said in (([files[0], files[0]], "given twice"), ([files[0], str(tmp_path / "gone.safetensors")], "gone.safetensors: cannot read"),
+                      ([files[0], str(out / "model.safetensors")], "holds an ensemble's weights")):
+        assert main(["--base", str(tiny_bundle.path), "--version", "0.2.1", "-o", str(tmp_path / "e3")] + bad) == 1
+        assert said in capsys.readouterr().err
+    assert main(["--base", str(tiny_bundle.path), "--version", "9.9", "-o", str(tmp_path / "e3")] + files) == 1
+    assert "use MAJOR.MINOR.PATCH" in capsys.readouterr().err
+    assert main(["--base", "no-such-model", "--version", "0.2.1", "-o", str(tmp_path / "e3")] + files) == 1
+    assert "--base no-such-model" in capsys.readouterr().err
+    assert not (tmp_path / "e3").exists()
 
 
 def test_a_training_run_cannot_start_from_an_ensemble():

@@ -211,7 +211,8 @@ def test_a_cache_folder_gives_other_runs_the_same_cases_without_making_them_agai
     sources = [{"synthetic": "ct", "cases": 2, "seed": 51, "options": {"spacing": 4.0, "oblique": False}}]
     spacings = [[4.0] * 3, [6.0] * 3]
     fresh = T.build_seg_cases(sources, meta, cfg["targets"], REPO, spacings=spacings, cache_dir=tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("ct-5[12]-*.pkl"))) == 2
+    kept = sorted((tmp_path / "cache").glob("ct-5[12]-*.npz"))
+    assert len(kept) == 2 and not list((tmp_path / "cache").glob(".*"))  # no temporary files left
 
     def must_not_run(*a, **k):
         raise AssertionError("a cached case was generated again")
@@ -226,6 +227,33 @@ def test_a_cache_folder_gives_other_runs_the_same_cases_without_making_them_agai
     # other bundle metadata (here the model spacing) is another case: not taken from the cache
     with pytest.raises(AssertionError, match="generated again"):
         T.build_seg_cases(sources, dict(meta, spacing_mm=[5.0] * 3), cfg["targets"], REPO, cache_dir=tmp_path / "cache")
+    # a damaged file, or one holding pickled objects (which could run code), is not read: made again
+    import pickle
+
+    kept[0].write_bytes(pickle.dumps(fresh[:2]))
+    kept[1].write_bytes(kept[1].read_bytes()[:1000])
+    with pytest.raises(AssertionError, match="generated again"):
+        T.build_seg_cases(sources, meta, cfg["targets"], REPO, spacings=spacings, cache_dir=tmp_path / "cache")
+
+
+def test_cache_folder_problems(tmp_path, caplog, monkeypatch):
+    cfg = json.loads((REPO / "Resources" / "Training" / "liver-lesion.json").read_text())
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("x")
+    with pytest.raises(InputError, match="--cache-dir: cannot use it as a folder"):  # said before any case is made
+        T.train_segmentation(cfg, tmp_path / "run", data_root=REPO, device="cpu", show_progress=False,
+                             cache_dir=in_the_way)
+    # a cache that cannot be written (disk full): said, and the cases are made all the same
+    meta = dict(cfg["bundle"], spacing_mm=[4.0, 4.0, 4.0])
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T.np, "savez", full_disk)
+    src = [{"synthetic": "ct", "cases": 1, "seed": 51, "options": {"spacing": 4.0, "oblique": False}}]
+    cases = T.build_seg_cases(src, meta, cfg["targets"], REPO, cache_dir=tmp_path / "cache")
+    assert len(cases) == 1 and "training goes on without it" in caplog.text
+    assert not [f for f in (tmp_path / "cache").iterdir()]  # nothing half-written left
 
 
 def test_a_config_whose_bundle_is_an_ensemble_is_refused(tmp_path):

@@ -112,8 +112,6 @@ def main() -> None:
         models = list(args.models)
         for t in [float(v) for v in args.foreground_thresholds.split(",") if v.strip()]:
             for m in args.models:
-                if "+" in m:
-                    continue
                 src = load_bundle(names[m])
                 folder = Path(tmp) / f"fg{t}-{len(models)}"
                 shutil.copytree(src.path, folder)

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 from safetensors.torch import load_file
 
 from SegmentationDeepEditLib.bundle import build_network, ensemble_state_dict, load_bundle, save_bundle
-from SegmentationDeepEditLib.errors import ModelError
+from SegmentationDeepEditLib.errors import DeepEditError, ModelError
 
 
 def main(argv=None) -> int:
@@ -35,26 +37,52 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored precision (default float16)")
     ap.add_argument("-o", "--output", required=True, help="new bundle folder (must not exist)")
     args = ap.parse_args(argv)
+    try:
+        return _assemble(args)
+    except _Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+class _Refused(Exception):
+    """A bad input: one line on stderr, exit 1, nothing written."""
+
+
+def _member(path: str, base, single: dict) -> dict:
+    try:
+        sd = load_file(path)
+    except Exception as e:  # noqa: BLE001 - missing, unreadable or not a safetensors file
+        raise _Refused(f"{path}: cannot read it as a safetensors weights file ({type(e).__name__}: {e})") from None
+    if any(k.startswith("members.") for k in sd):
+        raise _Refused(f"{path}: holds an ensemble's weights (members.*); give its members' own weight files")
+    missing, unexpected = build_network(dict(base.meta, network=single)).load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise _Refused(f"{path}: does not fit {base.id}'s network ({len(missing)} missing, e.g. "
+                       f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    return sd
+
+
+def _assemble(args) -> int:
     out = Path(args.output)
     if out.exists():
-        print(f"error: {out}: already exists; choose a new folder", file=sys.stderr)
-        return 1
-    base = load_bundle(args.base)
+        raise _Refused(f"{out}: already exists; choose a new folder")
+    if not re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", args.version):
+        raise _Refused(f"--version {args.version!r}: use MAJOR.MINOR.PATCH, e.g. 0.2.0")
+    if len(args.members) < 2 or len(args.members) > 16:
+        raise _Refused(f"an ensemble bundle holds 2 to 16 networks, not {len(args.members)}")
+    same = {Path(f).resolve() for f in args.members}
+    if len(same) < len(args.members):
+        raise _Refused("a member file is given twice; each network once")
+    try:
+        base = load_bundle(args.base)
+    except DeepEditError as e:
+        raise _Refused(f"--base {args.base}: {e}") from None
     single = {k: v for k, v in base.meta["network"].items() if k != "ensemble"}
-    members = []
-    for f in args.members:
-        sd = load_file(f)
-        try:
-            build_network(dict(base.meta, network=single)).load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            print(f"error: {f}: does not fit {base.id}'s network: {str(e).splitlines()[0]}", file=sys.stderr)
-            return 1
-        members.append(sd)
+    members = [_member(f, base, single) for f in args.members]
     try:
         state = ensemble_state_dict(members, args.dtype)
     except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise _Refused(str(e)) from None
     meta = json.loads(json.dumps(base.meta))
     meta["network"] = dict(single, ensemble=len(members))
     meta["version"] = args.version
@@ -63,9 +91,7 @@ def main(argv=None) -> int:
     if args.config:
         training["config"] = args.config
     meta["training"] = training
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")  # renamed in only when complete
     try:
         save_bundle(tmp, meta, state, (base.path / "README.md").read_text(encoding="utf-8"))
         load_bundle(str(tmp))  # schema check before it is renamed in
@@ -74,6 +100,8 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"wrote {out} ({len(members)} networks, {args.dtype})")
+    print(f"note: its model card (README.md) and description are {base.id} {base.version}'s: rewrite them to say "
+          "what this ensemble was trained on and what it measured", file=sys.stderr)
     return 0
 
 

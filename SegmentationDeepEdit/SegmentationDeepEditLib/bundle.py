@@ -168,9 +168,11 @@ def _ensemble_class():
             self.members = torch.nn.ModuleList(members)
 
         def forward(self, x):
-            out = self.members[0](x)
-            for m in self.members[1:]:  # one member's activations at a time: memory as for one network
-                out = out + m(x)
+            # one member's activations at a time (memory as for one network); the sum in float32, also
+            # under bf16 autocast, where adding six bf16 logits would round each partial sum
+            out = self.members[0](x).float()
+            for m in self.members[1:]:
+                out = out + m(x).float()
             return out / len(self.members)
 
     return MeanOfNetworks

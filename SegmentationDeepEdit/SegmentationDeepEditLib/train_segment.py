@@ -45,7 +45,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
+import hashlib
 import io
+import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -66,6 +70,8 @@ from .registry_data import source_root
 from .segment import model_grid, predict_volume, prepare_volume
 
 __all__ = ["SegCase", "build_seg_cases", "targets_for", "train_segmentation", "sample_batch"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,23 +128,70 @@ def _prepare_case(name: str, images: Dict[str, Optional[sitk.Image]], label: sit
     return SegCase(name, x, y, np.flatnonzero(fgmask.reshape(-1)))
 
 
-# the modules whose code decides what a generated, prepared case holds: a cached case is used only
-# while their source is unchanged
-_CASE_CODE = ("synthetic.py", "segment.py", "geometry.py", "labels.py", "train_segment.py")
+_CACHE_FORMAT = "deepedit.case-cache/2"  # npz arrays, read with allow_pickle=False
+
+
+@functools.lru_cache(maxsize=1)
+def _cache_salt() -> bytes:
+    """What, besides a case's own recipe, decides what a prepared case holds: this package's code
+    (every module: generation, preparation, normalisation...) and the numerical libraries' versions."""
+    from importlib import metadata
+
+    h = hashlib.sha256(_CACHE_FORMAT.encode())
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    for dist in ("numpy", "scipy", "SimpleITK", "nilearn", "torch", "monai"):
+        try:
+            h.update(f"{dist}=={metadata.version(dist)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{dist} absent".encode())
+    return h.digest()
 
 
 def _cache_file(cache_dir: Path, kind: str, s: int, options: dict, meta: dict, targets: dict, spacings) -> Path:
     """The file that keeps generated case ``s`` of ``kind`` prepared for this bundle metadata, targets and
-    spacings (a hash of all of them and of the code that makes and prepares it)."""
-    import hashlib
-    import json
-
-    h = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in _CASE_CODE:
-        h.update((here / name).read_bytes())
+    spacings (a hash of all of them, of this package's code and of the numerical libraries' versions)."""
+    h = hashlib.sha256(_cache_salt())
     h.update(json.dumps([kind, s, options, meta, targets, spacings], sort_keys=True, default=str).encode())
-    return Path(cache_dir) / f"{kind}-{s}-{h.hexdigest()[:20]}.pkl"
+    return Path(cache_dir) / f"{kind}-{s}-{h.hexdigest()[:20]}.npz"
+
+
+def _cache_folder(cache_dir) -> Path:
+    """``cache_dir``, made if absent; InputError when it cannot be a folder (a file in the way...)."""
+    cache_dir = Path(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--cache-dir: cannot use it as a folder ({e.strerror or type(e).__name__})", cache_dir) from None
+    return cache_dir
+
+
+def _read_cached(path: Path) -> Optional[List[SegCase]]:
+    """The cases kept in ``path``, or None when it is absent or unreadable (then they are made again).
+    Plain arrays only (``allow_pickle=False``): a cache file cannot run code."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return [SegCase(str(z[f"name{i}"]), z[f"x{i}"], z[f"y{i}"], z[f"fg{i}"]) for i in range(int(z["n"]))]
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: made again, and said
+        log.warning("training case cache: %s is unreadable (%s); making that case again", path, e)
+        return None
+
+
+def _write_cached(path: Path, cases: List[SegCase]) -> None:
+    """Keep ``cases`` in ``path`` (renamed in when complete: runs sharing the folder never read a
+    half-written file; two runs that made the same case write the same content). The cache is an
+    optimisation: a write that fails (disk full, no permission) is said and training goes on."""
+    arrays = {"n": np.array(len(cases))}
+    for i, c in enumerate(cases):
+        arrays.update({f"name{i}": np.array(c.name), f"x{i}": c.x, f"y{i}": c.y, f"fg{i}": c.fg})
+    try:
+        with atomic_output(path, overwrite=True) as tmp:
+            np.savez(tmp, **arrays)
+    except (OSError, InputError) as e:
+        log.warning("training case cache: cannot keep %s (%s); training goes on without it", path.name, e)
 
 
 def _synthetic_cases(kind: str, s: int, options: dict, weight: float, meta: dict, targets: dict,
@@ -146,30 +199,17 @@ def _synthetic_cases(kind: str, s: int, options: dict, weight: float, meta: dict
     """Generated case ``s`` of ``kind`` prepared at each spacing (a top-level function: it also runs
     in worker processes). With ``cache_dir``, read from there when another run of the same recipe
     prepared it already (see :func:`_cache_file`), else made and kept there."""
-    import pickle
-
     from . import synthetic
 
     path = _cache_file(Path(cache_dir), kind, s, options, meta, targets, spacings) if cache_dir else None
-    out = None
-    if path is not None and path.is_file():
-        try:
-            with open(path, "rb") as fh:
-                out = pickle.load(fh)
-        except Exception:  # unreadable here (written by another Python or numpy): made again below
-            out = None
+    out = _read_cached(path) if path is not None else None
     if out is None:
         make = synthetic.make_brain_case if kind == "brain" else synthetic.make_ct_case
         conv = "brats2017" if kind == "brain" else "liver-lesion"
         c = make(s, **options)
         out = [_prepare_case(f"synthetic-{kind}-{s}", c.images, c.label, conv, meta, targets, sp) for sp in spacings]
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # renamed in when complete: runs sharing the folder never read a half-written file, and two
-            # runs that made the same case at once write the same content
-            with atomic_output(path, overwrite=True) as tmp:
-                with open(tmp, "wb") as fh:
-                    pickle.dump(out, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            _write_cached(path, out)
     for case in out:
         case.weight = weight
     return out
@@ -185,6 +225,8 @@ def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: P
     the same recipe; the real cases are read each time.
     """
     spacings = spacings or [None]
+    if cache_dir is not None:
+        cache_dir = _cache_folder(cache_dir)
 
     def jobs_of(src):  # (kind, seed, options, weight, meta, targets, spacings) of each generated case of a source
         first = int(src.get("seed", 0))
@@ -379,6 +421,13 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     if ckpt_path.exists() and not resume:
         raise InputError(f"{run_dir} already holds a run; use --resume to continue it or choose another --run-dir", ckpt_path)
 
+    init_state = None
+    if config.get("init_from"):  # read (and refused) before minutes of case preparation
+        from .bundle import read_weights_for_init
+
+        init_state = read_weights_for_init(config["init_from"])
+    if cache_dir is not None:
+        cache_dir = _cache_folder(cache_dir)
     dev = pick_device(device)
     torch.manual_seed(seed)
     t_load = time.perf_counter()
@@ -393,11 +442,9 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
         raise InputError("the training config lists no cases")
 
     net = build_network(meta).to(dev)
-    if config.get("init_from"):
-        from .bundle import read_weights_for_init
-
+    if init_state is not None:
         try:
-            net.load_state_dict(read_weights_for_init(config["init_from"]), strict=True)
+            net.load_state_dict(init_state, strict=True)
         except RuntimeError as e:
             raise ModelError(f"init_from {config['init_from']!r}: its weights do not fit this config's network: "
                              f"{str(e).splitlines()[0]}") from None
