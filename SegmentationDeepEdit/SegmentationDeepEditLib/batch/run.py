@@ -74,8 +74,8 @@ class BatchOptions:
         registration: registration settings.
         thresholds: the registration verdict's limits.
         device: device for the segmentation model.
-        threads: ITK threads per study (0: ITK's default; the driver sets 1 per worker when
-            several studies run at once).
+        threads: ITK threads per study (0: ITK's default in a single process; with ``--workers N`` the
+            machine's cores / N; on Dask each host's cores / the studies that may run there at once).
         segmenter: a Python segmenter (tests, scripts); overrides ``model``.
     """
 
@@ -404,6 +404,7 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + ["report.json"]
         report["files"] = files
         seconds["total"] = round(time.perf_counter() - t_start, 3)
+        seconds["itk_threads"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()  # with the timings: this run's
         report["seconds"] = seconds
         write_json(report, tmp / "report.json")
         outputs = {rel: file_record(tmp / rel) for rel in files}
@@ -714,16 +715,41 @@ def _dask_client(scheduler):
         raise InputError(f"cannot reach the Dask scheduler {scheduler}: {e}") from None
 
 
+def _dask_host_slots(client) -> Dict[str, int]:
+    """The studies that may run at once on each host of the cluster: its workers' threads, summed."""
+    slots: Dict[str, int] = {}
+    for w in (client.scheduler_info().get("workers") or {}).values():
+        host = str(w.get("host"))
+        slots[host] = slots.get(host, 0) + max(1, int(w.get("nthreads") or 1))
+    return slots
+
+
+def _dask_study(plan: StudyPlan, input_dir: str, output_dir: str, options: BatchOptions, step, run_token,
+                host_slots: Dict[str, int]) -> StudyResult:
+    """:func:`process_study` in a Dask task, its ITK threads (unless set) this machine's cores shared among
+    the studies that may run on it at once (every worker's threads on this host: ``dask worker
+    --nworkers 8 --nthreads 1`` on a 16-core machine gives each study 2, not 16 each)."""
+    if options.threads <= 0:
+        try:
+            from distributed import get_worker
+            from distributed.comm import get_address_host
+
+            worker = get_worker()
+            here = host_slots.get(get_address_host(worker.address)) or max(1, int(worker.state.nthreads))
+        except (ImportError, ValueError, AttributeError):  # not in a worker (a test calling it directly)
+            here = 1
+        options = replace(options, threads=max(1, (os.cpu_count() or 1) // here))
+    return process_study(plan, input_dir, output_dir, options, step, run_token)
+
+
 def _run_dask(todo, inp: Path, out: Path, options: BatchOptions, step: SegmentStep, client, record,
               token: Optional[str] = None) -> None:
     from distributed import as_completed
 
-    nthreads = client.nthreads() or {}
-    opts = options if options.threads > 0 else replace(options, threads=1 if len(nthreads) > 0 and
-                                                       min(nthreads.values()) > 1 else 0)
+    slots = _dask_host_slots(client)
     futures = {}
     for plan, fp in todo:
-        f = client.submit(process_study, plan, str(inp), str(out), opts, step, token, pure=False,
+        f = client.submit(_dask_study, plan, str(inp), str(out), options, step, token, slots, pure=False,
                           key=f"deepedit-batch-{plan.study.name}-{uuid.uuid4().hex[:8]}", retries=0)
         futures[f] = (plan, fp)
     try:
