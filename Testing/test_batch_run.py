@@ -375,11 +375,13 @@ def test_dask_local_cluster_with_two_workers_equals_the_single_process_run(input
         result = run_batch(inputs["main"], out, options=OPTIONS, scheduler=cluster.scheduler_address)
     assert result.exit_code == EXIT_OK
     assert fb.output_differences(baseline[0], out) == []
+    from SegmentationDeepEditLib.batch.run import _usable_cpus
+
     # two single-thread workers on this machine: each study runs ITK on half its cores (ITK's default, all
     # of them, in every task at once would oversubscribe the machine)
     for study in ("case-a", "case-b"):
         report = json.loads((out / study / "report.json").read_text())
-        assert report["seconds"]["itk_threads"] == max(1, (os.cpu_count() or 1) // 2), report["seconds"]
+        assert report["seconds"]["itk_threads"] == max(1, _usable_cpus() // 2), report["seconds"]
 
 
 def test_worker_batch_ops_drive_the_same_run_as_the_cli(inputs, baseline, tmp_path):

@@ -25,7 +25,7 @@ class StageProgress:
         self._stream = stream if stream is not None else sys.stderr
         self._lines = False
         self._last = None
-        if not enabled:
+        if not enabled or self._stream is None:  # no stderr at all (a windowless process): silent
             return
         isatty = getattr(self._stream, "isatty", None)
         if isatty is not None and isatty():

@@ -237,6 +237,9 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
     warnings: List[str] = list(plan.warnings)
     seconds: Dict[str, Any] = {"read": 0.0, "register": {}, "segment": 0.0, "qc": 0.0}
     old_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    # the registration and resampling get these threads explicitly; the process-wide default (for the
+    # other filters) may be changed by another study sharing this process (a threaded Dask worker)
+    itk_threads = options.threads if options.threads > 0 else old_threads
     if options.threads > 0:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(options.threads)
     try:
@@ -404,7 +407,7 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + ["report.json"]
         report["files"] = files
         seconds["total"] = round(time.perf_counter() - t_start, 3)
-        seconds["itk_threads"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()  # with the timings: this run's
+        seconds["itk_threads"] = itk_threads  # with the timings: how this run was computed, not what
         report["seconds"] = seconds
         write_json(report, tmp / "report.json")
         outputs = {rel: file_record(tmp / rel) for rel in files}
@@ -642,7 +645,7 @@ def _drive(plans: List[StudyPlan], inp: Path, out: Path, manifest: Manifest, opt
 def _per_worker_threads(options: BatchOptions, workers: int) -> BatchOptions:
     if options.threads > 0:
         return options
-    return replace(options, threads=max(1, (os.cpu_count() or 1) // workers))
+    return replace(options, threads=max(1, _usable_cpus() // workers))
 
 
 #: Exit status of a worker process that ended because its driver was gone.
@@ -715,30 +718,55 @@ def _dask_client(scheduler):
         raise InputError(f"cannot reach the Dask scheduler {scheduler}: {e}") from None
 
 
-def _dask_host_slots(client) -> Dict[str, int]:
-    """The studies that may run at once on each host of the cluster: its workers' threads, summed."""
+def _usable_cpus() -> int:
+    """CPUs this process may use: Dask's count (CPU affinity and cgroup quotas, as in a container or a
+    SLURM job), else the affinity mask, else every core."""
+    try:
+        from dask.system import CPU_COUNT
+
+        return max(1, int(CPU_COUNT))
+    except (ImportError, TypeError, ValueError):
+        pass
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _host_slots(nthreads: Dict[str, int]) -> Dict[str, int]:
+    """The studies that may run at once on each host: the threads of its workers (``client.nthreads()``:
+    every worker's address and threads, on every distributed version), summed per host."""
+    from distributed.comm import get_address_host
+
     slots: Dict[str, int] = {}
-    for w in (client.scheduler_info().get("workers") or {}).values():
-        host = str(w.get("host"))
-        slots[host] = slots.get(host, 0) + max(1, int(w.get("nthreads") or 1))
+    for address, n in nthreads.items():
+        host = get_address_host(address)
+        slots[host] = slots.get(host, 0) + max(1, int(n or 1))
     return slots
 
 
 def _dask_study(plan: StudyPlan, input_dir: str, output_dir: str, options: BatchOptions, step, run_token,
                 host_slots: Dict[str, int]) -> StudyResult:
-    """:func:`process_study` in a Dask task, its ITK threads (unless set) this machine's cores shared among
-    the studies that may run on it at once (every worker's threads on this host: ``dask worker
-    --nworkers 8 --nthreads 1`` on a 16-core machine gives each study 2, not 16 each)."""
-    if options.threads <= 0:
+    """:func:`process_study` in a Dask task, its ITK threads (unless set, or ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS
+    is) this machine's usable CPUs shared among the studies that may run on it at once: every worker's
+    threads on this host, counted now (workers may have joined since submission), else as submitted
+    (``dask worker --nworkers 8 --nthreads 1`` on a 16-core machine gives each study 2, not 16 each).
+    A host the cluster does not list gets 1 thread: never more threads than cores."""
+    if options.threads <= 0 and not os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         try:
-            from distributed import get_worker
+            from distributed import get_client, get_worker
             from distributed.comm import get_address_host
 
-            worker = get_worker()
-            here = host_slots.get(get_address_host(worker.address)) or max(1, int(worker.state.nthreads))
-        except (ImportError, ValueError, AttributeError):  # not in a worker (a test calling it directly)
-            here = 1
-        options = replace(options, threads=max(1, (os.cpu_count() or 1) // here))
+            here = get_address_host(get_worker().address)
+            try:
+                slots = _host_slots(get_client().nthreads()).get(here)
+            except Exception:  # noqa: BLE001 - the scheduler out of reach: the count made at submission
+                slots = None
+            slots = slots or host_slots.get(here)
+            threads = max(1, _usable_cpus() // slots) if slots else 1
+        except (ImportError, ValueError):  # not in a worker (called directly)
+            threads = 1
+        options = replace(options, threads=threads)
     return process_study(plan, input_dir, output_dir, options, step, run_token)
 
 
@@ -746,7 +774,7 @@ def _run_dask(todo, inp: Path, out: Path, options: BatchOptions, step: SegmentSt
               token: Optional[str] = None) -> None:
     from distributed import as_completed
 
-    slots = _dask_host_slots(client)
+    slots = _host_slots(client.nthreads() or {})
     futures = {}
     for plan, fp in todo:
         f = client.submit(_dask_study, plan, str(inp), str(out), options, step, token, slots, pure=False,
