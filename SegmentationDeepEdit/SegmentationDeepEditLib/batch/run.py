@@ -643,7 +643,7 @@ def _drive(plans: List[StudyPlan], inp: Path, out: Path, manifest: Manifest, opt
 
 
 def _per_worker_threads(options: BatchOptions, workers: int) -> BatchOptions:
-    if options.threads > 0:
+    if options.threads > 0 or os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):  # set: ITK's default is it
         return options
     return replace(options, threads=max(1, _usable_cpus() // workers))
 
