@@ -329,7 +329,7 @@ def ensemble_state_dict(members: List[Dict[str, Any]], dtype: Optional[str] = "f
     keys = list(members[0])
     out = {}
     for i, sd in enumerate(members):
-        if list(sd) != keys or any(sd[k].shape != members[0][k].shape for k in keys):
+        if set(sd) != set(keys) or any(sd[k].shape != members[0][k].shape for k in keys):  # order may differ
             raise ModelError(f"ensemble member {i} does not have the architecture of member 0")
         for k in keys:
             v = sd[k].detach().cpu()
