@@ -130,6 +130,7 @@ def test_bundled_models_verify():
         networks = b.meta["network"].get("ensemble", 1)
         assert info["weights_bytes"] / networks < 8e6, f"{b.id}: weights too large for the repository"
         assert info["weights_bytes"] < 25e6, f"{b.id}: weights too large for the repository"
+        assert all(p.stat().st_size < 8e6 for p, _ in b.weight_files), f"{b.id}: a weights file over 8 MB"
 
 
 def test_label_terminology_must_be_a_full_slicer_entry(tiny_bundle):
@@ -154,8 +155,10 @@ def test_an_ensemble_bundle_is_the_mean_of_its_networks_logits(tmp_path):
     ens_meta = dict(meta, network=dict(meta["network"], ensemble=3))
     for dtype, tol in (("float32", 1e-6), ("float16", 2e-2)):
         state = B.ensemble_state_dict([m.state_dict() for m in members], dtype)
-        assert {str(v.dtype) for v in state.values()} == {f"torch.{dtype}"}
+        assert {str(v.dtype) for shard in state for v in shard.values()} == {f"torch.{dtype}"}
         b = B.save_bundle(tmp_path / dtype, ens_meta, state, "# ensemble\n")
+        # one file per member, each with its own hash in metadata.json
+        assert [p.name for p, _ in b.weight_files] == ["model-1.safetensors", "model-2.safetensors", "model-3.safetensors"]
         net = B.load_network(b)
         assert all(p.dtype == torch.float32 for p in net.parameters())  # stored halves are cast back on loading
         x = torch.randn(1, 2, 16, 16, 16)
@@ -165,8 +168,16 @@ def test_an_ensemble_bundle_is_the_mean_of_its_networks_logits(tmp_path):
             assert not torch.allclose(members[0](x), want, atol=1e-3)  # the members differ: a real mean
         assert torch.allclose(got, want, atol=tol), (dtype, (got - want).abs().max())
         assert B.verify_bundle(b.path)["parameters"] == 3 * sum(p.numel() for p in members[0].parameters())
-    # fp16 storage halves the file
-    assert (tmp_path / "float16" / "model.safetensors").stat().st_size < 0.6 * (tmp_path / "float32" / "model.safetensors").stat().st_size
+    # fp16 storage halves the files
+    assert B.verify_bundle(tmp_path / "float16")["weights_bytes"] < 0.6 * B.verify_bundle(tmp_path / "float32")["weights_bytes"]
+    # a shard whose hash does not match is refused before anything is read
+    shard = tmp_path / "float16" / "model-2.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="SHA-256 mismatch") as e:
+        B.load_network(tmp_path / "float16")
+    assert "model-2.safetensors" in str(e.value)
 
 
 def test_ensemble_errors(tmp_path):
@@ -224,7 +235,7 @@ def test_assemble_ensemble_joins_trained_networks_into_a_bundle(tiny_bundle, tmp
     assert "odd.safetensors: does not fit" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ens", "m0.safetensors", "m1.safetensors", "odd.safetensors", "tiny-test"]
     for bad, said in (([files[0], files[0]], "given twice"), ([files[0], str(tmp_path / "gone.safetensors")], "gone.safetensors: cannot read"),
-                      ([files[0], str(out / "model.safetensors")], "holds an ensemble's weights")):
+                      ([files[0], str(out / "model-1.safetensors")], "holds an ensemble's weights")):
         assert main(["--base", str(tiny_bundle.path), "--version", "0.2.1", "-o", str(tmp_path / "e3")] + bad) == 1
         assert said in capsys.readouterr().err
     assert main(["--base", str(tiny_bundle.path), "--version", "9.9", "-o", str(tmp_path / "e3")] + files) == 1

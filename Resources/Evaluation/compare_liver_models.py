@@ -79,18 +79,15 @@ def _bundle_with_weights(weights: Path, folder: Path) -> str:
 def _ensemble_bundle(weights, folder: Path) -> str:
     """A copy of the shipped liver-lesion bundle in ``folder`` whose network is the mean of the logits
     of the networks in ``weights`` (``network.ensemble``, stored as float32)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from SegmentationDeepEditLib.bundle import ensemble_state_dict
+    from SegmentationDeepEditLib.bundle import ensemble_state_dict, save_bundle
 
     src = load_bundle("liver-lesion")
-    folder.mkdir(parents=True)
     single = {k: v for k, v in src.meta["network"].items() if k != "ensemble"}
-    save_file(ensemble_state_dict([load_file(str(w)) for w in weights], "float32"), str(folder / "model.safetensors"))
-    meta = dict(src.meta, network=dict(single, ensemble=len(weights)),
-                weights={"file": "model.safetensors", "sha256": sha256_of(folder / "model.safetensors")})
-    shutil.copyfile(src.path / "README.md", folder / "README.md")
-    (folder / "metadata.json").write_text(json.dumps(meta, indent=2))
+    meta = dict(src.meta, network=dict(single, ensemble=len(weights)))
+    shards = ensemble_state_dict([load_file(str(w)) for w in weights], "float32")
+    save_bundle(folder, meta, shards, (src.path / "README.md").read_text(encoding="utf-8"))
     return str(folder)
 
 

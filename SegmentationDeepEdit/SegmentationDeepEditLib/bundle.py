@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .errors import ModelError
 from .jsonfile import read_json
@@ -65,8 +65,24 @@ class Bundle:
         return self.meta["description"]
 
     @property
+    def weight_files(self) -> List[Tuple[Path, str]]:
+        """(path, SHA-256) of each weights file: one, or several shards (``weights`` a list) whose
+        tensors together are the state dict (an ensemble keeps one member per file)."""
+        w = self.meta["weights"]
+        return [(self.path / e["file"], e["sha256"]) for e in (w if isinstance(w, list) else [w])]
+
+    @property
     def weights_path(self) -> Path:
-        return self.path / self.meta["weights"]["file"]
+        """The weights file (the first shard of a sharded bundle)."""
+        return self.weight_files[0][0]
+
+    @property
+    def weights_sha256(self) -> str:
+        """One hash for all the weights: the file's, or of the shards' hashes in order."""
+        files = self.weight_files
+        if len(files) == 1:
+            return files[0][1]
+        return hashlib.sha256("".join(h for _, h in files).encode()).hexdigest()
 
 
 def models_dirs() -> List[Path]:
@@ -209,24 +225,30 @@ def build_network(meta: Dict[str, Any]):
 
 
 def _read_state_dict(bundle: Bundle) -> Dict[str, Any]:
-    wp = bundle.weights_path
-    if not wp.is_file():
-        raise ModelError("weights file missing", wp)
-    digest = sha256_of(wp)
-    if digest != bundle.meta["weights"]["sha256"]:
-        raise ModelError(
-            f"weights SHA-256 mismatch (file {digest[:12]}..., metadata {bundle.meta['weights']['sha256'][:12]}...): "
-            "the file is corrupt or was replaced; refusing to load it", wp)
-    try:
-        if wp.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    state: Dict[str, Any] = {}
+    for wp, expected in bundle.weight_files:  # every hash checked before its file is read
+        if not wp.is_file():
+            raise ModelError("weights file missing", wp)
+        digest = sha256_of(wp)
+        if digest != expected:
+            raise ModelError(
+                f"weights SHA-256 mismatch (file {digest[:12]}..., metadata {expected[:12]}...): "
+                "the file is corrupt or was replaced; refusing to load it", wp)
+        try:
+            if wp.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            return load_file(str(wp))
-        import torch
+                part = load_file(str(wp))
+            else:
+                import torch
 
-        return torch.load(str(wp), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure means a bad file
-        raise ModelError(f"cannot read weights: {e}", wp) from None
+                part = torch.load(str(wp), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any reader failure means a bad file
+            raise ModelError(f"cannot read weights: {e}", wp) from None
+        if set(part) & set(state):
+            raise ModelError("weights shards repeat tensors of an earlier shard", wp)
+        state.update(part)
+    return state
 
 
 def read_weights_for_init(source: Union[str, Path]) -> Dict[str, Any]:
@@ -245,7 +267,8 @@ def read_weights_for_init(source: Union[str, Path]) -> Dict[str, Any]:
     if isinstance(meta.get("network"), dict) and meta["network"].get("ensemble"):
         raise ModelError(f"is an ensemble of {meta['network']['ensemble']} networks: a run starts from one network "
                          "(one of its members' run folders, e.g. runs/NAME/bundle)", folder / "metadata.json")
-    if not isinstance(meta.get("weights"), dict) or "file" not in meta["weights"] or "sha256" not in meta["weights"]:
+    entries = meta.get("weights") if isinstance(meta.get("weights"), list) else [meta.get("weights")]
+    if not all(isinstance(e, dict) and "file" in e and "sha256" in e for e in entries):
         raise ModelError("metadata.json names no weights file and hash", folder / "metadata.json")
     return _read_state_dict(Bundle(folder.resolve(), meta))
 
@@ -274,7 +297,7 @@ _cache: Dict[tuple, Any] = {}
 def get_network(bundle: Union[str, Bundle, None], device: Any = "cpu"):
     """Like :func:`load_network`, but keeps loaded networks for warm re-use (keyed by weights hash and device)."""
     b = load_bundle(bundle)
-    key = (str(b.weights_path), b.meta["weights"]["sha256"], str(device))
+    key = (str(b.path), b.weights_sha256, str(device))
     with _cache_lock:
         if key not in _cache:
             _cache[key] = load_network(b, device)
@@ -296,7 +319,8 @@ def verify_bundle(bundle: Union[str, Path, Bundle]) -> Dict[str, Any]:
     net = load_network(b, "cpu")
     n_params = sum(p.numel() for p in net.parameters())
     return {"id": b.id, "version": b.version, "task": b.task, "path": str(b.path),
-            "parameters": n_params, "weights_bytes": b.weights_path.stat().st_size, "sha256": b.meta["weights"]["sha256"]}
+            "parameters": n_params, "weights_bytes": sum(p.stat().st_size for p, _ in b.weight_files),
+            "weights_files": len(b.weight_files), "sha256": b.weights_sha256}
 
 
 def draft_card(meta: Dict[str, Any], config: Dict[str, Any], config_path: Optional[Path] = None) -> str:
@@ -318,41 +342,47 @@ def draft_card(meta: Dict[str, Any], config: Dict[str, Any], config_path: Option
     return "\n".join(lines)
 
 
-def ensemble_state_dict(members: List[Dict[str, Any]], dtype: Optional[str] = "float16") -> Dict[str, Any]:
-    """One state dict for a ``network.ensemble`` bundle from its members' state dicts (keys
-    ``members.<i>.<name>``), stored as ``dtype`` (float16 halves the file; loading casts back to the
-    network's float32). The members must have the same keys and shapes."""
+def ensemble_state_dict(members: List[Dict[str, Any]], dtype: Optional[str] = "float16") -> List[Dict[str, Any]]:
+    """The weights of a ``network.ensemble`` bundle from its members' state dicts: one shard per member
+    (keys ``members.<i>.<name>``; :func:`save_bundle` writes a file each), stored as ``dtype`` (float16
+    halves the files; loading casts back to the network's float32). The members must have the same
+    keys and shapes."""
     import torch
 
     if len(members) < 2:
         raise ModelError(f"an ensemble needs two or more networks, got {len(members)}")
     keys = list(members[0])
-    out = {}
+    shards = []
     for i, sd in enumerate(members):
         if set(sd) != set(keys) or any(sd[k].shape != members[0][k].shape for k in keys):  # order may differ
             raise ModelError(f"ensemble member {i} does not have the architecture of member 0")
-        for k in keys:
-            v = sd[k].detach().cpu()
-            out[f"members.{i}.{k}"] = v.to(getattr(torch, dtype)) if dtype and v.is_floating_point() else v
-    return out
+        shards.append({f"members.{i}.{k}": (v.to(getattr(torch, dtype)) if dtype and v.is_floating_point() else v)
+                       for k, v in ((k, sd[k].detach().cpu()) for k in keys)})
+    return shards
 
 
-def save_bundle(folder: Path, meta: Dict[str, Any], state_dict: Dict[str, Any], card: Optional[str] = None) -> Bundle:
+def save_bundle(folder: Path, meta: Dict[str, Any], state_dict: Union[Dict[str, Any], List[Dict[str, Any]]],
+                card: Optional[str] = None) -> Bundle:
     """Write a bundle: safetensors weights, their hash into metadata, metadata and card.
 
-    Used by training; writes each file through a temporary name then renames it.
+    ``state_dict`` is one dict (``model.safetensors``) or a list of them, written as shards
+    ``model-1.safetensors``, ``model-2.safetensors``, ... (an ensemble: a few MB per file, not one large
+    file). Used by training; writes each file through a temporary name then renames it.
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = json.loads(json.dumps(meta))
-    meta.setdefault("weights", {})["file"] = "model.safetensors"
-    wp = folder / "model.safetensors"
-    tmp = folder / ".model.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
-    meta["weights"]["sha256"] = sha256_of(tmp)
-    os.replace(tmp, wp)
+    parts = state_dict if isinstance(state_dict, list) else [state_dict]
+    entries = []
+    for i, part in enumerate(parts, 1):
+        name = f"model-{i}.safetensors" if isinstance(state_dict, list) else "model.safetensors"
+        tmp = folder / f".{name}.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in part.items()}, str(tmp))
+        entries.append({"file": name, "sha256": sha256_of(tmp)})
+        os.replace(tmp, folder / name)
+    meta["weights"] = entries if isinstance(state_dict, list) else entries[0]
     for name, text in (("metadata.json", json.dumps(meta, indent=2) + "\n"), ("README.md", card)):
         if text is None:
             continue

@@ -215,7 +215,7 @@ class Worker:
 
         b = load_bundle(model)
         dev = pick_device(device)
-        key = (str(b.weights_path), b.meta["weights"]["sha256"], str(dev))
+        key = (str(b.path), b.weights_sha256, str(dev))
         loaded_now = key not in self._loaded
         get_network(b, dev)
         self._loaded.add(key)
