@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from SegmentationDeepEditLib.bundle import load_bundle, sha256_of
+from SegmentationDeepEditLib.bundle import load_bundle, one_network_meta, sha256_of
 from SegmentationDeepEditLib.cli import DEFAULT_DATA_ROOT
 from SegmentationDeepEditLib.imageio import read_image
 from SegmentationDeepEditLib.labels import region_mask
@@ -68,8 +68,7 @@ def _bundle_with_weights(weights: Path, folder: Path) -> str:
     """A copy of the shipped liver-lesion bundle in ``folder`` with other weights (and their hash)."""
     src = load_bundle("liver-lesion")
     folder.mkdir(parents=True)
-    single = {k: v for k, v in src.meta["network"].items() if k != "ensemble"}  # one network, the shipped settings
-    meta = dict(src.meta, network=single, weights={"file": "model.safetensors", "sha256": sha256_of(weights)})
+    meta = dict(one_network_meta(src.meta), weights={"file": "model.safetensors", "sha256": sha256_of(weights)})
     shutil.copyfile(weights, folder / "model.safetensors")
     shutil.copyfile(src.path / "README.md", folder / "README.md")
     (folder / "metadata.json").write_text(json.dumps(meta, indent=2))
@@ -84,8 +83,8 @@ def _ensemble_bundle(weights, folder: Path) -> str:
     from SegmentationDeepEditLib.bundle import ensemble_state_dict, save_bundle
 
     src = load_bundle("liver-lesion")
-    single = {k: v for k, v in src.meta["network"].items() if k != "ensemble"}
-    meta = dict(src.meta, network=dict(single, ensemble=len(weights)))
+    meta = one_network_meta(src.meta)
+    meta["network"]["ensemble"] = len(weights)
     shards = ensemble_state_dict([load_file(str(w)) for w in weights], "float32")
     save_bundle(folder, meta, shards, (src.path / "README.md").read_text(encoding="utf-8"))
     return str(folder)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from SegmentationDeepEditLib.bundle import build_network, ensemble_state_dict, load_bundle, save_bundle
+from SegmentationDeepEditLib.bundle import build_network, ensemble_state_dict, load_bundle, one_network_meta, save_bundle
 from SegmentationDeepEditLib.errors import DeepEditError, ModelError
 
 
@@ -48,14 +48,14 @@ class _Refused(Exception):
     """A bad input: one line on stderr, exit 1, nothing written."""
 
 
-def _member(path: str, base, single: dict) -> dict:
+def _member(path: str, base) -> dict:
     try:
         sd = load_file(path)
     except Exception as e:  # noqa: BLE001 - missing, unreadable or not a safetensors file
         raise _Refused(f"{path}: cannot read it as a safetensors weights file ({type(e).__name__}: {e})") from None
     if any(k.startswith("members.") for k in sd):
         raise _Refused(f"{path}: holds an ensemble's weights (members.*); give its members' own weight files")
-    missing, unexpected = build_network(dict(base.meta, network=single)).load_state_dict(sd, strict=False)
+    missing, unexpected = build_network(one_network_meta(base.meta)).load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise _Refused(f"{path}: does not fit {base.id}'s network ({len(missing)} missing, e.g. "
                        f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
@@ -77,14 +77,13 @@ def _assemble(args) -> int:
         base = load_bundle(args.base)
     except DeepEditError as e:
         raise _Refused(f"--base {args.base}: {e}") from None
-    single = {k: v for k, v in base.meta["network"].items() if k != "ensemble"}
-    members = [_member(f, base, single) for f in args.members]
+    members = [_member(f, base) for f in args.members]
     try:
         state = ensemble_state_dict(members, args.dtype)
     except ModelError as e:
         raise _Refused(str(e)) from None
     meta = json.loads(json.dumps(base.meta))
-    meta["network"] = dict(single, ensemble=len(members))
+    meta["network"] = dict(one_network_meta(base.meta)["network"], ensemble=len(members))
     meta["version"] = args.version
     meta.pop("weights", None)
     training = {"members": [str(f) for f in args.members], "stored_as": args.dtype}

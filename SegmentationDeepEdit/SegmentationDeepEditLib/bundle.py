@@ -177,7 +177,7 @@ def _ensemble_class():
     class MeanOfNetworks(torch.nn.Module):
         """Several networks of one architecture whose logits are averaged (a deep ensemble,
         Lakshminarayanan et al. 2017): called like one network. Its weights are those of every
-        member, keyed ``members.<i>.<name>``, in one file."""
+        member, keyed ``members.<i>.<name>``, a file per member (:func:`ensemble_state_dict`)."""
 
         def __init__(self, members):
             super().__init__()
@@ -194,14 +194,18 @@ def _ensemble_class():
     return MeanOfNetworks
 
 
+def one_network_meta(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """``meta`` for one member of its network: without ``network.ensemble`` (unchanged if it has none)."""
+    return dict(meta, network={k: v for k, v in meta["network"].items() if k != "ensemble"})
+
+
 def build_network(meta: Dict[str, Any]):
     """Build the (untrained) network a bundle declares: a MONAI class, or ``smp.<Class>`` from
     segmentation-models-pytorch (2D models; optional dependency, never with downloaded encoder
     weights). With ``network.ensemble`` = N (>= 2), N such networks whose logits are averaged."""
     n = meta["network"].get("ensemble")
     if n is not None:
-        single = dict(meta, network={k: v for k, v in meta["network"].items() if k != "ensemble"})
-        return _ensemble_class()([build_network(single) for _ in range(int(n))])
+        return _ensemble_class()([build_network(one_network_meta(meta)) for _ in range(int(n))])
     cls_name = meta["network"]["class"]
     args = dict(meta["network"]["args"])
     if cls_name.startswith("smp."):

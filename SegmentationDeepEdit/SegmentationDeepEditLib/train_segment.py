@@ -426,8 +426,6 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
         from .bundle import read_weights_for_init
 
         init_state = read_weights_for_init(config["init_from"])
-    if cache_dir is not None:
-        cache_dir = _cache_folder(cache_dir)
     dev = pick_device(device)
     torch.manual_seed(seed)
     t_load = time.perf_counter()

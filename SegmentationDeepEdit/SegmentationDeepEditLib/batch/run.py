@@ -642,8 +642,13 @@ def _drive(plans: List[StudyPlan], inp: Path, out: Path, manifest: Manifest, opt
     return BatchResult(code, studies, plans, out)
 
 
+def _threads_chosen(options: BatchOptions) -> bool:
+    """A thread count the user chose: ``threads`` in the options, or ITK's own environment variable."""
+    return options.threads > 0 or bool(os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"))
+
+
 def _per_worker_threads(options: BatchOptions, workers: int) -> BatchOptions:
-    if options.threads > 0 or os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):  # set: ITK's default is it
+    if _threads_chosen(options):
         return options
     return replace(options, threads=max(1, _usable_cpus() // workers))
 
@@ -745,26 +750,21 @@ def _host_slots(nthreads: Dict[str, int]) -> Dict[str, int]:
     return slots
 
 
-def _dask_study(plan: StudyPlan, input_dir: str, output_dir: str, options: BatchOptions, step, run_token,
-                host_slots: Dict[str, int]) -> StudyResult:
-    """:func:`process_study` in a Dask task, its ITK threads (unless set, or ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS
-    is) this machine's usable CPUs shared among the studies that may run on it at once: every worker's
-    threads on this host, counted now (workers may have joined since submission), else as submitted
-    (``dask worker --nworkers 8 --nthreads 1`` on a 16-core machine gives each study 2, not 16 each).
-    A host the cluster does not list gets 1 thread: never more threads than cores."""
-    if options.threads <= 0 and not os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+def _dask_study(plan: StudyPlan, input_dir: str, output_dir: str, options: BatchOptions, step,
+                run_token) -> StudyResult:
+    """:func:`process_study` in a Dask task, its ITK threads (unless chosen) this machine's usable CPUs
+    shared among the studies that may run on it at once: every worker's threads on this host, counted
+    when the task starts (workers may have joined since submission; ``dask worker --nworkers 8
+    --nthreads 1`` on a 16-core machine gives each study 2, not 16 each). Where the count cannot be
+    made, 1 thread: never more threads than cores."""
+    if not _threads_chosen(options):
         try:
             from distributed import get_client, get_worker
             from distributed.comm import get_address_host
 
-            here = get_address_host(get_worker().address)
-            try:
-                slots = _host_slots(get_client().nthreads()).get(here)
-            except Exception:  # noqa: BLE001 - the scheduler out of reach: the count made at submission
-                slots = None
-            slots = slots or host_slots.get(here)
+            slots = _host_slots(get_client().nthreads()).get(get_address_host(get_worker().address))
             threads = max(1, _usable_cpus() // slots) if slots else 1
-        except (ImportError, ValueError):  # not in a worker (called directly)
+        except Exception:  # noqa: BLE001 - not in a worker, or the scheduler out of reach
             threads = 1
         options = replace(options, threads=threads)
     return process_study(plan, input_dir, output_dir, options, step, run_token)
@@ -774,10 +774,9 @@ def _run_dask(todo, inp: Path, out: Path, options: BatchOptions, step: SegmentSt
               token: Optional[str] = None) -> None:
     from distributed import as_completed
 
-    slots = _host_slots(client.nthreads() or {})
     futures = {}
     for plan, fp in todo:
-        f = client.submit(_dask_study, plan, str(inp), str(out), options, step, token, slots, pure=False,
+        f = client.submit(_dask_study, plan, str(inp), str(out), options, step, token, pure=False,
                           key=f"deepedit-batch-{plan.study.name}-{uuid.uuid4().hex[:8]}", retries=0)
         futures[f] = (plan, fp)
     try:
