@@ -10,6 +10,9 @@ transform. Acceptance: under 1 mm for T2 and FLAIR, under 1.5 mm for DWI/SWI-lik
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 
 import numpy as np
@@ -101,6 +104,73 @@ def test_registration_recovers_motion_at_test_resolution(shared_data):
     print(f"\nFLAIR 1.8x1.8x5 mm vs T1c 2 mm: mean {mean:.2f} mm, max {worst:.2f} mm, {found.seconds:.1f} s")
     assert mean < 1.2
     assert found.metric < found.initial_metric
+
+
+def _signal_at_iteration(monkeypatch, signum: int, at: int) -> list:
+    """Make the next registration send itself ``signum`` at its ``at``-th iteration; returns the iterations seen."""
+    from SegmentationDeepEditLib.batch import register as rg
+    seen: list = []
+    original = rg._execute_stoppable
+
+    def with_signal(reg, fixed, moving):
+        def tick():
+            seen.append(threading.current_thread().name)
+            if len(seen) == at:
+                signal.raise_signal(signum)
+        reg.AddCommand(sitk.sitkIterationEvent, tick)  # before the stop check, so it runs first
+        return original(reg, fixed, moving)
+
+    monkeypatch.setattr(rg, "_execute_stoppable", with_signal)
+    return seen
+
+
+@pytest.mark.realdata
+def test_ctrl_c_ends_a_registration_at_the_iteration_it_came_in(shared_data, monkeypatch, capfd):
+    """Ctrl-C during seconds of ITK work: KeyboardInterrupt at once, handlers restored, no stray traceback."""
+    case, motion, moving = _moved_flair(shared_data)
+    seen = _signal_at_iteration(monkeypatch, signal.SIGINT, 3)
+    handler, hook = signal.getsignal(signal.SIGINT), sys.excepthook
+    with pytest.raises(KeyboardInterrupt):
+        register_rigid(case.images["t1c"], moving, RegistrationSettings(threads=1))
+    assert len(seen) == 3, f"{len(seen)} iterations: the registration went on after the signal"
+    assert signal.getsignal(signal.SIGINT) is handler and sys.excepthook is hook
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.realdata
+def test_sigterm_during_a_registration_reaches_the_programs_own_handler_once(shared_data, monkeypatch):
+    class Ended(Exception):
+        pass
+
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        raise Ended()
+
+    case, motion, moving = _moved_flair(shared_data)
+    seen = _signal_at_iteration(monkeypatch, signal.SIGTERM, 2)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(Ended):
+            register_rigid(case.images["t1c"], moving, RegistrationSettings(threads=1))
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert calls == [signal.SIGTERM] and len(seen) == 2
+
+
+@pytest.mark.realdata
+def test_a_registration_outside_the_main_thread_runs_as_before(shared_data):
+    """Worker threads (Dask) cannot install signal handlers: there the registration runs plainly."""
+    case, motion, moving = _moved_flair(shared_data)
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=register_rigid(case.images["t1c"], moving,
+                                                                    RegistrationSettings(threads=1))))
+    t.start()
+    t.join()
+    mean, _ = fb.registration_error_mm(out["r"].transform, motion, case.brain)
+    assert mean < 1.2
 
 
 def test_output_grid_keeps_the_reference_box_and_direction():

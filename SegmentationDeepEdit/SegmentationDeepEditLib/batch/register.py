@@ -22,6 +22,9 @@ fixed seed); :func:`register_rigid` sets the thread count it is given on every f
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +179,50 @@ def _threads(filt, n: int):
     return filt
 
 
+class _Stopped(Exception):
+    """Raised by the iteration callback to end a registration after a signal."""
+
+
+def _execute_stoppable(reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
+    """``reg.Execute(fixed, moving)`` that Ctrl-C or SIGTERM stops at the optimiser's next iteration.
+
+    Python runs a signal handler only between bytecodes, so a signal that arrives during a
+    registration (seconds of C++) used to wait for its end. In the main thread the handlers are
+    swapped for one that only notes the signal; an iteration callback (Python, so pending
+    handlers run there) then ends ``Execute`` by raising (``StopRegistration`` would end only
+    the current resolution level, and ``Abort`` does nothing to a registration), and the signal
+    is raised again for the original handler (KeyboardInterrupt, the CLI's SIGTERM handler, or
+    the default action). SimpleITK prints a callback's exception with ``sys.excepthook``: muted
+    for that one exception. Elsewhere (Dask or thread workers, which cannot install handlers)
+    this is ``reg.Execute``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return reg.Execute(fixed, moving)
+    caught: List[int] = []
+
+    def note(signum, _frame) -> None:
+        caught.append(signum)
+
+    def poll() -> None:
+        if caught:
+            sys.excepthook = lambda *_: None
+            raise _Stopped()
+
+    hook = sys.excepthook
+    reg.AddCommand(sitk.sitkIterationEvent, poll)
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        out = reg.Execute(fixed, moving)
+    finally:
+        sys.excepthook = hook
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        reg.RemoveAllCommands()
+        for s in dict.fromkeys(caught):  # once each, in the order they came
+            signal.raise_signal(s)
+    return out
+
+
 def _shrink_factors(reference: sitk.Image, levels_mm: Sequence[float]) -> List[int]:
     """Shrink factors of the reference per level: the level size over the reference's largest voxel size."""
     sp = max(reference.GetSpacing())
@@ -255,7 +302,7 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, settings: Registration
         ev = method()
         ev.SetInitialTransform(init, inPlace=False)
         initial = float(ev.MetricEvaluate(f, m))
-        out = reg.Execute(f, m)
+        out = _execute_stoppable(reg, f, m)
     except RuntimeError as e:
         text = " ".join(str(e).split())
         if "All samples map outside" in text or "Too many samples" in text or "outside moving image buffer" in text:
