@@ -338,6 +338,7 @@ def test_glioma_regions_on_held_out_real_case(shared_data):
     t1c = read_image(d / "t1c.nii.gz")
     r = segment_images(GLIOMA, {"t1c": t1c, "flair": read_image(d / "flair.nii.gz")}, tta=0, device="cpu")
     assert same_geometry(r.label, t1c)
+    assert sorted(r.inputs) == ["flair", "t1c"] and all(same_geometry(im, t1c) for im in r.inputs.values())
     truth = read_image(d / "seg.nii.gz")
     scores = {reg: dice(sitk.GetArrayFromImage(region_mask(r.label, "brats2017", reg)) > 0,
                         sitk.GetArrayFromImage(region_mask(truth, "brats2013", reg)) > 0) for reg in ("WT", "TC")}

@@ -240,7 +240,7 @@ def _cmd_segment(args) -> dict:
     # the picture is drawn first and moved in after the segmentation is written: both files or neither
     with atomic_output(picture, overwrite=args.overwrite) if picture else contextlib.nullcontext() as staged:
         if picture:
-            _draw_result(b.meta, images, r, staged)
+            _draw_result(b.meta, r, staged)
         write_segmentation(r.label, out, r.segments, overwrite=args.overwrite, inputs=list(paths.values()),
                            regions=r.regions)
     for w in r.warnings:
@@ -266,15 +266,13 @@ def _gpu_peak_mb() -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def _draw_result(meta: dict, images: dict, result, path: Path) -> Path:
+def _draw_result(meta: dict, result, path: Path) -> Path:
     """The QC picture of a segmentation: every given input on the reference grid, reference first."""
     from .batch.report import render_qc
     from .render import display_windows
-    from .segment import align_inputs
 
     ref = meta["segmentation"]["reference"]
-    aligned = align_inputs(images, ref)
-    volumes = {ref: aligned[ref], **{n: im for n, im in aligned.items() if n != ref and im is not None}}
+    volumes = {ref: result.inputs[ref], **{n: im for n, im in result.inputs.items() if n != ref}}
     found = result.volumes_ml()
     shown = [r["name"] for r in result.regions] or [s["name"] for s in result.segments]
     title = f"{result.model_id} {result.model_version}: " + ", ".join(f"{n} {found.get(n, 0.0):.1f} mL" for n in shown)

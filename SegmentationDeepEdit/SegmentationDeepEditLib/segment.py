@@ -71,6 +71,8 @@ class SegmentResult:
         seconds: wall time per stage.
         grid: the model grid.
         warnings: messages for the user (missing optional input, empty result...).
+        inputs: the given inputs on the reference grid (the reference itself, the others
+            resampled where their geometry differed), e.g. for a picture of the result.
     """
 
     label: sitk.Image
@@ -84,6 +86,7 @@ class SegmentResult:
     seconds: Dict[str, float]
     grid: Grid
     warnings: List[str] = field(default_factory=list)
+    inputs: Dict[str, sitk.Image] = field(default_factory=dict, repr=False)
 
     def __iter__(self):  # ``label, segments = segment_images(...)``
         return iter((self.label, self.segments))
@@ -805,4 +808,5 @@ def segment_images(
     return SegmentResult(label=label, segments=segments, regions=regions, model_id=bundle.id,
                          model_version=bundle.version, device=used.type, tta=level, fast=bool(fast),
                          seconds={"prepare": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2, "total": t3 - t0},
-                         grid=grid, warnings=warnings)
+                         grid=grid, warnings=warnings,
+                         inputs={n: im for n, im in aligned.items() if im is not None})
