@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from SegmentationDeepEditLib.progress import StageProgress
+from SegmentationDeepEditLib.progress import StageProgress, StepProgress
 
 
 class _Terminal(io.StringIO):
@@ -30,6 +30,43 @@ def test_on_a_terminal_a_bar_and_silent_when_disabled():
     quiet = io.StringIO()
     with StageProgress("segment", enabled=False, stream=quiet) as p:
         p("inference", 0.5)
+    assert quiet.getvalue() == ""
+
+
+def test_training_steps_off_a_terminal_are_a_line_now_and_then_and_one_at_the_end():
+    log = io.StringIO()
+    bar = StepProgress(range(2, 6), total=6, initial=2, desc="train", stream=log, every_s=3600)
+    seen = []
+    for step in bar:
+        seen.append(step)
+        bar.set_postfix(loss=f"{1.0 / (step + 1):.3f}")
+    assert seen == [2, 3, 4, 5]
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 1, lines  # an hour between lines: only the end
+    assert lines[0].startswith("train: 6/6 (100%) ") and lines[0].endswith(", loss=0.167"), lines
+    bar.close()
+    assert len(log.getvalue().splitlines()) == 1  # the end is not printed twice
+
+    often = io.StringIO()
+    with StepProgress(total=4, desc="loading cases", stream=often, every_s=0) as p:
+        p.write("prepared case-1")
+        for _ in range(4):
+            p.update()
+    assert [x.split(" (")[0] for x in often.getvalue().splitlines()] == [
+        "prepared case-1", "loading cases: 1/4", "loading cases: 2/4", "loading cases: 3/4", "loading cases: 4/4"]
+
+
+def test_training_steps_on_a_terminal_are_a_bar_and_nothing_when_disabled():
+    tty = _Terminal()
+    bar = StepProgress(range(3), total=3, desc="train", stream=tty)
+    assert list(bar) == [0, 1, 2]
+    bar.close()
+    assert "\r" in tty.getvalue() and "train: 100%" in tty.getvalue()
+    quiet = io.StringIO()
+    bar = StepProgress(range(3), total=3, desc="train", stream=quiet, enabled=False, every_s=0)
+    bar.write("prepared x")
+    assert list(bar) == [0, 1, 2]
+    bar.close()
     assert quiet.getvalue() == ""
 
 

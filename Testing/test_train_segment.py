@@ -262,3 +262,17 @@ def test_a_config_whose_bundle_is_an_ensemble_is_refused(tmp_path):
     with pytest.raises(InputError, match="train its members one by one"):
         T.train_segmentation(cfg, tmp_path / "run", data_root=REPO, device="cpu", show_progress=False)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_training_in_a_log_file_writes_plain_lines(tmp_path, capsys):
+    """Off a terminal (a job's log) no carriage-return bars: what was prepared, then a line of steps."""
+    from SegmentationDeepEditLib.cli import main
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(_config(steps=3)))
+    assert main(["train", str(cfg), "--run-dir", str(tmp_path / "run"), "--workers", "1"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert "\r" not in captured.err, captured.err
+    assert any(x.startswith("prepared ") for x in lines), lines
+    assert any(x.startswith("train: 3/3 (100%) ") and "loss=" in x for x in lines), lines

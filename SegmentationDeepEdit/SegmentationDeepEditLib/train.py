@@ -260,9 +260,9 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
     """
     import torch
     from monai.losses import DiceCELoss, DiceLoss
-    from tqdm import tqdm
 
     from .device import pick_device
+    from .progress import StepProgress
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +275,7 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
     if resume and not ckpt_path.is_file():
         raise InputError("nothing to resume: no checkpoint.pt", run_dir)
     n_load = sum(int(s.get("cases", 1)) for s in config["data"] + config.get("validation", []))
-    with tqdm(total=n_load, desc="loading cases", disable=quiet) as bar:
+    with StepProgress(total=n_load, desc="loading cases", enabled=not quiet) as bar:
         cases = build_cases(config["data"], data_root, bar.update, workers=workers)
         val_cases = build_cases(config.get("validation", []), data_root, bar.update, workers=workers)
     if not cases:
@@ -324,7 +324,7 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
     t_start = time.perf_counter()
     losses: List[float] = []
     val = float("nan")
-    bar = tqdm(range(start, total), initial=start, total=total, desc="training", disable=quiet)
+    bar = StepProgress(range(start, total), initial=start, total=total, desc="training", enabled=not quiet)
     try:
         for step in bar:
             rng = np.random.default_rng([seed, step])

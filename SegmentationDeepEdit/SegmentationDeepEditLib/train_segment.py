@@ -51,6 +51,7 @@ import io
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,9 +400,9 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     runs of the same recipe (other seeds); None: prepared in memory only.
     """
     import torch
-    from tqdm import tqdm
 
     from .device import cpu_supports_bf16, pick_device
+    from .progress import StepProgress
 
     meta = dict(config["bundle"])
     if meta.get("network", {}).get("ensemble") is not None:
@@ -429,7 +430,7 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     dev = pick_device(device)
     torch.manual_seed(seed)
     t_load = time.perf_counter()
-    say = (lambda name: tqdm.write(f"prepared {name}")) if show_progress else None
+    say = (lambda name: print(f"prepared {name}", file=sys.stderr, flush=True)) if show_progress else None
     spacings = config.get("train_spacings")
     cases = build_seg_cases(config["data"], meta, targets, data_root, spacings=spacings, progress=say, workers=workers,
                             cache_dir=cache_dir)
@@ -488,7 +489,7 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     t0 = time.perf_counter()
     losses: List[float] = []
     last_val: List[float] = []
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not show_progress, desc="train")
+    bar = StepProgress(range(start, steps), initial=start, total=steps, enabled=show_progress, desc="train")
 
     net.train()
     for step in bar:
