@@ -384,6 +384,15 @@ def test_dask_local_cluster_with_two_workers_equals_the_single_process_run(input
         assert report["seconds"]["itk_threads"] == max(1, _usable_cpus() // 2), report["seconds"]
 
 
+def test_workers_of_one_machine_under_its_name_and_its_ip_share_its_cores():
+    pytest.importorskip("distributed")
+    from SegmentationDeepEditLib.batch.run import _host_slots
+
+    slots = _host_slots({"tcp://localhost:40001": 1, "tcp://127.0.0.1:40002": 2, "tcp://10.1.2.3:9000": 4,
+                         "tcp://10.1.2.3:9001": 4, "tcp://worker-x.invalid:1": 1})
+    assert slots == {"127.0.0.1": 3, "10.1.2.3": 8, "worker-x.invalid": 1}  # a name that does not resolve stays
+
+
 def test_worker_batch_ops_drive_the_same_run_as_the_cli(inputs, baseline, tmp_path):
     """The Slicer Batch tab's path: plan and run through the worker process, the study table, review files."""
     from SegmentationDeepEditLib.batch.report import TABLE_COLUMNS, review_files, table_rows

@@ -25,6 +25,7 @@ Exit codes of a run: :data:`EXIT_OK` (every study done), :data:`EXIT_SOME_FAILED
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -738,14 +739,27 @@ def _usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@functools.lru_cache(maxsize=256)
+def _host_of(address: str) -> str:
+    """The machine of a worker address, as an IP where the name resolves: workers of one machine
+    reached as ``localhost``, by its name and by its IP count as one host."""
+    import socket
+
+    from distributed.comm import get_address_host
+
+    host = get_address_host(address)
+    try:
+        return socket.gethostbyname(host)
+    except (OSError, UnicodeError):
+        return host
+
+
 def _host_slots(nthreads: Dict[str, int]) -> Dict[str, int]:
     """The studies that may run at once on each host: the threads of its workers (``client.nthreads()``:
     every worker's address and threads, on every distributed version), summed per host."""
-    from distributed.comm import get_address_host
-
     slots: Dict[str, int] = {}
     for address, n in nthreads.items():
-        host = get_address_host(address)
+        host = _host_of(address)
         slots[host] = slots.get(host, 0) + max(1, int(n or 1))
     return slots
 
@@ -760,9 +774,8 @@ def _dask_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Batch
     if not _threads_chosen(options):
         try:
             from distributed import get_client, get_worker
-            from distributed.comm import get_address_host
 
-            slots = _host_slots(get_client().nthreads()).get(get_address_host(get_worker().address))
+            slots = _host_slots(get_client().nthreads()).get(_host_of(get_worker().address))
             threads = max(1, _usable_cpus() // slots) if slots else 1
         except Exception:  # noqa: BLE001 - not in a worker, or the scheduler out of reach
             threads = 1
