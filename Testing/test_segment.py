@@ -295,6 +295,25 @@ def test_3d_flip_tta_is_the_identity_for_a_symmetric_model():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,roi,overlap,tta", [((24, 20, 28), (16, 16, 16), 0.25, 1), ((16, 16, 16), (16, 16, 16), 0.25, 0),
+                                                    ((10, 40, 33), (16, 16, 16), 0.5, 0), ((37, 9, 50), (8, 12, 16), 0.3, 1)])
+def test_3d_inference_reports_progress_window_by_window(shape, roi, overlap, tta):
+    """A step per window (a CPU run of minutes shows progress), ending exactly at 100%: the counted windows are
+    the windows run."""
+    meta = {"id": "t", "task": "segmentation", "output": {"activation": "sigmoid", "threshold": 0.5},
+            "network": {"class": "x", "args": {}},
+            "segmentation": {"dims": 3, "roi": list(roi), "overlap": overlap, "tta_flip_axes": ["i"]}}
+    calls = []
+    net = _Pointwise(3, 1, 2).eval()
+    forward = net.forward
+    net.forward = lambda w: calls.append(1) or forward(w)
+    seen = []
+    predict_volume(net, np.zeros((1,) + shape, np.float32), meta, torch.device("cpu"), tta=tta, bf16=False,
+                   progress=lambda stage, f: seen.append(f))
+    assert len(calls) >= 1 and seen[:len(calls)] == pytest.approx([(n + 1) / len(calls) for n in range(len(calls))])
+    assert seen[-1] == 1.0
+
+
 @pytest.mark.parametrize("axes,changes", [(["k"], False), (["j", "k"], False), (["i"], True)])
 def test_3d_tta_flip_axes_name_the_model_grid_axes(axes, changes):
     # _Shifted adds a ramp along i (left-right): flips along j or k leave it alone, a flip along i does not

@@ -521,27 +521,41 @@ def predict_volume(net, array: np.ndarray, meta: dict, device, *, tta: int = 0, 
     from monai.inferers import sliding_window_inference
 
     roi = tuple(int(r) for r in seg.get("roi", (96, 96, 96)))
+    overlap = float(seg.get("overlap", 0.25))
     flips = tta_flips_3d(meta, tta)
     channels_last = bool(meta["network"].get("channels_last")) and device.type == "cpu"
+    windows = len(flips) * _window_count(x.shape[2:], roi, overlap)
     done = [0]
 
     def predictor(w):
         check_cancel()
         if channels_last:
             w = w.contiguous(memory_format=torch.channels_last_3d)
-        return act(net(w))
+        y = act(net(w))
+        done[0] += 1
+        report("inference", min(1.0, done[0] / windows))  # a step per window: long CPU runs show progress
+        return y
 
     acc = None
     with torch.inference_mode(), amp:
         for n, dims in enumerate(flips):
             xi = torch.flip(x, dims) if dims else x
-            y = sliding_window_inference(xi, roi, 1, predictor, overlap=float(seg.get("overlap", 0.25)),
+            y = sliding_window_inference(xi, roi, 1, predictor, overlap=overlap,
                                          mode="gaussian", padding_mode="constant", cval=0.0)
             y = torch.flip(y, dims) if dims else y
             acc = y.float() if acc is None else acc + y.float()
-            done[0] += 1
-            report("inference", done[0] / len(flips))
+    report("inference", 1.0)
     return (acc / len(flips))[0].cpu().numpy()
+
+
+def _window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """Windows ``sliding_window_inference`` runs over a volume of ``shape`` (padded up to ``roi``,
+    steps of ``roi * (1 - overlap)``; one step where the volume is the window's size), for progress."""
+    from monai.data.utils import dense_patch_slices
+
+    size = [max(int(s), int(r)) for s, r in zip(shape, roi)]
+    step = [int(r) if s == r else max(1, int(r * (1 - overlap))) for s, r in zip(size, roi)]
+    return max(1, len(dense_patch_slices(size, roi, step)))
 
 
 def label_segments(meta: dict) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
