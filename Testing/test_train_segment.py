@@ -211,7 +211,7 @@ def test_a_cache_folder_gives_other_runs_the_same_cases_without_making_them_agai
     sources = [{"synthetic": "ct", "cases": 2, "seed": 51, "options": {"spacing": 4.0, "oblique": False}}]
     spacings = [[4.0] * 3, [6.0] * 3]
     fresh = T.build_seg_cases(sources, meta, cfg["targets"], REPO, spacings=spacings, cache_dir=tmp_path / "cache")
-    kept = sorted((tmp_path / "cache").glob("ct-5[12]-*.npz"))
+    kept = sorted((tmp_path / "cache").glob(f"{T._cache_version()}-ct-5[12]-*.npz"))
     assert len(kept) == 2 and not list((tmp_path / "cache").glob(".*"))  # no temporary files left
 
     def must_not_run(*a, **k):
@@ -254,6 +254,36 @@ def test_cache_folder_problems(tmp_path, caplog, monkeypatch):
     cases = T.build_seg_cases(src, meta, cfg["targets"], REPO, cache_dir=tmp_path / "cache")
     assert len(cases) == 1 and "training goes on without it" in caplog.text
     assert not [f for f in (tmp_path / "cache").iterdir()]  # nothing half-written left
+
+
+def test_cache_files_this_version_cannot_read_are_reported_and_pruned_on_request(tmp_path, caplog, capsys):
+    import os
+    import time
+
+    cfg = json.loads((REPO / "Resources" / "Training" / "liver-lesion.json").read_text())
+    meta = dict(cfg["bundle"], spacing_mm=[4.0, 4.0, 4.0])
+    cache = tmp_path / "cache"
+    src = [{"synthetic": "ct", "cases": 1, "seed": 51, "options": {"spacing": 4.0, "oblique": False}}]
+    T.build_seg_cases(src, meta, cfg["targets"], REPO, cache_dir=cache)
+    (current,) = list(cache.iterdir())
+    old_names = ["ct-51-0123456789abcdef0123.npz", "0123456789ab-ct-51-0123456789abcdef0123.npz"]
+    for name in old_names + [".x.0123.tmp.npz", ".y.4567.tmp.npz", "notes.txt"]:
+        (cache / name).write_bytes(b"0" * 1000)
+    day_old = time.time() - 2 * 24 * 3600
+    os.utime(cache / ".y.4567.tmp.npz", (day_old, day_old))  # a killed run's half-written file
+    stale = {"ct-51-0123456789abcdef0123.npz", "0123456789ab-ct-51-0123456789abcdef0123.npz", ".y.4567.tmp.npz"}
+    assert {f.name for f in T.stale_cache_files(cache)} == stale
+    assert T.report_stale_cache(cache) == 3000 and "--prune-cache deletes them" in caplog.text
+    assert len(list(cache.iterdir())) == 6  # only said
+    T.report_stale_cache(cache, prune=True)
+    assert {f.name for f in cache.iterdir()} == {current.name, ".x.0123.tmp.npz", "notes.txt"}
+    assert T.build_seg_cases(src, meta, cfg["targets"], REPO, cache_dir=cache)  # the current file still reads
+
+    from SegmentationDeepEditLib.cli import main
+
+    assert main(["train", str(REPO / "Resources" / "Training" / "liver-lesion.json"), "--run-dir",
+                 str(tmp_path / "run"), "--prune-cache"]) == 1
+    assert "--prune-cache needs --cache-dir" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_a_config_whose_bundle_is_an_ensemble_is_refused(tmp_path):

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-dir", help="automatic models: folder that keeps the prepared generated cases, so that other "
                                        "seeds or runs of the same recipe reuse them instead of making them again "
                                        "(kept until you delete it; default: none)")
+    t.add_argument("--prune-cache", action="store_true",
+                   help="delete the files in --cache-dir that this version cannot reuse (made by another version of "
+                        "the code or libraries, or left by killed runs); without it they are only reported")
 
     e = sub.add_parser("evaluate", parents=[common], formatter_class=fmt,
                        help="Dice of a model on cases with a ground truth (annotation models: six points and simulated "
@@ -323,6 +326,8 @@ def _cmd_train(args) -> dict:
         raise InputError(f"--steps must be 1 or more, not {args.steps}")
     if args.workers < 0:
         raise InputError(f"--workers must be 0 (one per CPU core) or more, not {args.workers}")
+    if args.prune_cache and not args.cache_dir:
+        raise InputError("--prune-cache needs --cache-dir (the folder to prune)")
     data_root = Path(args.data_root)
     needs_real = any(("image" in s or "images" in s) and s.get("root", "data") == "data"
                      for s in cfg.get("data", []) + cfg.get("validation", []))
@@ -339,7 +344,8 @@ def _cmd_train(args) -> dict:
             return train_segmentation(cfg, run_dir, data_root=data_root, device=args.device, resume=args.resume,
                                       steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None,
                                       show_progress=not args.json, workers=args.workers,
-                                      cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+                                      cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                                      prune_cache=args.prune_cache)
         return train(cfg, run_dir, data_root=data_root, device=args.device, resume=args.resume,
                      steps=args.steps, bundle_dir=Path(args.bundle_dir) if args.bundle_dir else None, quiet=args.json,
                      workers=args.workers)

@@ -155,7 +155,47 @@ def _cache_file(cache_dir: Path, kind: str, s: int, options: dict, meta: dict, t
     spacings (a hash of all of them, of this package's code and of the numerical libraries' versions)."""
     h = hashlib.sha256(_cache_salt())
     h.update(json.dumps([kind, s, options, meta, targets, spacings], sort_keys=True, default=str).encode())
-    return Path(cache_dir) / f"{kind}-{s}-{h.hexdigest()[:20]}.npz"
+    return Path(cache_dir) / f"{_cache_version()}-{kind}-{s}-{h.hexdigest()[:20]}.npz"
+
+
+def _cache_version() -> str:
+    """The first part of every cache file's name: this code's and libraries' version, as a short hash."""
+    return _cache_salt().hex()[:12]
+
+
+def stale_cache_files(cache_dir: Path) -> List[Path]:
+    """Files in ``cache_dir`` that no run of this code can read: cases made by another version of the
+    package or of the numerical libraries (another first part of the name, or a name from before the
+    version was part of it), and the hidden temporary files of writes that were killed."""
+    now = _cache_version()
+    out = []
+    for f in sorted(Path(cache_dir).iterdir()):
+        if not f.is_file():
+            continue
+        if f.suffix == ".npz" and not f.name.startswith(now + "-") and not f.name.startswith("."):
+            out.append(f)
+        elif f.name.startswith(".") and ".tmp" in f.name and f.name.endswith(".npz") and \
+                time.time() - f.stat().st_mtime > 24 * 3600:  # a day old: no live run is still writing it
+            out.append(f)
+    return out
+
+
+def report_stale_cache(cache_dir: Path, prune: bool = False) -> int:
+    """Say (or, with ``prune``, delete) what :func:`stale_cache_files` finds; returns the bytes concerned."""
+    files = stale_cache_files(cache_dir)
+    size = sum(f.stat().st_size for f in files)
+    if not files:
+        return 0
+    if prune:
+        for f in files:
+            f.unlink(missing_ok=True)
+        log.warning("training case cache: deleted %d files (%.1f GB) made by other versions of the code or by "
+                    "killed runs from %s", len(files), size / 1e9, cache_dir)
+    else:
+        log.warning("training case cache: %d files (%.1f GB) in %s were made by other versions of the code (or are "
+                    "left from killed runs) and cannot be reused; --prune-cache deletes them", len(files), size / 1e9,
+                    cache_dir)
+    return size
 
 
 def _cache_folder(cache_dir) -> Path:
@@ -392,12 +432,14 @@ def _average_into(averaged: dict, net) -> None:
 
 def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto", resume: bool = False,
                        steps: Optional[int] = None, bundle_dir: Optional[Path] = None,
-                       show_progress: bool = True, workers: int = 1, cache_dir: Optional[Path] = None) -> dict:
+                       show_progress: bool = True, workers: int = 1, cache_dir: Optional[Path] = None,
+                       prune_cache: bool = False) -> dict:
     """Train an automatic model from a config (see module docstring). Returns a summary dict.
 
     ``workers``: processes that generate and prepare the synthetic cases (0: one per CPU core).
     ``cache_dir``: a folder where the prepared generated cases are kept and found again by other
-    runs of the same recipe (other seeds); None: prepared in memory only.
+    runs of the same recipe (other seeds); None: prepared in memory only. Files there that this
+    code cannot read (made by another version) are reported, and deleted with ``prune_cache``.
     """
     import torch
 
@@ -427,6 +469,10 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
         from .bundle import read_weights_for_init
 
         init_state = read_weights_for_init(config["init_from"])
+    if cache_dir is not None:
+        report_stale_cache(_cache_folder(cache_dir), prune=prune_cache)
+    elif prune_cache:
+        raise InputError("--prune-cache needs --cache-dir (the folder to prune)")
     dev = pick_device(device)
     torch.manual_seed(seed)
     t_load = time.perf_counter()
