@@ -131,6 +131,23 @@ def test_output_in_missing_folder(case, capsys):
     assert code == 1 and "missing" in err and not out.exists()
 
 
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(case, capsys, monkeypatch):
+    """Said at once, naming the folder (not after inference, naming a temporary file). Tests run as root, which
+    may write anywhere: the permission check is simulated."""
+    import os
+
+    from SegmentationDeepEditLib import annotate
+
+    ro = case / "read-only"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == ro else real_access(p, mode, **k))
+    monkeypatch.setattr(annotate, "predict", lambda *a, **k: pytest.fail("the model ran before the output was checked"))
+    code, err = run(capsys, *_annotate(case, case / "img.nii.gz", out=ro / "out.seg.nrrd"))
+    assert code == 1 and f"cannot write in the output folder {ro} (permission denied)" in err, err
+    assert list(ro.iterdir()) == []
+
+
 def test_output_equal_to_input(case, capsys):
     before = (case / "img.nii.gz").read_bytes()
     code, err = run(capsys, *_annotate(case, case / "img.nii.gz", out=case / "img.nii.gz"))

@@ -1060,8 +1060,8 @@ def check_output_path(
         The output path, absolute (its folder resolved).
 
     Raises:
-        InputError: the folder does not exist, the extension is not allowed, the path
-            is an input or a folder, or the file exists and ``overwrite`` is False.
+        InputError: the folder does not exist or cannot be written, the extension is not
+            allowed, the path is an input or a folder, or the file exists and ``overwrite`` is False.
     """
     p = Path(path).expanduser()
     parent = p.absolute().parent
@@ -1079,6 +1079,8 @@ def check_output_path(
             raise InputError("the output path is one of the input files; writing it would destroy the input", p)
     if p.exists() and not overwrite:
         raise InputError("the output file already exists (use --overwrite to replace it)", p)
+    if not os.access(parent, os.W_OK | os.X_OK):  # said now, not after minutes of work
+        raise InputError(f"cannot write in the output folder {parent} (permission denied)", p)
     return parent.resolve() / p.name
 
 

@@ -172,7 +172,9 @@ def resolve_input_names(meta: dict, given: Sequence[Tuple[Optional[str], Any]], 
                 raise InputError(f"model {meta['id']!r} has no input named {name!r}; its inputs are "
                                  f"{', '.join(_describe_input(sp) for sp in meta['inputs'])}")
         if target in out and came_from[target] == label:
-            raise InputError(f"{label} given twice", str(value) if name is None else None)
+            both = [out[target], value]
+            what = (f" ({both[0]} and {both[1]})" if all(isinstance(v, (str, Path)) for v in both) else "")
+            raise InputError(f"{label} given twice{what}: give one", str(value) if name is None else None)
         if target in out:
             raise InputError(f"{came_from[target]} and {label} would both be input {target!r} of model "
                              f"{meta['id']!r}: give one", str(value) if name is None else None)
