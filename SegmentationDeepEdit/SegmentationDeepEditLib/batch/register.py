@@ -43,6 +43,7 @@ __all__ = [
     "QualityThresholds",
     "Quality",
     "register_rigid",
+    "largest_shift_mm",
     "head_mask",
     "output_grid",
     "resample_onto",
@@ -316,6 +317,24 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, settings: Registration
     result.SetParameters(tf.GetParameters())
     return RegistrationResult(result, float(reg.GetMetricValue()), initial, int(reg.GetOptimizerIteration()),
                               reg.GetOptimizerStopConditionDescription(), time.perf_counter() - t0)
+
+
+def largest_shift_mm(transform: sitk.Transform, region: sitk.Image) -> float:
+    """The farthest any point of ``region`` moves under ``transform``: ``region`` is a mask (its
+    non-zero voxels' bounding box is used) or any image (its whole box). A rigid motion moves the
+    points of a box farthest at one of its corners."""
+    arr = sitk.GetArrayViewFromImage(region)
+    nz = np.nonzero(arr) if region.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8) and arr.any() else None
+    if nz is not None:
+        lo = [int(a.min()) for a in nz][::-1]  # (i, j, k)
+        hi = [int(a.max()) for a in nz][::-1]
+    else:
+        lo, hi = [0, 0, 0], [int(n) - 1 for n in region.GetSize()]
+    shift = 0.0
+    for corner in np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1).T:
+        p = np.asarray(region.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner]))
+        shift = max(shift, float(np.linalg.norm(np.asarray(transform.TransformPoint(tuple(p))) - p)))
+    return shift
 
 
 def output_grid(reference: sitk.Image, spacing_mm: Optional[float] = 1.0) -> Grid:
