@@ -329,6 +329,30 @@ def test_a_whole_head_is_registered_and_reported_but_not_segmented(inputs, share
         assert not list(study.glob("segmentation.*"))
 
 
+def test_the_models_warnings_reach_the_study_report_and_ask_for_review(inputs, tmp_path, monkeypatch):
+    """The automatic model's own warnings (nothing found, an input stored unlike its training data...) were
+    dropped by the batch: now in report.json, under the study on the console, and the study needs review."""
+    from SegmentationDeepEditLib.batch.report import format_result
+    from SegmentationDeepEditLib.segment import SegmentResult
+
+    def runner(model_id, images, device="auto"):  # stands in for segment_images (whose warnings are tested there)
+        label, segments = fb.threshold_segmenter({"t1c": images["t1c"], "t2": images["t2"]})
+        return SegmentResult(label=label, segments=segments, regions=[], model_id=model_id, model_version="9.9.9",
+                             device="cpu", tta=0, fast=False, seconds={}, grid=None,
+                             warnings=["the t1c image's background is the constant 200, not 0"])
+
+    monkeypatch.setattr(segment_mod, "_core_runner", lambda: runner)
+    only_a = tmp_path / "in"
+    shutil.copytree(inputs["main"] / "case-a", only_a / "case-a")  # T1c, T2, FLAIR
+    result = run_batch(only_a, tmp_path / "out", options=BatchOptions(spacing_mm=2.0, model="glioma-regions"))
+    assert result.exit_code == EXIT_OK
+    report = json.loads((tmp_path / "out" / "case-a" / "report.json").read_text())
+    assert report["segmentation"]["status"] == "segmented" and report["needs_review"] is True
+    assert "segmentation: the t1c image's background is the constant 200, not 0" in report["warnings"]
+    assert _rows(tmp_path / "out" / "summary.csv")[0]["needs_review"] == "yes"
+    assert "      warning: segmentation: the t1c image's background" in format_result(result)
+
+
 def test_output_folder_inside_or_equal_to_the_input_is_refused(inputs, tmp_path, capsys):
     main = inputs["main"]
     for bad in (main, main / "out", main / "case-a" / "out", inputs["root"]):
@@ -543,6 +567,10 @@ def test_anonymised_dicom_without_series_uids_is_segmented_without_a_dicom_seg(s
     # the segmentation itself needs no review for it; the run's own summary carries the warning
     assert _rows(out / "summary.csv")[0]["needs_review"] == "no"
     assert any("no DICOM SEG written" in w for w in result.studies[0]["warnings"])
+    from SegmentationDeepEditLib.batch.report import format_result
+
+    shown = format_result(result).splitlines()  # what the command prints: the warning under its study
+    assert shown[0].lstrip().startswith("anon") and shown[1].startswith("      warning: no DICOM SEG written"), shown
 
 
 def test_resume_into_a_folder_that_is_not_a_batch_output_is_refused(inputs, tmp_path):

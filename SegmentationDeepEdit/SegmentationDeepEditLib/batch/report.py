@@ -202,6 +202,7 @@ def format_result(result: Any) -> str:
         secs = s.get("seconds")
         lines.append(f"  {s['study'][:40]:40s} {state:22s} {'' if secs is None else f'{secs:7.1f} s'}"
                      f"{'  ' + s['error'] if s.get('error') else ''}")
+        lines.extend(f"      warning: {w}" for w in (s.get("warnings") or []) if not s.get("error"))
     c = result.counts
     out = result.output_dir
     lines.append(f"{c.get('done', 0)} done, {c.get('failed', 0)} failed, {c.get('skipped', 0)} already done; "

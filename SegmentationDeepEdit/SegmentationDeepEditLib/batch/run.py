@@ -339,6 +339,7 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
         seg_report: Dict[str, Any] = {"model": step.model_id, "version": step.model_version}
         label, segments = None, []
         unsegmented = False  # a model was asked for but could not run on this study: a person should look
+        seg_warned = False  # the model ran and warned (nothing found, an implausible volume, an unusual input...)
         if step.kind == "skip":
             seg_report.update(status="not segmented", reason=step.reason)
         elif step.missing(list(volumes)):
@@ -358,6 +359,8 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
                 raise _StudyFailed("segment", f"segmentation failed: {e}") from None
         if seg_report.get("status") is None:  # the model ran
             label, segments = out.label, out.segments
+            warnings.extend(f"segmentation: {w}" for w in out.warnings)
+            seg_warned = bool(out.warnings)
             write_segmentation(label, tmp / "segmentation.seg.nrrd", segments)
             write_segmentation(label, tmp / "segmentation.nii.gz", segments)
             seg_files = ["segmentation.seg.nrrd", "segmentation.nii.gz"]
@@ -402,7 +405,7 @@ def process_study(plan: StudyPlan, input_dir: str, output_dir: str, options: Bat
             series_list.append(d)
         seconds["register_total"] = round(reg_total, 3)
         seconds["read"] = round(seconds["read"], 3)
-        needs_review = bool(counts["flagged"] or counts["refused"] or counts["unreadable"] or unsegmented)
+        needs_review = bool(counts["flagged"] or counts["refused"] or counts["unreadable"] or unsegmented or seg_warned)
         report = {
             "format": "deepedit-batch-report", "version": 1, "study": name, "folder": plan.study.folder,
             "software": {"deepedit": __version__, "SimpleITK": sitk.Version.VersionString()},

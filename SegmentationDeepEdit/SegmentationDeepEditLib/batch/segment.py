@@ -21,7 +21,7 @@ same segmenter.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -45,12 +45,15 @@ class SegmentationOutput:
         label: integer label map, same geometry as the inputs.
         segments: ``[{"value", "name", "color", "terminology"?}]`` as :func:`imageio.write_segmentation` takes.
         model_id, model_version: what produced it.
+        warnings: the model's messages for a reviewer (nothing found, an implausible volume, an
+            input stored unlike its training data...).
     """
 
     label: sitk.Image
     segments: List[Dict[str, Any]]
     model_id: str
     model_version: str
+    warnings: List[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,10 @@ class SegmentStep:
             if runner is None:
                 raise InputError(f"model {self.model_id!r} cannot be run: this version has no automatic-model runner")
             names = list(self.inputs) + [k for k in self.optional if k in images]
-            label, segments = runner(self.model_id, {k: images[k] for k in names}, device=self.device)
-            return SegmentationOutput(label, list(segments), str(self.model_id), str(self.model_version))
+            result = runner(self.model_id, {k: images[k] for k in names}, device=self.device)
+            label, segments = result
+            return SegmentationOutput(label, list(segments), str(self.model_id), str(self.model_version),
+                                      list(getattr(result, "warnings", [])))
         raise InputError(f"not segmented: {self.reason}")
 
 
