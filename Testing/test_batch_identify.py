@@ -154,6 +154,27 @@ def test_study_without_t1c_cannot_be_planned_and_says_what_it_found():
     assert plan.ok and plan.reference == "flair"
 
 
+def _files(*names):
+    return tuple(Series(key=n, kind="file", path=f"/in/flat/{n}", name=n, files=(f"/in/flat/{n}",)) for n in names)
+
+
+def test_a_folder_of_several_subjects_files_is_refused_rather_than_one_patient_dropped():
+    two = _files("BraTS2021_00007_flair.nii.gz", "BraTS2021_00007_t1.nii.gz", "BraTS2021_00007_t1ce.nii.gz",
+                 "BraTS2021_00007_t2.nii.gz", "BraTS-GLI-00001-000-t1c.nii.gz", "BraTS-GLI-00001-000-t1n.nii.gz",
+                 "BraTS-GLI-00001-000-t2f.nii.gz", "BraTS-GLI-00001-000-t2w.nii.gz")
+    plan = plan_study(Study("flat", "flat", two))
+    assert not plan.ok and plan.problems == (
+        "the folder holds the images of 2 subjects (brats_gli_00001_000, brats2021_00007, by their file names): "
+        "put each study in its own sub-folder",)
+    # one subject's files, with a label map, a repeat and names with a session: one study, as before
+    for names in (("sub-01_ses-01_T1w.nii.gz", "sub-01_ses-01_FLAIR.nii.gz", "sub-01_ses-01_ce-gd_T1w.nii.gz"),
+                  ("BraTS2021_00007_flair.nii.gz", "BraTS2021_00007_t1ce.nii.gz", "BraTS2021_00007_seg.nii.gz"),
+                  ("t1c.nii.gz", "flair.nii.gz", "flair_repeat.nii.gz", "t2.nii.gz"),
+                  ("case_pre_t1.nii.gz", "case_pre_flair.nii.gz", "case_post_t1c.nii.gz", "case_post_t2.nii.gz")):
+        plan = plan_study(Study("one", "one", _files(*names)))
+        assert plan.ok, (names, plan.problems)
+
+
 def test_mapping_overrides_identification_and_unidentified_series_are_reported():
     study = Study("case-1", "case-1", (_series("a", "series 5", 5), _series("b", "t2_tse_tra", 3),
                                        _series("c", "mystery", 9), _series("d", "AAHead_Scout", 1, files=3)))

@@ -12,6 +12,7 @@ the first by name wins. Every series not used is reported with the reason, and a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -93,6 +94,33 @@ def _identify_series(study: Study, s: Series, mapping: Mapping) -> Identificatio
     return identify(file_name=s.name)
 
 
+def _subject_of(file_name: str) -> Tuple[str, ...]:
+    """What names the subject in an image file's name: its words without the extension and without
+    those naming a sequence or a label (``BraTS2021_00007_t1ce.nii.gz`` -> (brats2021, 00007))."""
+    stem = file_name.split("/")[-1]
+    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gz"):
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    words = [w for w in re.split(r"[-_. ]+", stem.lower()) if w]
+    return tuple(w for w in words if identify(file_name=w).sequence is None)
+
+
+def _mixed_subjects(candidates: Dict[str, List[Tuple[Series, Identification]]]) -> List[Tuple[str, ...]]:
+    """Subjects of a folder of image files that holds several subjects' studies: two or more name
+    stems, each with two or more sequences, one sequence under two of them (else: [])."""
+    by_subject: Dict[Tuple[str, ...], set] = {}
+    for seq, items in candidates.items():
+        for s, _ in items:
+            if s.kind == "file":
+                by_subject.setdefault(_subject_of(s.name), set()).add(seq)
+    full = {k: v for k, v in by_subject.items() if len(v) >= 2}
+    if len(full) < 2:
+        return []
+    seqs = [q for v in full.values() for q in v]
+    return sorted(full) if len(seqs) != len(set(seqs)) else []
+
+
 def plan_study(study: Study, *, reference: Sequence[str] = ("t1c",), mapping: Mapping = Mapping()) -> StudyPlan:
     """Identify every series of ``study``, choose one per sequence and the reference.
 
@@ -155,5 +183,10 @@ def plan_study(study: Study, *, reference: Sequence[str] = ("t1c",), mapping: Ma
             problem += (". The batch segments MRI studies; for a CT use `deepedit segment --model liver-lesion "
                         "--input ct=SERIES_FOLDER`")
         problems.append(problem)
+    mixed = _mixed_subjects(candidates)
+    if mixed:  # one folder, several patients: choosing one series per sequence would drop a patient unsaid
+        names = ", ".join("_".join(k) or "(no name)" for k in mixed)
+        problems.append(f"the folder holds the images of {len(mixed)} subjects ({names}, by their file names): put "
+                        "each study in its own sub-folder")
     ordered = tuple((seq, chosen[seq]) for seq in SEQUENCES if seq in chosen)
     return StudyPlan(study, verdicts, ordered, ref, tuple(problems), tuple(warnings))

@@ -180,7 +180,7 @@ def format_plans(plans: Sequence[Any]) -> str:
         st = p.study
         head = f"{st.name} ({'+'.join(st.kinds) or 'no series'}, {len(st.series)} series"
         head += f", {st.ignored_files} other files)" if st.ignored_files else ")"
-        head += f": reference {p.reference}" if p.reference else f": WOULD FAIL: {p.problems[0]}"
+        head += f": WOULD FAIL: {p.problems[0]}" if p.problems else f": reference {p.reference}"
         lines.append(head)
         for v in p.verdicts:
             ident = v.identification
