@@ -193,3 +193,42 @@ def test_evaluate_keeps_earlier_results_unless_told(tmp_path, capsys):
     (tmp_path / "f.txt").write_text("x")
     assert main(_cases(tmp_path, "brats2017") + ["-o", str(tmp_path / "f.txt")]) == 1
     assert "is a file" in capsys.readouterr().err
+
+
+def test_a_label_stored_another_way_is_moved_exactly_and_another_grid_is_refused_saying_what_differs(tmp_path, capsys):
+    """A truth in RAS beside an LPS image, or with its axes permuted, holds the same voxels: scored as the
+    original (QA found it refused); a truth on another voxel grid is refused naming the case, size and spacing."""
+    import SimpleITK as sitk
+
+    from SegmentationDeepEditLib.geometry import same_lattice
+    from SegmentationDeepEditLib.synthetic import make_brain_case
+
+    c = make_brain_case(4, spacing=1.5, oblique=False, thick_slices=False, orientation="axial")
+    for k in ("t1c", "t2", "flair"):
+        sitk.WriteImage(c.images[k], str(tmp_path / f"{k}.nii.gz"))
+    sitk.WriteImage(c.label, str(tmp_path / "seg.nii.gz"))
+    reoriented = sitk.Flip(sitk.PermuteAxes(c.label, [2, 0, 1]), [True, False, False])
+    sitk.WriteImage(reoriented, str(tmp_path / "seg-reoriented.nrrd"))
+    coarse = sitk.Resample(c.label, [s // 2 for s in c.label.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
+                           c.label.GetOrigin(), [2 * s for s in c.label.GetSpacing()], c.label.GetDirection())
+    sitk.WriteImage(coarse, str(tmp_path / "seg-coarse.nii.gz"))
+    half = sitk.Image(c.label)
+    half.SetOrigin(tuple(o + 0.75 for o in half.GetOrigin()))
+    assert same_lattice(reoriented, c.label) and not same_lattice(coarse, c.label) and not same_lattice(half, c.label)
+    rows = {}
+    for name in ("seg.nii.gz", "seg-reoriented.nrrd"):
+        cases = {"cases": [{"name": "gen4", "images": {k: f"{k}.nii.gz" for k in ("t1c", "t2", "flair")},
+                            "label": name, "convention": "brats2017", "regions": ["WT", "TC"]}]}
+        (tmp_path / "cases.json").write_text(json.dumps(cases))
+        out = tmp_path / f"eval-{name.split('.')[0]}"
+        assert main(["evaluate", "--model", "glioma-regions", "--cases", str(tmp_path / "cases.json"), "--data-root",
+                     str(tmp_path), "-o", str(out), "--tta", "0", "--device", "cpu", "--json", "--no-pictures"]) == 0
+        rows[name] = [(r["region"], r["dice"]) for r in csv.DictReader(open(out / "per_case.csv"))]
+    assert rows["seg.nii.gz"] == rows["seg-reoriented.nrrd"] and float(rows["seg.nii.gz"][0][1]) > 0.5
+    cases["cases"][0]["label"] = "seg-coarse.nii.gz"
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    assert main(["evaluate", "--model", "glioma-regions", "--cases", str(tmp_path / "cases.json"), "--data-root",
+                 str(tmp_path), "-o", str(tmp_path / "eval-coarse"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "seg-coarse.nii.gz: case 'gen4': the label is not on the grid of the reference input 't1c' (size " in err, err
+    assert "spacing (3x3x3) vs (1.5x1.5x1.5)" in err and not (tmp_path / "eval-coarse").exists()

@@ -31,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .geometry import geometry_differences, grid_of, resample_to_grid, same_geometry, same_lattice
 from .jsonfile import read_json
 from .labels import CONVENTIONS, check_label_values
 
@@ -138,9 +139,7 @@ def evaluate(cases: List[EvalCase], model=None, *, clicks: int = 5, seed: int = 
         bundle = named or default_model_for(image)  # no model named: the one `deepedit annotate` would use
         n_clicks = clicks if "positive" in bundle.meta.get("guidance", {}).get("channels", []) else 0
         note = "" if named else f"model {bundle.id} {bundle.version}"
-        label = read_image(case.label, what="label")
-        if label.GetSize() != image.GetSize() or not np.allclose(label.GetOrigin(), image.GetOrigin(), atol=1e-3):
-            raise InputError(f"label geometry differs from the image {case.image.name}", case.label)
+        label = label_on_grid_of(read_image(case.label, what="label"), image, case.name, case.label, case.image.name)
         check_label_values(label, case.convention, case.label)
         for ri, region in enumerate(case.regions):
             truth = region_mask(label, case.convention, region)
@@ -267,6 +266,19 @@ def write_results(rows: List[dict], out_dir: Path) -> List[dict]:
 # Automatic models
 # ----------------------------------------------------------------------------------------------
 
+def label_on_grid_of(label: sitk.Image, image: sitk.Image, case: str, label_path: Path, image_name: str) -> sitk.Image:
+    """The truth on the image's grid: as it is when the grids agree; moved voxel for voxel when it holds
+    the same voxels stored another way (RAS vs LPS, axes permuted or flipped: nearest neighbour, exact);
+    else an InputError naming the case and what differs (resampling a label would change the truth)."""
+    if same_geometry(label, image, tol=1e-3):
+        return label
+    if same_lattice(label, image):
+        return resample_to_grid(label, grid_of(image), interpolator=sitk.sitkNearestNeighbor,
+                                pixel_type=label.GetPixelID())
+    raise InputError(f"case {case!r}: the label is not on the grid of {image_name} ({geometry_differences(label, image)}); "
+                     "give the label on the image's grid", label_path)
+
+
 @dataclass
 class AutoCase:
     """One case for an automatic model: named input images, label map, convention and regions.
@@ -329,10 +341,10 @@ def evaluate_automatic(cases: List[AutoCase], model, *, tta_levels=(None,), fast
         images = {k: read_image(v) for k, v in paths.items()}
         label = read_image(case.label, what="label")
         check_label_values(label, case.convention, case.label)
-        ref = images.get(bundle.meta["segmentation"]["reference"])
-        if ref is not None and (label.GetSize() != ref.GetSize()
-                                or not np.allclose(label.GetOrigin(), ref.GetOrigin(), atol=1e-3)):
-            raise InputError("label geometry differs from the reference input", case.label)
+        ref_name = bundle.meta["segmentation"]["reference"]
+        ref = images.get(ref_name)
+        if ref is not None:
+            label = label_on_grid_of(label, ref, case.name, case.label, f"the reference input {ref_name!r}")
         note = "" if all(i["name"] in images for i in bundle.meta["inputs"]) else \
             "missing: " + ",".join(i["name"] for i in bundle.meta["inputs"] if i["name"] not in images)
         for level in tta_levels:

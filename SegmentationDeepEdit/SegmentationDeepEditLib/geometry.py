@@ -16,6 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 
 __all__ = [
+    "same_lattice",
+    "geometry_differences",
     "frequent_values",
     "Grid",
     "ras_to_lps",
@@ -181,6 +183,45 @@ def same_geometry(a: sitk.Image | Grid, b: sitk.Image | Grid, tol: float = 1e-6)
         and np.allclose(ga.origin, gb.origin, atol=tol)
         and np.allclose(ga.direction, gb.direction, atol=tol)
     )
+
+
+def same_lattice(a: sitk.Image | Grid, b: sitk.Image | Grid, tol: float = 1e-3) -> bool:
+    """True when ``a``'s voxel centres are exactly ``b``'s, perhaps stored in another axis order or
+    direction (RAS vs LPS, axes permuted or flipped): then a nearest-neighbour resampling of one onto
+    the other moves no value."""
+    ga = a if isinstance(a, Grid) else grid_of(a)
+    gb = b if isinstance(b, Grid) else grid_of(b)
+    # index of a -> index of b: idx_b = M @ idx_a + t
+    to_b = np.linalg.inv(gb.matrix * np.asarray(gb.spacing))
+    m = to_b @ (ga.matrix * np.asarray(ga.spacing))
+    t = to_b @ (np.asarray(ga.origin) - np.asarray(gb.origin))
+    rounded = np.round(m)
+    if not (np.allclose(m, rounded, atol=tol) and np.allclose(np.abs(rounded).sum(axis=0), 1)
+            and np.allclose(np.abs(rounded).sum(axis=1), 1) and np.allclose(t, np.round(t), atol=tol)):
+        return False
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in ga.size], indexing="ij")).reshape(3, -1).T
+    mapped = corners @ rounded.T + np.round(t)
+    return sorted(ga.size) == sorted(gb.size) and bool((mapped >= 0).all() and (mapped <= np.asarray(gb.size) - 1).all())
+
+
+def geometry_differences(a: sitk.Image | Grid, b: sitk.Image | Grid, tol: float = 1e-3) -> str:
+    """What differs between two grids, in words (``size 240x240x155 vs 240x240x150; spacing ...``)."""
+    ga = a if isinstance(a, Grid) else grid_of(a)
+    gb = b if isinstance(b, Grid) else grid_of(b)
+
+    def fmt(v):
+        return "x".join(f"{x:g}" for x in (round(float(y), 3) for y in v))
+
+    out = []
+    if tuple(ga.size) != tuple(gb.size):
+        out.append(f"size {fmt(ga.size)} vs {fmt(gb.size)}")
+    for what, x, y in (("spacing", ga.spacing, gb.spacing), ("origin", ga.origin, gb.origin),
+                       ("direction", ga.direction, gb.direction)):
+        if not np.allclose(x, y, atol=tol):
+            out.append(f"{what} ({fmt(x)}) vs ({fmt(y)})" if what != "direction" else
+                       f"direction ({', '.join(f'{v:g}' for v in np.round(x, 3))}) vs "
+                       f"({', '.join(f'{v:g}' for v in np.round(y, 3))})")
+    return "; ".join(out)
 
 
 def bounding_box_grid(
