@@ -307,3 +307,22 @@ def test_a_series_split_over_two_folders_is_one_series(tmp_path):
     img = _read_series(series[3])
     assert img.GetSize() == (12, 10, 9)
     assert np.array_equal(sitk.GetArrayViewFromImage(img), sitk.GetArrayViewFromImage(vol))
+
+
+def test_segment_takes_an_unnamed_dicom_folder_by_its_series_description(tmp_path):
+    """`deepedit segment --input FOLDER` (no NAME=): a folder named S0001 says nothing, its SeriesDescription does,
+    as in the batch (QA: it said 'cannot tell from the file name')."""
+    from SegmentationDeepEditLib.bundle import load_bundle
+    from SegmentationDeepEditLib.segment import resolve_input_names
+
+    study = "1.2.826.0.1.3680043.99.12"
+    folders = {}
+    for k, seq in enumerate(("t1c", "flair")):
+        folders[seq] = tmp_path / f"S000{k + 1}"
+        write_dicom_series(_volume(30 + k), folders[seq], study_uid=study, series_uid=f"{study}.{k + 1}",
+                           description=PROTOCOL[seq]["description"], series_number=k + 1, tags=PROTOCOL[seq]["tags"],
+                           protocol=PROTOCOL[seq]["protocol"])
+    paths, notes = resolve_input_names(load_bundle("glioma-regions").meta,
+                                       [(None, str(folders["flair"])), (None, str(folders["t1c"]))])
+    assert paths == {"flair": str(folders["flair"]), "t1c": str(folders["t1c"])}
+    assert "DICOM series 'S0002' ('t2_tirm_tra_dark-fluid') taken as input 'flair' (from its description)" in notes

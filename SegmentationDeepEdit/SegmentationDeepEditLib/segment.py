@@ -143,6 +143,15 @@ def resolve_input_names(meta: dict, given: Sequence[Tuple[Optional[str], Any]], 
                 target, how = declared[0], f"file {fname!r} taken as input {declared[0]!r} (the model's only input)"
             else:
                 ident = identify(file_name=fname)
+                said = (f"file {fname!r}", "from its name")
+                if ident.sequence not in declared and Path(str(value)).is_dir():
+                    # a DICOM series folder: what its SeriesDescription, protocol and header say, as the batch reads them
+                    from .batch.discover import identify_dicom_folder
+
+                    found = identify_dicom_folder(Path(str(value)))
+                    if found is not None and found[0].sequence in declared:
+                        ident = found[0]
+                        said = (f"DICOM series {fname!r} ({found[1]!r})", "from its description")
                 target = ident.sequence if ident.sequence in declared else None
                 if target is None and ident.sequence and ident.sequence != "ignore":
                     if ignore_unknown:
@@ -157,7 +166,7 @@ def resolve_input_names(meta: dict, given: Sequence[Tuple[Optional[str], Any]], 
                 if target is None:
                     raise InputError(f"cannot tell from the file name which input of model {meta['id']!r} "
                                      f"({', '.join(declared)}) this is; give it as NAME=PATH", str(value))
-                how = f"file {fname!r} taken as input {target!r} (from its name)"
+                how = f"{said[0]} taken as input {target!r} ({said[1]})"
             label = f"file {fname!r}"
         else:
             target, how, label = by_lower.get(name.lower()), None, f"input {name!r}"

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..errors import InputError
 from ..imageio import READ_EXTENSIONS, list_dicom_series
 
-__all__ = ["Series", "Study", "discover_studies", "uid_hash", "safe_name"]
+__all__ = ["Series", "Study", "discover_studies", "identify_dicom_folder", "uid_hash", "safe_name"]
 
 # DICOM attributes read for identification; none of them identifies the patient.
 _ID_TAGS = [
@@ -154,6 +154,25 @@ def _read_header(path: Path) -> Dict[str, Any]:
         if k in ds:
             out[k] = _value(ds.get(k))
     return out
+
+
+def identify_dicom_folder(folder: Path):
+    """The :func:`.identify.identify` verdict and SeriesDescription of the one DICOM image series in
+    ``folder`` (as the batch identifies it: description, protocol, header), or None when the folder
+    holds no DICOM series or several."""
+    from ..imageio import list_dicom_series
+    from .identify import identify
+
+    try:
+        infos = list_dicom_series(folder)
+    except Exception:  # noqa: BLE001 - not a readable folder: nothing to say here (reading it says why)
+        return None
+    if len(infos) != 1:
+        return None
+    hdr = _read_header(Path(infos[0].files[0]))
+    desc = str(hdr.get("SeriesDescription") or infos[0].description or "")
+    return identify(desc, protocol=str(hdr.get("ProtocolName") or ""),
+                    header={k: hdr[k] for k in _HEADER_KEYS if k in hdr}), desc
 
 
 def _walk(root: Path):
