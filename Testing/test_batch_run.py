@@ -353,6 +353,21 @@ def test_the_models_warnings_reach_the_study_report_and_ask_for_review(inputs, t
     assert "      warning: segmentation: the t1c image's background" in format_result(result)
 
 
+def test_a_sub_folder_without_images_is_said_not_passed_over(inputs, tmp_path, capsys):
+    """An empty or unfinished copy of a study: the dry run and the run name it (QA: silently skipped)."""
+    folder = tmp_path / "in"
+    shutil.copytree(inputs["main"] / "case-b", folder / "case-b")
+    (folder / "copying-still").mkdir()
+    (folder / "copying-still" / "notes.txt").write_text("not an image")
+    (folder / ".hidden").mkdir()
+    assert cli.main(["batch", str(folder), "-o", str(tmp_path / "out"), "--dry-run"] + CLI_OPTIONS) == 0
+    printed = capsys.readouterr().out
+    assert "copying-still" in printed and "not a study: no image file and no DICOM series found" in printed
+    assert ".hidden" not in printed and "1 studies: 1 ready" in printed
+    result = run_batch(folder, tmp_path / "out", options=OPTIONS, dry_run=True)
+    assert result.without_images == ["copying-still"] and result.to_dict()["without_images"] == ["copying-still"]
+
+
 def test_output_folder_inside_or_equal_to_the_input_is_refused(inputs, tmp_path, capsys):
     main = inputs["main"]
     for bad in (main, main / "out", main / "case-a" / "out", inputs["root"]):

@@ -439,7 +439,7 @@ def _cmd_batch(args) -> dict:
                            mapping_file=Path(args.mapping) if args.mapping else None, progress=bar)
     summary = result.to_dict()
     if not args.json:
-        print(format_plans(result.plans) if args.dry_run else format_result(result))
+        print(format_plans(result.plans, result.without_images) if args.dry_run else format_result(result))
     if result.exit_code != EXIT_OK:  # "some failed" / "nothing done" are results, with their own exit codes
         if args.json:
             print(json.dumps(dict(summary, command="batch"), indent=2, default=str))

@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -173,7 +173,7 @@ def render_qc(path: Path, volumes: Dict[str, sitk.Image], *, label: Optional[sit
     return Path(path)
 
 
-def format_plans(plans: Sequence[Any]) -> str:
+def format_plans(plans: Sequence[Any], without_images: Sequence[str] = ()) -> str:
     """The text ``deepedit batch --dry-run`` prints: per study, each series and its verdict."""
     lines = []
     for p in plans:
@@ -188,8 +188,13 @@ def format_plans(plans: Sequence[Any]) -> str:
             lines.append(f"  {v.series.describe()[:46]:46s} -> {seq:9s} {ident.confidence:4.2f} {ident.source:11s} "
                          f"{v.role}{': ' + v.note if v.note and v.role != 'used' else ''}")
     ready = sum(1 for p in plans if p.ok)
+    lines.extend(_without_images(without_images))
     lines.append(f"{len(plans)} studies: {ready} ready, {len(plans) - ready} would fail")
     return "\n".join(lines)
+
+
+def _without_images(folders: Sequence[str]) -> List[str]:
+    return [f"  {f[:40]:40s} not a study: no image file and no DICOM series found" for f in folders]
 
 
 def format_result(result: Any) -> str:
@@ -203,6 +208,7 @@ def format_result(result: Any) -> str:
         lines.append(f"  {s['study'][:40]:40s} {state:22s} {'' if secs is None else f'{secs:7.1f} s'}"
                      f"{'  ' + s['error'] if s.get('error') else ''}")
         lines.extend(f"      warning: {w}" for w in (s.get("warnings") or []) if not s.get("error"))
+    lines.extend(_without_images(getattr(result, "without_images", ())))
     c = result.counts
     out = result.output_dir
     lines.append(f"{c.get('done', 0)} done, {c.get('failed', 0)} failed, {c.get('skipped', 0)} already done; "

@@ -135,6 +135,8 @@ class BatchResult:
         studies: one dict per study of the input (name, state, seconds, error, skipped).
         plans: the plans (always; the only output of a dry run).
         output_dir: the output folder (None for a dry run).
+        without_images: top-level sub-folders of the input that hold no image file and no DICOM
+            series (an empty or unfinished copy is said, not silently passed over).
     """
 
     exit_code: int
@@ -142,6 +144,7 @@ class BatchResult:
     plans: List[StudyPlan]
     output_dir: Optional[Path]
     dry_run: bool = False
+    without_images: List[str] = field(default_factory=list)  # sub-folders of the input where no study was found
 
     @property
     def counts(self) -> Dict[str, int]:
@@ -153,7 +156,7 @@ class BatchResult:
     def to_dict(self) -> Dict[str, Any]:
         return {"exit_code": self.exit_code, "dry_run": self.dry_run, "counts": self.counts, "studies": self.studies,
                 "output": None if self.output_dir is None else str(self.output_dir),
-                "plans": [p.to_dict() for p in self.plans]}
+                "plans": [p.to_dict() for p in self.plans], "without_images": list(self.without_images)}
 
 
 class _StudyFailed(Exception):
@@ -560,12 +563,13 @@ def run_batch(input_dir: Path, output_dir: Optional[Path], *, options: BatchOpti
     if not plans:
         raise InputError("no studies found: the folder holds no image files (NIfTI, NRRD, MetaImage) and no DICOM "
                          "series", inp)
+    empty = _folders_without_images(inp, plans)
     if dry_run:
         rows = [{"study": p.study.name, "state": "planned" if p.ok else "would fail",
                  "error": p.problems[0] if p.problems else None} for p in plans]
         ready = [p.ok for p in plans]
         code = EXIT_OK if ready and all(ready) else EXIT_SOME_FAILED if any(ready) else EXIT_NOTHING_DONE
-        return BatchResult(code, rows, plans, None, dry_run=True)
+        return BatchResult(code, rows, plans, None, dry_run=True, without_images=empty)
     assert out is not None
     step = resolve_segment_step(options.model, custom=options.segmenter, device=options.device)
     mapping_sha = None
@@ -578,12 +582,24 @@ def run_batch(input_dir: Path, output_dir: Optional[Path], *, options: BatchOpti
     try:
         manifest = Manifest.open(out, input_dir=inp, options=options.recorded(mapping, mapping_sha), resume=resume)
         try:
-            return _drive(plans, inp, out, manifest, options, step, workers, client, report)
+            return replace(_drive(plans, inp, out, manifest, options, step, workers, client, report),
+                           without_images=empty)
         finally:
             manifest.close()
     finally:
         if own_client:
             client.close()
+
+
+def _folders_without_images(inp: Path, plans: List[StudyPlan]) -> List[str]:
+    """Top-level sub-folders of ``inp`` (not hidden) in which no study found a series."""
+    used = set()
+    for p in plans:
+        for s in p.study.series:
+            rel = Path(s.path).relative_to(inp).parts if Path(s.path).is_relative_to(inp) else ()
+            if rel:
+                used.add(rel[0])
+    return sorted(d.name for d in inp.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in used)
 
 
 def _drive(plans: List[StudyPlan], inp: Path, out: Path, manifest: Manifest, options: BatchOptions, step: SegmentStep,
