@@ -429,6 +429,22 @@ def _synthetic_brain(tmp_path: Path, seed=3):
     return c, paths
 
 
+def test_segment_says_which_inputs_it_resampled_onto_the_reference(tmp_path, capsys):
+    c, paths = _synthetic_brain(tmp_path)
+    flair = c.images["flair"]
+    thick = sitk.Resample(flair, [flair.GetSize()[0], flair.GetSize()[1], flair.GetSize()[2] // 3], sitk.Transform(),
+                          sitk.sitkLinear, flair.GetOrigin(), [1.5, 1.5, 4.5], flair.GetDirection())
+    sitk.WriteImage(thick, str(tmp_path / "flair-thick.nii.gz"))
+    assert main(["segment", "--model", GLIOMA, "--tta", "0", "--device", "cpu", "-o", str(tmp_path / "o.nii.gz"),
+                 "--input", f"t1c={paths['t1c']}", "--input", f"t2={paths['t2']}",
+                 "--input", f"flair={tmp_path / 'flair-thick.nii.gz'}"]) == 0
+    err = capsys.readouterr().err
+    n = c.images["t1c"].GetSize()
+    assert (f"deepedit segment: flair (1.5x1.5x4.5 mm, {n[0]}x{n[1]}x{n[2] // 3}) resampled onto the t1c grid "
+            f"(1.5x1.5x1.5 mm, {n[0]}x{n[1]}x{n[2]})") in err, err
+    assert "t2 (" not in err  # on the reference grid already: nothing to say
+
+
 def test_cli_segment_writes_layered_regions_in_seg_nrrd(tmp_path, capsys):
     import slicerio
 

@@ -246,6 +246,8 @@ def _cmd_segment(args) -> dict:
             _draw_result(b.meta, r, staged)
         write_segmentation(r.label, out, r.segments, overwrite=args.overwrite, inputs=list(paths.values()),
                            regions=r.regions)
+    for n in r.notes:
+        print(f"deepedit segment: {n}", file=sys.stderr)
     for w in r.warnings:
         print(f"deepedit segment: warning: {w}", file=sys.stderr)
     vols = r.volumes_ml()
@@ -258,7 +260,7 @@ def _cmd_segment(args) -> dict:
         print(f"picture in {picture}")
     return {"output": str(out), "picture": str(picture) if picture else None, "model": r.model_id,
             "model_version": r.model_version, "device": r.device, "tta": r.tta, "fast": r.fast, "volumes_ml": vols,
-            "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "warnings": r.warnings,
+            "seconds": {k: round(v, 3) for k, v in r.seconds.items()}, "warnings": r.warnings, "notes": r.notes,
             **({"gpu_peak_mb": round(_gpu_peak_mb(), 1)} if r.device == "cuda" else {})}
 
 

@@ -73,6 +73,8 @@ class SegmentResult:
         warnings: messages for the user (missing optional input, empty result...).
         inputs: the given inputs on the reference grid (the reference itself, the others
             resampled where their geometry differed), e.g. for a picture of the result.
+        notes: what was done to the inputs that a user may want to know (which were resampled
+            onto the reference grid, from what voxel size).
     """
 
     label: sitk.Image
@@ -87,6 +89,7 @@ class SegmentResult:
     grid: Grid
     warnings: List[str] = field(default_factory=list)
     inputs: Dict[str, sitk.Image] = field(default_factory=dict, repr=False)
+    notes: List[str] = field(default_factory=list)
 
     def __iter__(self):  # ``label, segments = segment_images(...)``
         return iter((self.label, self.segments))
@@ -283,6 +286,12 @@ def _refuse_identical_inputs(images: Mapping[str, Optional[sitk.Image]], sources
 
 def _describe_input(spec: dict) -> str:
     return spec["name"] + (" (optional)" if spec.get("optional") else "")
+
+
+def _voxels(img: sitk.Image) -> str:
+    """``0.9x0.9x5 mm, 256x256x30``: an image's voxel size and size, for messages."""
+    return ("x".join(f"{s:.3g}" for s in img.GetSpacing()) + " mm, " + "x".join(str(n) for n in img.GetSize())
+            + ("" if np.allclose(img.GetDirection(), np.eye(3).ravel(), atol=1e-3) else ", oblique or reoriented"))
 
 
 def _extent(img: Union[sitk.Image, Grid]) -> Tuple[np.ndarray, np.ndarray]:
@@ -826,6 +835,8 @@ def segment_images(
     ref_name = seg["reference"]
     aligned = align_inputs(imgs, ref_name, sources)
     ref = aligned[ref_name]
+    notes = [f"{name} ({_voxels(img)}) resampled onto the {ref_name} grid ({_voxels(ref)})"
+             for name, img in imgs.items() if img is not None and name != ref_name and aligned[name] is not img]
     for name, img in aligned.items():  # on the reference grid: the same volume everywhere
         if img is not None:
             check_foreground_volume(meta, img, name, (sources or {}).get(name))
@@ -866,4 +877,4 @@ def segment_images(
                          model_version=bundle.version, device=used.type, tta=level, fast=bool(fast),
                          seconds={"prepare": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2, "total": t3 - t0},
                          grid=grid, warnings=warnings,
-                         inputs={n: im for n, im in aligned.items() if im is not None})
+                         inputs={n: im for n, im in aligned.items() if im is not None}, notes=notes)
