@@ -232,3 +232,28 @@ def test_a_label_stored_another_way_is_moved_exactly_and_another_grid_is_refused
     err = capsys.readouterr().err
     assert "seg-coarse.nii.gz: case 'gen4': the label is not on the grid of the reference input 't1c' (size " in err, err
     assert "spacing (3x3x3) vs (1.5x1.5x1.5)" in err and not (tmp_path / "eval-coarse").exists()
+
+
+def test_a_users_cases_file_may_list_its_images_relative_to_itself(tmp_path, capsys):
+    """Without --data-root a path missing under ../shared/data is looked for beside the cases file (QA: a user's
+    own cases file failed with '/work/shared/data/../v_ras/t1c.nii.gz: the image does not exist')."""
+    import SimpleITK as sitk
+
+    from SegmentationDeepEditLib.synthetic import make_brain_case
+
+    c = make_brain_case(4, spacing=1.5, oblique=False, thick_slices=False, orientation="axial")
+    (tmp_path / "mine" / "images").mkdir(parents=True)
+    for k in ("t1c", "t2", "flair"):
+        sitk.WriteImage(c.images[k], str(tmp_path / "mine" / "images" / f"{k}.nii.gz"))
+    sitk.WriteImage(c.label, str(tmp_path / "mine" / "images" / "seg.nii.gz"))
+    cases = {"cases": [{"name": "mine", "images": {k: f"images/{k}.nii.gz" for k in ("t1c", "t2", "flair")},
+                        "label": "images/seg.nii.gz", "convention": "brats2017", "regions": ["WT"]}]}
+    (tmp_path / "mine" / "cases.json").write_text(json.dumps(cases))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", "glioma-regions", "--cases", str(tmp_path / "mine" / "cases.json"), "-o",
+                 str(out), "--tta", "0", "--device", "cpu", "--json", "--no-pictures"]) == 0, capsys.readouterr().err
+    assert float(next(csv.DictReader(open(out / "per_case.csv")))["dice"]) > 0.5
+    # with --data-root the paths are under it, and only there
+    assert main(["evaluate", "--model", "glioma-regions", "--cases", str(tmp_path / "mine" / "cases.json"),
+                 "--data-root", str(tmp_path), "-o", str(tmp_path / "eval2"), "--device", "cpu"]) == 1
+    assert f"{tmp_path / 'images' / 't1c.nii.gz'}" in capsys.readouterr().err

@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cases", required=True, help="cases file (JSON: image, label, convention, regions per case)")
     e.add_argument("-o", "--output", required=True, help="output folder for per_case.csv, summary.csv, summary.json")
     e.add_argument("--model", default=None, help="model id or bundle folder (default: the annotation model `deepedit annotate` picks for each image: the CT-tuned one for CT)")
-    e.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="folder the cases' paths are relative to (default: ../shared/data)")
+    e.add_argument("--data-root", default=None,
+                   help="folder the cases' paths are relative to (default: ../shared/data, and for a path not "
+                        "found there, the cases file's folder)")
     e.add_argument("--clicks", type=int, default=5, help="corrective clicks to simulate after the six points (default 5)")
     e.add_argument("--seed", type=int, default=0, help="seed of the point perturbation (default 0)")
     e.add_argument("--jitter-mm", type=float, default=1.0, help="std of the Gaussian perturbation of each point, mm (default 1)")
@@ -394,7 +396,7 @@ def _cmd_evaluate(args) -> dict:
                 levels = [int(v) for v in str(args.tta).split(",")]
             except ValueError:
                 raise InputError(f"--tta {args.tta!r} is not a comma-separated list of levels") from None
-        cases = load_auto_cases(Path(args.cases), Path(args.data_root))
+        cases = load_auto_cases(Path(args.cases), Path(args.data_root or DEFAULT_DATA_ROOT), also_beside=not args.data_root)
         with tempfile.TemporaryDirectory(prefix="deepedit-eval-") as staging:
             with StageProgress("evaluate", enabled=not args.json) as bar:
                 rows = evaluate_automatic(cases, args.model, tta_levels=levels, fast=args.fast, device=args.device,
@@ -413,7 +415,7 @@ def _cmd_evaluate(args) -> dict:
         return {"summary": summary, "rows": rows, "output": str(args.output)}
     if args.clicks < 0:
         raise InputError("--clicks must be 0 or more")
-    cases = load_cases(Path(args.cases), Path(args.data_root))
+    cases = load_cases(Path(args.cases), Path(args.data_root or DEFAULT_DATA_ROOT), also_beside=not args.data_root)
     with StageProgress("evaluate", enabled=not args.json) as bar:
         rows = evaluate(cases, args.model, clicks=args.clicks, seed=args.seed, jitter_mm=args.jitter_mm,
                         device=args.device, tta=args.tta not in (None, "", "0"), progress=bar)

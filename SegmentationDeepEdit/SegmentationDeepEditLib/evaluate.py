@@ -108,12 +108,27 @@ class _about_case:
         return False
 
 
-def load_cases(path: Path, data_root: Path) -> List[EvalCase]:
+def _resolver(path: Path, data_root: Path, also_beside: bool):
+    """Where a relative path of a cases file points: under ``data_root``; with ``also_beside`` (no
+    --data-root given) a path missing there but present beside the cases file is taken from there
+    (a user's own cases file lists its images relative to itself)."""
+    beside = Path(path).expanduser().resolve().parent
+
+    def resolve(rel) -> Path:
+        first = Path(data_root) / rel
+        if also_beside and not first.exists() and (beside / rel).exists():
+            return beside / rel
+        return first
+    return resolve
+
+
+def load_cases(path: Path, data_root: Path, also_beside: bool = False) -> List[EvalCase]:
     """Read a cases file: ``{"cases": [{"name", "image", "label", "convention", "regions"}]}``.
 
-    Relative paths are taken relative to ``data_root``.
+    Relative paths are taken relative to ``data_root`` (with ``also_beside``, else beside the cases file).
     """
-    return [EvalCase(c.get("name", f"case{n}"), data_root / c["image"], data_root / c["label"], c["convention"],
+    at = _resolver(path, data_root, also_beside)
+    return [EvalCase(c.get("name", f"case{n}"), at(c["image"]), at(c["label"]), c["convention"],
                      list(c["regions"]), Path(path))
             for n, c in _case_entries(path, ("image", "label", "convention", "regions"))]
 
@@ -296,15 +311,17 @@ class AutoCase:
     source: Optional[Path] = None  # the cases file
 
 
-def load_auto_cases(path: Path, data_root: Path) -> List[AutoCase]:
+def load_auto_cases(path: Path, data_root: Path, also_beside: bool = False) -> List[AutoCase]:
     """Read a cases file for automatic models: ``{"cases": [{"name", "images": {input: path}, "label",
-    "convention", "regions": [names] or {output region: truth region}}]}`` (paths relative to ``data_root``)."""
+    "convention", "regions": [names] or {output region: truth region}}]}`` (paths relative to ``data_root``;
+    with ``also_beside``, else beside the cases file)."""
+    at = _resolver(path, data_root, also_beside)
     out = []
     for n, c in _case_entries(path, ("images", "label", "convention", "regions"),
                               " (automatic models need 'images': {input: path})"):
         regions = c["regions"] if isinstance(c["regions"], dict) else {r: r for r in c["regions"]}
-        out.append(AutoCase(c.get("name", f"case{n}"), {k: data_root / v for k, v in c["images"].items()},
-                            data_root / c["label"], c["convention"], dict(regions), Path(path)))
+        out.append(AutoCase(c.get("name", f"case{n}"), {k: at(v) for k, v in c["images"].items()},
+                            at(c["label"]), c["convention"], dict(regions), Path(path)))
     return out
 
 
