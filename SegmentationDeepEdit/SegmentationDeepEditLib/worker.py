@@ -353,7 +353,7 @@ class Worker:
                            options=self._batch_options(request), dry_run=True,
                            mapping_file=Path(mapping) if mapping else None)
         plans = [p.to_dict() for p in result.plans]
-        return {"plans": plans, "rows": table_rows(plans), "text": format_plans(result.plans),
+        return {"plans": plans, "rows": table_rows(plans), "text": format_plans(result.plans, result.without_images),
                 "exit_code": result.exit_code}
 
     def _op_batch(self, request, progress):
