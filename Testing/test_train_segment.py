@@ -266,17 +266,22 @@ def test_cache_files_this_version_cannot_read_are_reported_and_pruned_on_request
     src = [{"synthetic": "ct", "cases": 1, "seed": 51, "options": {"spacing": 4.0, "oblique": False}}]
     T.build_seg_cases(src, meta, cfg["targets"], REPO, cache_dir=cache)
     (current,) = list(cache.iterdir())
-    old_names = ["ct-51-0123456789abcdef0123.npz", "0123456789ab-ct-51-0123456789abcdef0123.npz"]
-    for name in old_names + [".x.0123.tmp.npz", ".y.4567.tmp.npz", "notes.txt"]:
+    key = "0123456789abcdef0123"
+    fresh_tmp, old_tmp = f".{T._cache_version()}-ct-52-{key}.aaaaaaaaaaaa.tmp.npz", f".ct-53-{key}.bbbbbbbbbbbb.tmp.npz"
+    old_names = [f"ct-51-{key}.npz", f"0123456789ab-ct-51-{key}.npz"]
+    theirs = ["notes.txt", "my_features.npz", ".my.tmp.npz"]  # not this cache's names: never touched
+    for name in old_names + [fresh_tmp, old_tmp] + theirs:
         (cache / name).write_bytes(b"0" * 1000)
     day_old = time.time() - 2 * 24 * 3600
-    os.utime(cache / ".y.4567.tmp.npz", (day_old, day_old))  # a killed run's half-written file
-    stale = {"ct-51-0123456789abcdef0123.npz", "0123456789ab-ct-51-0123456789abcdef0123.npz", ".y.4567.tmp.npz"}
+    for name in (old_tmp, ".my.tmp.npz"):
+        os.utime(cache / name, (day_old, day_old))  # a killed run's half-written file
+    stale = set(old_names) | {old_tmp}
     assert {f.name for f in T.stale_cache_files(cache)} == stale
     assert T.report_stale_cache(cache) == 3000 and "--prune-cache deletes them" in caplog.text
-    assert len(list(cache.iterdir())) == 6  # only said
+    assert f"ct-51-{key}.npz" in caplog.text  # the files are named
+    assert len(list(cache.iterdir())) == 8  # only said
     T.report_stale_cache(cache, prune=True)
-    assert {f.name for f in cache.iterdir()} == {current.name, ".x.0123.tmp.npz", "notes.txt"}
+    assert {f.name for f in cache.iterdir()} == {current.name, fresh_tmp, *theirs}
     assert T.build_seg_cases(src, meta, cfg["targets"], REPO, cache_dir=cache)  # the current file still reads
 
     from SegmentationDeepEditLib.cli import main

@@ -51,6 +51,7 @@ import io
 import json
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -172,12 +173,20 @@ def stale_cache_files(cache_dir: Path) -> List[Path]:
     for f in sorted(Path(cache_dir).iterdir()):
         if not f.is_file():
             continue
-        if f.suffix == ".npz" and not f.name.startswith(now + "-") and not f.name.startswith("."):
-            out.append(f)
-        elif f.name.startswith(".") and ".tmp" in f.name and f.name.endswith(".npz") and \
-                time.time() - f.stat().st_mtime > 24 * 3600:  # a day old: no live run is still writing it
-            out.append(f)
+        if _OWN_CASE_FILE.fullmatch(f.name) or _OLD_CASE_FILE.fullmatch(f.name):
+            if not f.name.startswith(now + "-"):
+                out.append(f)
+        elif _OWN_TEMP_FILE.fullmatch(f.name) and time.time() - f.stat().st_mtime > 24 * 3600:
+            out.append(f)  # a day old: no live run is still writing it
     return out
+
+
+# the names this cache writes (anything else in the folder is someone else's and never touched):
+# <version>-<kind>-<seed>-<key>.npz, before versions were named <kind>-<seed>-<key>.npz, and the
+# hidden temporary file of a write, .<stem>.<12 hex>.tmp.npz
+_OWN_CASE_FILE = re.compile(r"[0-9a-f]{12}-(brain|ct)-\d+-[0-9a-f]{20}\.npz")
+_OLD_CASE_FILE = re.compile(r"(brain|ct)-\d+-[0-9a-f]{20}\.npz")
+_OWN_TEMP_FILE = re.compile(r"\.([0-9a-f]{12}-)?(brain|ct)-\d+-[0-9a-f]{20}\.[0-9a-f]{12}\.tmp\.npz")
 
 
 def report_stale_cache(cache_dir: Path, prune: bool = False) -> int:
@@ -186,15 +195,16 @@ def report_stale_cache(cache_dir: Path, prune: bool = False) -> int:
     size = sum(f.stat().st_size for f in files)
     if not files:
         return 0
+    shown = ", ".join(f.name for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
     if prune:
         for f in files:
             f.unlink(missing_ok=True)
         log.warning("training case cache: deleted %d files (%.1f GB) made by other versions of the code or by "
-                    "killed runs from %s", len(files), size / 1e9, cache_dir)
+                    "killed runs from %s: %s", len(files), size / 1e9, cache_dir, shown)
     else:
         log.warning("training case cache: %d files (%.1f GB) in %s were made by other versions of the code (or are "
-                    "left from killed runs) and cannot be reused; --prune-cache deletes them", len(files), size / 1e9,
-                    cache_dir)
+                    "left from killed runs) and cannot be reused: %s; --prune-cache deletes them", len(files),
+                    size / 1e9, cache_dir, shown)
     return size
 
 
