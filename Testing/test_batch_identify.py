@@ -326,3 +326,26 @@ def test_segment_takes_an_unnamed_dicom_folder_by_its_series_description(tmp_pat
                                        [(None, str(folders["flair"])), (None, str(folders["t1c"]))])
     assert paths == {"flair": str(folders["flair"]), "t1c": str(folders["t1c"])}
     assert "DICOM series 'S0002' ('t2_tirm_tra_dark-fluid') taken as input 'flair' (from its description)" in notes
+
+
+def test_linked_study_folders_are_followed_each_real_folder_once(tmp_path):
+    """Studies linked in from a shared drive (QA: ignored, then called 'no images'); a link back up the tree
+    or a second link to the same folder is not walked twice."""
+    shared = tmp_path / "shared"
+    for study in ("pat1", "pat2"):
+        (shared / study).mkdir(parents=True)
+        for seq in ("t1c", "flair"):
+            sitk.WriteImage(_volume(5), str(shared / study / f"{seq}.nii.gz"))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "pat1").symlink_to(shared / "pat1", target_is_directory=True)
+    (inp / "pat2").symlink_to(shared / "pat2", target_is_directory=True)
+    (inp / "pat2-again").symlink_to(shared / "pat2", target_is_directory=True)
+    (inp / "loop").symlink_to(inp, target_is_directory=True)
+    studies = discover_studies(inp)
+    assert [s.name for s in studies] == ["pat1", "pat2"]
+    assert all(sorted(x.name for x in s.series) == ["flair.nii.gz", "t1c.nii.gz"] for s in studies)
+    from SegmentationDeepEditLib.batch.run import run_batch
+
+    (inp / "empty").mkdir()
+    assert run_batch(inp, None, dry_run=True).without_images == ["empty"]  # not the second link, not the loop

@@ -176,9 +176,19 @@ def identify_dicom_folder(folder: Path):
 
 
 def _walk(root: Path):
-    """Folders under ``root`` (itself included), sorted, skipping hidden ones; yields (folder, files)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    """Folders under ``root`` (itself included), sorted, skipping hidden ones; yields (folder, files).
+
+    Linked folders are followed (studies linked in from a shared drive are studies), each real
+    folder once: a link back up the tree, or a second link to a folder already seen, is skipped."""
+    seen = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         yield Path(dirpath), sorted(f for f in filenames if not f.startswith("."))
 
 

@@ -592,14 +592,23 @@ def run_batch(input_dir: Path, output_dir: Optional[Path], *, options: BatchOpti
 
 
 def _folders_without_images(inp: Path, plans: List[StudyPlan]) -> List[str]:
-    """Top-level sub-folders of ``inp`` (not hidden) in which no study found a series."""
+    """Top-level sub-folders of ``inp`` (not hidden) in which no study found a series (a second link to
+    a study's folder, or a link back up the tree, is no such folder)."""
     used = set()
     for p in plans:
         for s in p.study.series:
             rel = Path(s.path).relative_to(inp).parts if Path(s.path).is_relative_to(inp) else ()
             if rel:
                 used.add(rel[0])
-    return sorted(d.name for d in inp.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in used)
+    used_real = {os.path.realpath(inp / u) for u in used}
+    inp_real = os.path.realpath(inp)
+
+    def counts(d: Path) -> bool:
+        real = os.path.realpath(d)
+        return not (real in used_real or inp_real == real or inp_real.startswith(real + os.sep))
+
+    return sorted(d.name for d in inp.iterdir()
+                  if d.is_dir() and not d.name.startswith(".") and d.name not in used and counts(d))
 
 
 def _drive(plans: List[StudyPlan], inp: Path, out: Path, manifest: Manifest, options: BatchOptions, step: SegmentStep,
