@@ -237,6 +237,22 @@ def test_a_constant_background_that_is_not_0_around_raw_intensities_is_warned_ab
     assert background_warnings(load_bundle(LIVER).meta, {"ct": _img(offset)}) == []  # CT is windowed, not z-scored
 
 
+def test_an_input_stored_another_way_is_moved_voxel_for_voxel_not_interpolated(tmp_path):
+    """The same images in mixed orientations (t2 in RAS, flair permuted) gave a slightly different result than
+    all in LPS (QA: 120 voxels): a NIfTI file keeps its geometry in float32, so the voxel centres come back a
+    hair off and linear interpolation mixed neighbours. Now exactly the LPS copy's voxels."""
+    rng = np.random.default_rng(7)
+    arr = rng.normal(size=(20, 30, 40)).astype(np.float32)
+    ref = _img(np.zeros((20, 30, 40)), spacing=(0.9, 1.1, 2.7), origin=(-10.3, 4.1, 7.7))
+    flair = _img(arr, spacing=(0.9, 1.1, 2.7), origin=(-10.3, 4.1, 7.7))
+    sitk.WriteImage(sitk.Flip(sitk.PermuteAxes(flair, [2, 0, 1]), [True, False, True]), str(tmp_path / "f.nii.gz"))
+    stored = sitk.ReadImage(str(tmp_path / "f.nii.gz"))  # same voxels, another layout, float32 geometry
+    assert stored.GetSize() != flair.GetSize()
+    out = align_inputs({"t1c": ref, "flair": stored}, "t1c")
+    assert same_geometry(out["flair"], ref)
+    assert np.array_equal(sitk.GetArrayFromImage(out["flair"]), arr)
+
+
 def test_inputs_without_physical_overlap_are_refused_pointing_at_registration():
     ref = _img(np.zeros((20, 20, 20)))
     far = _img(np.zeros((20, 20, 20)), origin=(500.0, 0.0, 0.0))

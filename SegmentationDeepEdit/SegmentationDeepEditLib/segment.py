@@ -40,7 +40,7 @@ from .device import cpu_supports_bf16, pick_device, run_with_fallback
 from .errors import InputError, ModelError, NotSkullStripped
 from .imageio import check_image_values, check_is_image
 from .geometry import (Grid, bounding_box_grid, corners_lps, frequent_values, grid_of, image_on_grid,
-                       index_box_covering, index_to_physical, resample_to_grid)
+                       index_box_covering, index_to_physical, resample_to_grid, same_lattice)
 
 __all__ = ["SegmentResult", "Cancelled", "resolve_input_names", "check_input_names", "check_inputs", "align_inputs", "model_grid", "check_foreground_volume", "prepare_volume", "tta_flips_3d",
            "d4_transforms", "TTA_LEVELS_2D", "predict_volume", "segment_images",
@@ -301,7 +301,9 @@ def _extent(img: Union[sitk.Image, Grid]) -> Tuple[np.ndarray, np.ndarray]:
 
 def align_inputs(images: Mapping[str, Optional[sitk.Image]], reference: str,
                  sources: Optional[Mapping[str, str]] = None) -> Dict[str, Optional[sitk.Image]]:
-    """Resample every input onto the reference input's grid (linear) where the geometry differs.
+    """Resample every input onto the reference input's grid (linear) where the geometry differs; an
+    input holding the reference's voxels stored another way (RAS vs LPS, axes permuted or flipped) is
+    moved voxel for voxel, so that it gives the result its LPS copy gives.
 
     Raises:
         InputError: an input does not overlap the reference in physical space (not registered).
@@ -328,6 +330,8 @@ def align_inputs(images: Mapping[str, Optional[sitk.Image]], reference: str,
                 "(e.g. `deepedit batch`, which registers every sequence to the reference)", sources.get(name))
         if grid_of(img) == ref_grid:
             out[name] = img
+        elif same_lattice(img, ref_grid):  # the same voxels stored another way (RAS, permuted): moved, not interpolated
+            out[name] = resample_to_grid(sitk.Cast(img, sitk.sitkFloat32), ref_grid, interpolator=sitk.sitkNearestNeighbor)
         else:
             out[name] = resample_to_grid(sitk.Cast(img, sitk.sitkFloat32), ref_grid, default=0.0)
     return out
@@ -835,7 +839,9 @@ def segment_images(
     ref_name = seg["reference"]
     aligned = align_inputs(imgs, ref_name, sources)
     ref = aligned[ref_name]
-    notes = [f"{name} ({_voxels(img)}) resampled onto the {ref_name} grid ({_voxels(ref)})"
+    notes = [f"{name} ({_voxels(img)}) " + (f"reordered onto the {ref_name} grid, voxel for voxel (the same voxels "
+                                            "stored in another orientation)" if same_lattice(img, ref) else
+                                            f"resampled onto the {ref_name} grid ({_voxels(ref)})")
              for name, img in imgs.items() if img is not None and name != ref_name and aligned[name] is not img]
     for name, img in aligned.items():  # on the reference grid: the same volume everywhere
         if img is not None:
