@@ -436,6 +436,7 @@ def test_a_series_already_aligned_to_the_reference_is_taken_as_it_is(shared_data
     as_int = {k: sitk.Cast(sitk.Round(v), sitk.sitkInt16) for k, v in case.images.items()}
     sitk.WriteImage(as_int["t1c"], str(study / "BraTS-like-001_t1ce.nii.gz"))
     sitk.WriteImage(as_int["flair"], str(study / "BraTS-like-001_flair.nii.gz"))
+    sitk.WriteImage(sitk.Flip(as_int["t1"], [True, True, False]), str(study / "BraTS-like-001_t1.nii.gz"))  # in RAS
     moved = sitk.Image(as_int["t2"])
     moved.SetOrigin(tuple(np.asarray(moved.GetOrigin()) + (3.0, 0.0, 0.0)))  # 3 mm off: 1.5 voxels
     sitk.WriteImage(moved, str(study / "BraTS-like-001_t2.nii.gz"))
@@ -447,6 +448,10 @@ def test_a_series_already_aligned_to_the_reference_is_taken_as_it_is(shared_data
     assert flair["transform_parameters"]["translation_mm"] == [0.0, 0.0, 0.0]
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "BraTS-like-001" / "registered" / "flair.nii.gz")))
     assert np.array_equal(written, sitk.GetArrayFromImage(as_int["flair"]))  # voxel for voxel, no blur
+    t1 = report["sequences"]["t1"]  # stored in RAS: the same voxels in another order, moved without interpolation
+    assert "already_aligned" in t1, t1
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "BraTS-like-001" / "registered" / "t1.nii.gz")))
+    assert np.array_equal(written, sitk.GetArrayFromImage(as_int["t1"]))
     assert "already_aligned" not in t2 and abs(abs(t2["transform_parameters"]["translation_mm"][0]) - 3.0) < 0.5, t2
 
 

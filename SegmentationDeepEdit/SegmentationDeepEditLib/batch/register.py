@@ -34,7 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..geometry import Grid, frequent_values, grid_of
+from ..geometry import Grid, frequent_values, grid_of, same_lattice
 from ..imageio import atomic_output, check_output_path
 
 __all__ = [
@@ -368,12 +368,17 @@ def resample_onto(moving: sitk.Image, grid: Grid, transform: Optional[sitk.Trans
     """Resample ``moving`` onto ``grid`` through ``transform`` (grid point -> moving point), linear.
 
     Integer images stay in their pixel type (values rounded, not truncated); others become
-    float32. Voxels outside the moving image are 0.
+    float32. Voxels outside the moving image are 0. Without a motion (no transform, or one that
+    moves nothing) an image holding the grid's voxels stored another way (RAS vs LPS, permuted:
+    its geometry read back from a float32 NIfTI header a hair off) is moved voxel for voxel, not
+    interpolated.
     """
+    still = transform is None or (np.allclose(transform.GetParameters(), 0.0) if transform.GetNumberOfParameters()
+                                  else True)
     f = _threads(sitk.ResampleImageFilter(), threads)
     f.SetReferenceImage(grid.reference_image())
     f.SetTransform(transform if transform is not None else sitk.Transform())
-    f.SetInterpolator(sitk.sitkLinear)
+    f.SetInterpolator(sitk.sitkNearestNeighbor if still and same_lattice(moving, grid) else sitk.sitkLinear)
     f.SetDefaultPixelValue(0.0)
     f.SetOutputPixelType(sitk.sitkFloat32)
     out = f.Execute(sitk.Cast(moving, sitk.sitkFloat32) if moving.GetPixelID() != sitk.sitkFloat32 else moving)
