@@ -106,8 +106,9 @@ def test_registration_recovers_motion_at_test_resolution(shared_data):
     assert found.metric < found.initial_metric
 
 
-def _signal_at_iteration(monkeypatch, signum: int, at: int) -> list:
-    """Make the next registration send itself ``signum`` at its ``at``-th iteration; returns the iterations seen."""
+def _signal_at_iteration(monkeypatch, signum, at: int) -> list:
+    """Make the next registration send itself ``signum`` (or each of a tuple of signals, in order) at its
+    ``at``-th iteration; returns the iterations seen."""
     from SegmentationDeepEditLib.batch import register as rg
     seen: list = []
     original = rg._execute_stoppable
@@ -116,7 +117,8 @@ def _signal_at_iteration(monkeypatch, signum: int, at: int) -> list:
         def tick():
             seen.append(threading.current_thread().name)
             if len(seen) == at:
-                signal.raise_signal(signum)
+                for one in (signum if isinstance(signum, tuple) else (signum,)):
+                    signal.raise_signal(one)
         reg.AddCommand(sitk.sitkIterationEvent, tick)  # before the stop check, so it runs first
         return original(reg, fixed, moving)
 
@@ -158,6 +160,33 @@ def test_sigterm_during_a_registration_reaches_the_programs_own_handler_once(sha
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert calls == [signal.SIGTERM] and len(seen) == 2
+
+
+@pytest.mark.realdata
+def test_a_termination_noted_beside_a_ctrl_c_is_not_lost(shared_data, monkeypatch):
+    """Ctrl-C in a terminal reaches the worker processes too, and the pool then terminates them: both signals
+    during one registration. SIGINT was raised again first, its KeyboardInterrupt ended the loop, the SIGTERM was
+    lost and each worker outlived its termination (QA: 20 s to stop with --workers 2)."""
+    class Ended(Exception):
+        pass
+
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        raise Ended()
+
+    case, motion, moving = _moved_flair(shared_data)
+    _signal_at_iteration(monkeypatch, (signal.SIGINT, signal.SIGTERM), 2)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(Ended):
+            register_rigid(case.images["t1c"], moving, RegistrationSettings(threads=1))
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C was raised again first and the termination was lost")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert calls == [signal.SIGTERM]
 
 
 @pytest.mark.realdata

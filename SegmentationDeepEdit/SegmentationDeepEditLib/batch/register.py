@@ -219,7 +219,9 @@ def _execute_stoppable(reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, mov
         for s, handler in previous.items():
             signal.signal(s, handler)
         reg.RemoveAllCommands()
-        for s in dict.fromkeys(caught):  # once each, in the order they came
+        # once each, SIGTERM first: the first handler that raises (KeyboardInterrupt) ends this loop, and a
+        # termination noted beside a Ctrl-C (a pool ending its workers) must not be lost
+        for s in sorted(set(caught), key=lambda s: s != signal.SIGTERM):
             signal.raise_signal(s)
     return out
 

@@ -745,8 +745,12 @@ def _run_processes(todo, inp: Path, out: Path, options: BatchOptions, step: Segm
         workers_now = list((getattr(pool, "_processes", None) or {}).values())
         for proc in workers_now:
             proc.terminate()
+        deadline = time.monotonic() + 5.0
         for proc in workers_now:
-            proc.join(timeout=10)
+            proc.join(timeout=max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():  # a worker that did not end on SIGTERM
+                proc.kill()
+                proc.join(timeout=5)
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
