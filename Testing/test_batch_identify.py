@@ -164,7 +164,7 @@ def test_a_folder_of_several_subjects_files_is_refused_rather_than_one_patient_d
                  "BraTS-GLI-00001-000-t2f.nii.gz", "BraTS-GLI-00001-000-t2w.nii.gz")
     plan = plan_study(Study("flat", "flat", two))
     assert not plan.ok and plan.problems == (
-        "the folder holds the images of 2 subjects (brats_gli_00001_000, brats2021_00007, by their file names): "
+        "the folder holds the images of 2 subjects (BraTS-GLI-00001-000, BraTS2021_00007, by their file names): "
         "put each study in its own sub-folder",)
     # one subject's files, with a label map, a repeat and names with a session: one study, as before
     for names in (("sub-01_ses-01_T1w.nii.gz", "sub-01_ses-01_FLAIR.nii.gz", "sub-01_ses-01_ce-gd_T1w.nii.gz"),

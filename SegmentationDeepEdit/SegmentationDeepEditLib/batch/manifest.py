@@ -165,7 +165,10 @@ class Manifest:
             old = data.get("options", {})
             diff = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
             if diff:
-                details = "; ".join(f"{k}: {old.get(k)!r} then, {options.get(k)!r} now" for k in diff)
+                def shown(k, v):  # what the user typed, not Python's None
+                    return ("the default (none given)" if k != "model" else "the default model") if v is None else repr(v)
+
+                details = "; ".join(f"{k}: {shown(k, old.get(k))} then, {shown(k, options.get(k))} now" for k in diff)
                 raise InputError(f"the run in this folder was made with other options ({details}); resume with the "
                                  "same options or use a new output folder", out)
             data["resumed"] = data.get("resumed", 0) + 1

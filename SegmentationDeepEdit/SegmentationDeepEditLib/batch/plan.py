@@ -102,23 +102,41 @@ def _subject_of(file_name: str) -> Tuple[str, ...]:
         if stem.lower().endswith(ext):
             stem = stem[: -len(ext)]
             break
-    words = [w for w in re.split(r"[-_. ]+", stem.lower()) if w]
+    words = [w for w in re.split(r"[-_. ]+", stem) if w]
     return tuple(w for w in words if identify(file_name=w).sequence is None)
 
 
-def _mixed_subjects(candidates: Dict[str, List[Tuple[Series, Identification]]]) -> List[Tuple[str, ...]]:
+def _mixed_subjects(candidates: Dict[str, List[Tuple[Series, Identification]]]) -> List[str]:
     """Subjects of a folder of image files that holds several subjects' studies: two or more name
-    stems, each with two or more sequences, one sequence under two of them (else: [])."""
+    stems, each with two or more sequences, one sequence under two of them (else: []). Each is
+    named as its first file spells it (``BraTS-GLI-00001-000``)."""
     by_subject: Dict[Tuple[str, ...], set] = {}
+    spelt: Dict[Tuple[str, ...], str] = {}
     for seq, items in candidates.items():
-        for s, _ in items:
+        for s, _ in sorted(items, key=lambda it: it[0].name):
             if s.kind == "file":
-                by_subject.setdefault(_subject_of(s.name), set()).add(seq)
+                words = _subject_of(s.name)
+                key = tuple(w.lower() for w in words)
+                by_subject.setdefault(key, set()).add(seq)
+                spelt.setdefault(key, _spelling(s.name, words))
     full = {k: v for k, v in by_subject.items() if len(v) >= 2}
     if len(full) < 2:
         return []
     seqs = [q for v in full.values() for q in v]
-    return sorted(full) if len(seqs) != len(set(seqs)) else []
+    return sorted(spelt[k] for k in full) if len(seqs) != len(set(seqs)) else []
+
+
+def _spelling(file_name: str, words: Tuple[str, ...]) -> str:
+    """The subject's words as the file name writes them, with its own separators between them
+    (``BraTS-GLI-00001-000-t2f.nii.gz`` -> ``BraTS-GLI-00001-000``), or ``(no name)``."""
+    if not words:
+        return "(no name)"
+    name = file_name.split("/")[-1]
+    start = name.find(words[0])
+    end = start
+    for w in words:
+        end = name.find(w, end) + len(w)
+    return name[start:end] if start >= 0 else "_".join(words)
 
 
 def plan_study(study: Study, *, reference: Sequence[str] = ("t1c",), mapping: Mapping = Mapping()) -> StudyPlan:
@@ -185,7 +203,7 @@ def plan_study(study: Study, *, reference: Sequence[str] = ("t1c",), mapping: Ma
         problems.append(problem)
     mixed = _mixed_subjects(candidates)
     if mixed:  # one folder, several patients: choosing one series per sequence would drop a patient unsaid
-        names = ", ".join("_".join(k) or "(no name)" for k in mixed)
+        names = ", ".join(mixed)
         problems.append(f"the folder holds the images of {len(mixed)} subjects ({names}, by their file names): put "
                         "each study in its own sub-folder")
     ordered = tuple((seq, chosen[seq]) for seq in SEQUENCES if seq in chosen)
