@@ -224,6 +224,11 @@ def test_a_cache_folder_gives_other_runs_the_same_cases_without_making_them_agai
     for a, b in zip(fresh, again):
         assert np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y) and np.array_equal(a.fg, b.fg)
     assert [c.weight for c in again] == [2.5] * 4
+    assert all(c.cached for c in again) and not any(c.cached for c in fresh)
+    said = []
+    T.build_seg_cases(heavier, meta, cfg["targets"], REPO, spacings=spacings, cache_dir=tmp_path / "cache",
+                      progress=said.append)
+    assert said == ["synthetic-ct-51 (from the cache)", "synthetic-ct-52 (from the cache)"]  # what `train` prints
     # other bundle metadata (here the model spacing) is another case: not taken from the cache
     with pytest.raises(AssertionError, match="generated again"):
         T.build_seg_cases(sources, dict(meta, spacing_mm=[5.0] * 3), cfg["targets"], REPO, cache_dir=tmp_path / "cache")

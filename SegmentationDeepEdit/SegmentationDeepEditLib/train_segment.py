@@ -85,6 +85,7 @@ class SegCase:
     y: np.ndarray  # regions: uint8 [R, k, j, i]; classes: uint8 bitmask [k, j, i] of allowed classes
     fg: np.ndarray  # flat indices of labelled voxels
     weight: float = 1.0  # relative probability of drawing this case
+    cached: bool = False  # read from a case cache (not made by this run)
 
 
 def _region_targets(label_arr: np.ndarray, convention: str, regions: List[str]) -> np.ndarray:
@@ -254,6 +255,8 @@ def _synthetic_cases(kind: str, s: int, options: dict, weight: float, meta: dict
 
     path = _cache_file(Path(cache_dir), kind, s, options, meta, targets, spacings) if cache_dir else None
     out = _read_cached(path) if path is not None else None
+    for case in out or []:
+        case.cached = True
     if out is None:
         make = synthetic.make_brain_case if kind == "brain" else synthetic.make_ct_case
         conv = "brats2017" if kind == "brain" else "liver-lesion"
@@ -290,7 +293,8 @@ def build_seg_cases(sources: List[dict], meta: dict, targets: dict, data_root: P
         if job is not None:
             cases.extend(generated)
             if progress:
-                progress(f"synthetic-{job[0]}-{job[1]}")
+                progress(f"synthetic-{job[0]}-{job[1]}" + (" (from the cache)" if generated and all(c.cached for c in generated)
+                                                           else ""))
             continue
         root = source_root(src, data_root)
         images = {}
