@@ -325,7 +325,19 @@ def test_segment_takes_an_unnamed_dicom_folder_by_its_series_description(tmp_pat
     paths, notes = resolve_input_names(load_bundle("glioma-regions").meta,
                                        [(None, str(folders["flair"])), (None, str(folders["t1c"]))])
     assert paths == {"flair": str(folders["flair"]), "t1c": str(folders["t1c"])}
-    assert "DICOM series 'S0002' ('t2_tirm_tra_dark-fluid') taken as input 'flair' (from its description)" in notes
+    assert ("DICOM series 'S0002' ('t2_tirm_tra_dark-fluid') taken as input 'flair' (from its description, protocol "
+            "and header)") in notes
+    # a series the model does not take, or one nothing tells apart: said from what was read (QA: 'the file name')
+    t1 = tmp_path / "S0005"
+    write_dicom_series(_volume(40), t1, study_uid=study, series_uid=f"{study}.5", description="AX T1 PRE",
+                       series_number=5, tags=PROTOCOL["t1"]["tags"])
+    with pytest.raises(InputError, match=r"by its description \('AX T1 PRE'\), protocol and header this is a t1 image"):
+        resolve_input_names(load_bundle("glioma-regions").meta, [(None, str(t1)), (None, str(folders["t1c"]))])
+    vague = tmp_path / "S0007"
+    write_dicom_series(_volume(50), vague, study_uid=study, series_uid=f"{study}.7", description="Series 7",
+                       series_number=7)
+    with pytest.raises(InputError, match=r"cannot tell from the folder name or the series' description \('Series 7'\)"):
+        resolve_input_names(load_bundle("glioma-regions").meta, [(None, str(vague)), (None, str(folders["t1c"]))])
 
 
 def test_linked_study_folders_are_followed_each_real_folder_once(tmp_path):

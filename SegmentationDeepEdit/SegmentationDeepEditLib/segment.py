@@ -147,27 +147,30 @@ def resolve_input_names(meta: dict, given: Sequence[Tuple[Optional[str], Any]], 
             else:
                 ident = identify(file_name=fname)
                 said = (f"file {fname!r}", "from its name")
+                by, tell = "by its name", "from the file name"
                 if ident.sequence not in declared and Path(str(value)).is_dir():
                     # a DICOM series folder: what its SeriesDescription, protocol and header say, as the batch reads them
                     from .batch.discover import identify_dicom_folder
 
                     found = identify_dicom_folder(Path(str(value)))
-                    if found is not None and found[0].sequence in declared:
-                        ident = found[0]
-                        said = (f"DICOM series {fname!r} ({found[1]!r})", "from its description")
+                    if found is not None and (found[0].sequence or not ident.sequence):
+                        ident, described = found[0], found[1] or "no description"
+                        said = (f"DICOM series {fname!r} ({described!r})", "from its description, protocol and header")
+                        by = f"by its description ({described!r}), protocol and header"
+                        tell = f"from the folder name or the series' description ({described!r}), protocol and header"
                 target = ident.sequence if ident.sequence in declared else None
                 if target is None and ident.sequence and ident.sequence != "ignore":
                     if ignore_unknown:
-                        notes.append(f"file {fname!r} ({ident.sequence} by its name) is not used by model {meta['id']!r}")
+                        notes.append(f"file {fname!r} ({ident.sequence} {by}) is not used by model {meta['id']!r}")
                         continue
-                    raise InputError(f"by its name this is a {ident.sequence} image, which model {meta['id']!r} does not "
+                    raise InputError(f"{by} this is a {ident.sequence} image, which model {meta['id']!r} does not "
                                      f"take (its inputs: {', '.join(_describe_input(sp) for sp in meta['inputs'])}); "
                                      "leave it out, or give it as NAME=PATH", str(value))
                 if target is None and ident.sequence == "ignore":
-                    raise InputError(f"by its name this is not an image model {meta['id']!r} takes ("
+                    raise InputError(f"{by} this is not an image model {meta['id']!r} takes ("
                                      f"{'; '.join(ident.reasons)}): leave it out, or give it as NAME=PATH", str(value))
                 if target is None:
-                    raise InputError(f"cannot tell from the file name which input of model {meta['id']!r} "
+                    raise InputError(f"cannot tell {tell} which input of model {meta['id']!r} "
                                      f"({', '.join(declared)}) this is; give it as NAME=PATH", str(value))
                 how = f"{said[0]} taken as input {target!r} ({said[1]})"
             label = f"file {fname!r}"
