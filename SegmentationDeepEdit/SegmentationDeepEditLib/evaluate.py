@@ -125,7 +125,8 @@ def _resolver(path: Path, data_root: Path, also_beside: bool):
 def load_cases(path: Path, data_root: Path, also_beside: bool = False) -> List[EvalCase]:
     """Read a cases file: ``{"cases": [{"name", "image", "label", "convention", "regions"}]}``.
 
-    Relative paths are taken relative to ``data_root`` (with ``also_beside``, else beside the cases file).
+    Relative paths are taken relative to ``data_root`` (with ``also_beside``, one missing there is taken
+    beside the cases file when it is there).
     """
     at = _resolver(path, data_root, also_beside)
     return [EvalCase(c.get("name", f"case{n}"), at(c["image"]), at(c["label"]), c["convention"],
@@ -314,7 +315,7 @@ class AutoCase:
 def load_auto_cases(path: Path, data_root: Path, also_beside: bool = False) -> List[AutoCase]:
     """Read a cases file for automatic models: ``{"cases": [{"name", "images": {input: path}, "label",
     "convention", "regions": [names] or {output region: truth region}}]}`` (paths relative to ``data_root``;
-    with ``also_beside``, else beside the cases file)."""
+    with ``also_beside``, one missing there is taken beside the cases file when it is there)."""
     at = _resolver(path, data_root, also_beside)
     out = []
     for n, c in _case_entries(path, ("images", "label", "convention", "regions"),
