@@ -238,6 +238,9 @@ def test_resume_skips_intact_studies_and_redoes_damaged_ones(inputs, baseline, t
         run_batch(inputs["main"], out, options=BatchOptions(spacing_mm=1.0, model="none"), resume=True)
     with pytest.raises(InputError, match="model: 'none' then, the default model now"):  # not Python's None
         run_batch(inputs["main"], out, options=BatchOptions(spacing_mm=2.0), resume=True)
+    with pytest.raises(InputError, match="other options.*spacing_mm"):  # the dry run of a resume says it too
+        run_batch(inputs["main"], out, options=BatchOptions(spacing_mm=1.0, model="none"), resume=True, dry_run=True)
+    assert run_batch(inputs["main"], out, options=OPTIONS, resume=True, dry_run=True).exit_code == EXIT_OK
     lock = out / ".deepedit-batch.lock"
     lock.write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live run holds the folder
     with pytest.raises(InputError, match="another batch run"):

@@ -126,6 +126,35 @@ class Manifest:
 
     # ------------------------------------------------------------------ opening
 
+    @staticmethod
+    def read_for_resume(output_dir: Path, *, input_dir: Path, options: Dict[str, Any]) -> Dict[str, Any]:
+        """The manifest of ``output_dir`` (read only), when a run from ``input_dir`` with ``options``
+        may continue it (also what ``--resume --dry-run`` checks).
+
+        Raises:
+            InputError: unreadable, not a batch manifest, another input folder, other options.
+        """
+        out = Path(output_dir)
+        path = out / MANIFEST_NAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"the manifest cannot be read ({e}); move it away to start over", path) from None
+        if data.get("format") != FORMAT:
+            raise InputError("not a deepedit batch manifest", path)
+        if data.get("input") != str(input_dir):
+            raise InputError(f"the run in this folder was made from another input folder ({data.get('input')})", out)
+        old = data.get("options", {})
+        diff = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
+        if diff:
+            def shown(k, v):  # what the user typed, not Python's None
+                return ("the default (none given)" if k != "model" else "the default model") if v is None else repr(v)
+
+            details = "; ".join(f"{k}: {shown(k, old.get(k))} then, {shown(k, options.get(k))} now" for k in diff)
+            raise InputError(f"the run in this folder was made with other options ({details}); resume with the "
+                             "same options or use a new output folder", out)
+        return data
+
     @classmethod
     def open(cls, output_dir: Path, *, input_dir: Path, options: Dict[str, Any], resume: bool) -> "Manifest":
         """Open the manifest of ``output_dir`` for a run (creating the folder when needed).
@@ -154,23 +183,7 @@ class Manifest:
             raise InputError("the folder that should hold the output folder does not exist", out.parent)
         out.mkdir(exist_ok=True)
         if path.exists():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
-                raise InputError(f"the manifest cannot be read ({e}); move it away to start over", path) from None
-            if data.get("format") != FORMAT:
-                raise InputError("not a deepedit batch manifest", path)
-            if data.get("input") != str(input_dir):
-                raise InputError(f"the run in this folder was made from another input folder ({data.get('input')})", out)
-            old = data.get("options", {})
-            diff = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
-            if diff:
-                def shown(k, v):  # what the user typed, not Python's None
-                    return ("the default (none given)" if k != "model" else "the default model") if v is None else repr(v)
-
-                details = "; ".join(f"{k}: {shown(k, old.get(k))} then, {shown(k, options.get(k))} now" for k in diff)
-                raise InputError(f"the run in this folder was made with other options ({details}); resume with the "
-                                 "same options or use a new output folder", out)
+            data = cls.read_for_resume(out, input_dir=input_dir, options=options)
             data["resumed"] = data.get("resumed", 0) + 1
         else:
             data = {"format": FORMAT, "version": _VERSION, "input": str(input_dir), "options": options,

@@ -43,7 +43,7 @@ from ..errors import DeepEditError, InputError, NotSkullStripped
 from ..imageio import read_dicom_series, read_image, write_image, write_segmentation
 from .discover import Series, discover_studies
 from .identify import SEQUENCES, Mapping, load_mapping
-from .manifest import TMP_PREFIX, Manifest, remove_tree, study_fingerprint
+from .manifest import MANIFEST_NAME, TMP_PREFIX, Manifest, remove_tree, study_fingerprint
 from .plan import StudyPlan, plan_study
 from .register import (QualityThresholds, RegistrationSettings, footprint_on, head_mask, largest_shift_mm, output_grid,
                        register_rigid, registration_quality, resample_onto, transform_parameters, write_transform)
@@ -564,6 +564,9 @@ def run_batch(input_dir: Path, output_dir: Optional[Path], *, options: BatchOpti
         raise InputError("no studies found: the folder holds no image files (NIfTI, NRRD, MetaImage) and no DICOM "
                          "series", inp)
     empty = _folders_without_images(inp, plans)
+    if dry_run and resume and out is not None and (out / MANIFEST_NAME).is_file():
+        # what the real --resume would refuse, said by the dry run too (the model is checked, not loaded)
+        Manifest.read_for_resume(out, input_dir=inp, options=options.recorded(mapping, _sha_of(mapping_file)))
     if dry_run:
         rows = [{"study": p.study.name, "state": "planned" if p.ok else "would fail",
                  "error": p.problems[0] if p.problems else None} for p in plans]
@@ -572,11 +575,7 @@ def run_batch(input_dir: Path, output_dir: Optional[Path], *, options: BatchOpti
         return BatchResult(code, rows, plans, None, dry_run=True, without_images=empty)
     assert out is not None
     step = resolve_segment_step(options.model, custom=options.segmenter, device=options.device)
-    mapping_sha = None
-    if mapping_file is not None:
-        from ..bundle import sha256_of
-
-        mapping_sha = sha256_of(Path(mapping_file))
+    mapping_sha = _sha_of(mapping_file)
     # the scheduler is reached before anything is written: a wrong address leaves no output folder behind
     client, own_client = _dask_client(scheduler) if scheduler is not None else (None, False)
     try:
@@ -589,6 +588,14 @@ def run_batch(input_dir: Path, output_dir: Optional[Path], *, options: BatchOpti
     finally:
         if own_client:
             client.close()
+
+
+def _sha_of(mapping_file: Optional[Path]) -> Optional[str]:
+    if mapping_file is None:
+        return None
+    from ..bundle import sha256_of
+
+    return sha256_of(Path(mapping_file))
 
 
 def _folders_without_images(inp: Path, plans: List[StudyPlan]) -> List[str]:
