@@ -160,7 +160,6 @@ def identify_dicom_folder(folder: Path):
     """The :func:`.identify.identify` verdict and SeriesDescription of the one DICOM image series in
     ``folder`` (as the batch identifies it: description, protocol, header), or None when the folder
     holds no DICOM series or several."""
-    from ..imageio import list_dicom_series
     from .identify import identify
 
     try:

@@ -375,8 +375,7 @@ def resample_onto(moving: sitk.Image, grid: Grid, transform: Optional[sitk.Trans
     its geometry read back from a float32 NIfTI header a hair off) is moved voxel for voxel, not
     interpolated.
     """
-    still = transform is None or (np.allclose(transform.GetParameters(), 0.0) if transform.GetNumberOfParameters()
-                                  else True)
+    still = transform is None or np.allclose(transform.GetParameters(), 0.0)  # (no parameters: the identity)
     f = _threads(sitk.ResampleImageFilter(), threads)
     f.SetReferenceImage(grid.reference_image())
     f.SetTransform(transform if transform is not None else sitk.Transform())
