@@ -249,3 +249,23 @@ def test_a_training_run_cannot_start_from_an_ensemble():
     assert B.load_bundle("liver-lesion").meta["network"]["ensemble"] == 6  # the shipped liver model (0.2.0)
     with pytest.raises(ModelError, match="is an ensemble of 6 networks: a run starts from one network"):
         B.read_weights_for_init("liver-lesion")
+
+
+def test_foreground_threshold_class_must_name_a_class_and_needs_the_threshold(tmp_path):
+    import shutil
+
+    folder = tmp_path / "liver-copy"
+    shutil.copytree(B.load_bundle("liver-lesion").path, folder)
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["segmentation"]["foreground_threshold_class"] = 1
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="foreground_threshold"):  # the class without the threshold
+        B.load_bundle(folder)
+    meta["segmentation"]["foreground_threshold"] = 0.4
+    meta["segmentation"]["foreground_threshold_class"] = 3
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="foreground_threshold_class: 3 is not one of the 3 classes"):
+        B.load_bundle(folder)
+    meta["segmentation"]["foreground_threshold_class"] = 1
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    assert B.load_bundle(folder).meta["segmentation"]["foreground_threshold_class"] == 1

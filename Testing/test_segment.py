@@ -632,6 +632,18 @@ def test_foreground_threshold_decides_background_apart_from_the_classes():
     meta["segmentation"]["foreground_threshold"] = 0.5
     high = _postprocess(meta, probs, grid_of(ref), ref)
     assert (high == 1).sum() == 0 and (high == 2).sum() == 2 * 3 * 4
+    # the voxels the threshold adds take a fixed class (the organ); the argmax's own foreground is kept
+    added = np.array([0.55, 0.1, 0.35])[:, None, None, None]  # background likeliest, then lesion
+    probs[:, 1:3, 1:9, 1:11] = added
+    meta["segmentation"]["foreground_threshold"] = 0.3
+    likeliest = _postprocess(meta, probs, grid_of(ref), ref)
+    assert (likeliest[1:3, 1:9, 1:11] == 2).all()  # without the option: lesion, the likelier of the two
+    meta["segmentation"]["foreground_threshold_class"] = 1
+    outline = _postprocess(meta, probs, grid_of(ref), ref)
+    assert (outline[1:3, 1:9, 1:11] == 1).all() and (outline[3:5, 3:6, 3:7] == 2).all()
+    assert ((outline > 0) == (likeliest > 0)).all()  # the same foreground, only the added voxels' class differs
+    del meta["segmentation"]["foreground_threshold_class"]
+    probs[:, 1:3, 1:9, 1:11] = np.array([0.6, 0.35, 0.05])[:, None, None, None]
     # a model grid turned against the reference (as for an oblique scan): the corners of the box that
     # covers it lie beyond it, and are background whatever the threshold
     from SegmentationDeepEditLib.geometry import Grid

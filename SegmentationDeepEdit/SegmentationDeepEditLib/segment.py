@@ -786,6 +786,9 @@ def _postprocess(meta: dict, probs: np.ndarray, mgrid: Grid, ref: sitk.Image) ->
             best[better] = p[better]
             arg[better] = c
         if background is not None:
+            fill = seg.get("foreground_threshold_class")
+            if fill is not None:  # the voxels the threshold adds (their argmax is background) take this class
+                arg[(background >= best) & ((1.0 - background) >= float(ft))] = int(fill)
             arg[(1.0 - background) < float(ft)] = 0
         part = values[arg]
     out[lo_idx[2]:hi_idx[2], lo_idx[1]:hi_idx[1], lo_idx[0]:hi_idx[0]] = part
