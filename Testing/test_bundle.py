@@ -269,3 +269,24 @@ def test_foreground_threshold_class_must_name_a_class_and_needs_the_threshold(tm
     meta["segmentation"]["foreground_threshold_class"] = 1
     (folder / "metadata.json").write_text(json.dumps(meta))
     assert B.load_bundle(folder).meta["segmentation"]["foreground_threshold_class"] == 1
+
+
+def test_a_run_starts_from_one_member_of_an_ensemble():
+    from safetensors.torch import load_file
+
+    b = B.load_bundle("liver-lesion")
+    n = b.meta["network"]["ensemble"]
+    with pytest.raises(ModelError, match=f"init_member / --init-member 1 to {n}"):
+        B.read_weights_for_init("liver-lesion")
+    state = B.read_weights_for_init("liver-lesion", 2)
+    net = B.build_network(B.one_network_meta(b.meta))
+    net.load_state_dict(state, strict=True)  # exactly one network's tensors
+    shard = load_file(str(b.path / "model-2.safetensors"))
+    key = next(iter(state))
+    assert state[key].dtype == torch.float32 and torch.equal(state[key], shard[f"members.1.{key}"].float())
+    assert not torch.equal(state[key], B.read_weights_for_init("liver-lesion", 1)[key])
+    for bad in (0, n + 1):
+        with pytest.raises(ModelError, match=f"members are 1 to {n}"):
+            B.read_weights_for_init("liver-lesion", bad)
+    with pytest.raises(ModelError, match="one network, not an ensemble"):
+        B.read_weights_for_init("glioma-regions", 1)

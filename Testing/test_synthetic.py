@@ -329,3 +329,29 @@ def test_varied_core_contrast_moves_non_enhancing_core_towards_edema():
         assert np.array_equal(sitk.GetArrayFromImage(a.images[name]), sitk.GetArrayFromImage(b.images[name]))
     with pytest.raises(InputError, match="core_contrast"):
         make_brain_case(5, core_contrast="bright")
+
+
+def test_chest_ct_reaches_above_the_dome_with_the_heart_and_keeps_the_liver():
+    from SegmentationDeepEditLib.synthetic import make_ct_case
+
+    def top_mm(case):  # height of the field of view above the liver's highest voxel (no tilt: k is z)
+        la = sitk.GetArrayFromImage(case.label) > 0
+        k_top = int(np.flatnonzero(la.any(axis=(1, 2))).max())
+        return (case.label.GetSize()[2] - 1 - k_top) * case.label.GetSpacing()[2], la, k_top
+
+    a = make_ct_case(21, spacing=3.0, oblique=False, phase="native")
+    b = make_ct_case(21, spacing=3.0, oblique=False, phase="native", chest=True)
+    above_a, la, _ = top_mm(a)
+    above_b, lb, k_top = top_mm(b)
+    assert above_a <= 50.0 and 70.0 <= above_b <= 190.0
+    # the same proportions (drawn from the same stream; the noise-driven surface detail differs), a chest above
+    assert abs(int(la.sum()) - int(lb.sum())) <= 0.10 * la.sum()
+    assert np.array_equal(sitk.GetArrayFromImage(a.masks["body"])[5:40], sitk.GetArrayFromImage(b.masks["body"])[5:40])
+    hb = sitk.GetArrayFromImage(b.images["ct"])
+    body = sitk.GetArrayFromImage(b.masks["body"]) > 0
+    chest = body[k_top + 2:]
+    lung = chest & (hb[k_top + 2:] < -600)
+    heart_like = chest & (hb[k_top + 2:] > 25) & (hb[k_top + 2:] < 70)  # the native heart: the liver's density
+    ml = 27.0 / 1000.0
+    assert lung.sum() * ml > 500.0 and heart_like.sum() * ml > 100.0
+    assert not lb[k_top + 1:].any()  # nothing above the liver is labelled

@@ -138,6 +138,36 @@ def test_init_from_a_run_bundle_of_an_older_schema_checks_only_the_weights(tmp_p
                              data_root=tmp_path, device="cpu", show_progress=False)
 
 
+def test_init_from_one_member_of_an_ensemble(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from SegmentationDeepEditLib import cli
+    from SegmentationDeepEditLib.bundle import ensemble_state_dict, save_bundle
+
+    for name, seed in (("a", 3), ("b", 4)):
+        T.train_segmentation(dict(_config(steps=2), seed=seed), tmp_path / name, data_root=tmp_path, device="cpu",
+                             show_progress=False)
+    members = [load_file(str(tmp_path / n / "bundle" / "model.safetensors")) for n in ("a", "b")]
+    meta = json.loads((tmp_path / "a" / "bundle" / "metadata.json").read_text())
+    meta["network"]["ensemble"] = 2
+    save_bundle(tmp_path / "ens", meta, ensemble_state_dict(members), "# two tiny networks\n")
+    T.train_segmentation(dict(_config(steps=2), init_from=str(tmp_path / "ens"), init_member=2, lr=1e-12),
+                         tmp_path / "c", data_root=tmp_path, device="cpu", show_progress=False)
+    got = load_file(str(tmp_path / "c" / "bundle" / "model.safetensors"))
+    for k in got:  # member 2 (b), stored as float16 in the ensemble
+        np.testing.assert_allclose(got[k].numpy(), members[1][k].numpy(), atol=2e-3, rtol=2e-3, err_msg=k)
+    assert any(not np.allclose(got[k].numpy(), members[0][k].numpy(), atol=2e-3) for k in got)
+    # the command line: --init-member overrides the config's, and needs init_from
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(_config(steps=2)))
+    assert cli.main(["train", str(cfg), "--run-dir", str(tmp_path / "d"), "--init-member", "2"]) == 1
+    assert "--init-member needs a config with init_from" in capsys.readouterr().err
+    cfg.write_text(json.dumps(dict(_config(steps=2), init_from=str(tmp_path / "ens"))))
+    assert cli.main(["train", str(cfg), "--run-dir", str(tmp_path / "e"), "--init-member", "3"]) == 1
+    assert "members are 1 to 2" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e" / "checkpoint.pt").exists()
+
+
 def test_partial_labels_allow_any_of_their_classes():
     # BraTS 2017 "necrotic/non-enhancing core" (1) may be necrosis (1) or non-enhancing tumour (3)
     targets = {"kind": "classes", "n": 5, "class_sets": {"brats2017": {"1": [1, 3], "2": [2], "4": [4]}}}

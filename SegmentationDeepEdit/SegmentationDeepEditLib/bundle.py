@@ -260,12 +260,13 @@ def _read_state_dict(bundle: Bundle) -> Dict[str, Any]:
     return state
 
 
-def read_weights_for_init(source: Union[str, Path]) -> Dict[str, Any]:
+def read_weights_for_init(source: Union[str, Path], member: Optional[int] = None) -> Dict[str, Any]:
     """The weights of a bundle id or folder, to start a training run from (``init_from``).
 
     Only the weights and their hash are checked, not the rest of the metadata: a run folder's
     bundle written under an older schema (e.g. bare terminology codes) still starts a run, whose
-    own metadata comes from its config.
+    own metadata comes from its config. Of an ensemble bundle (``network.ensemble``) one member is
+    read, ``member`` (1 to N, as its files ``model-1.safetensors`` ... are numbered), as float32.
     """
     folder = Path(source)
     if not (folder / "metadata.json").is_file():
@@ -273,13 +274,22 @@ def read_weights_for_init(source: Union[str, Path]) -> Dict[str, Any]:
         folder, meta = b.path, b.meta
     else:
         meta = read_json(folder / "metadata.json", "model bundle metadata.json", ModelError)
-    if isinstance(meta.get("network"), dict) and meta["network"].get("ensemble"):
-        raise ModelError(f"is an ensemble of {meta['network']['ensemble']} networks: a run starts from one network "
-                         "(one of its members' run folders, e.g. runs/NAME/bundle)", folder / "metadata.json")
+    n = meta["network"].get("ensemble") if isinstance(meta.get("network"), dict) else None
+    if n and member is None:
+        raise ModelError(f"is an ensemble of {n} networks: a run starts from one network (name one with "
+                         f"init_member / --init-member 1 to {n})", folder / "metadata.json")
+    if member is not None and not (n and isinstance(member, int) and not isinstance(member, bool) and 1 <= member <= n):
+        raise ModelError(f"init_member {member!r}: " + (f"this ensemble's members are 1 to {n}" if n else
+                                                        "the bundle is one network, not an ensemble"),
+                         folder / "metadata.json")
     entries = meta.get("weights") if isinstance(meta.get("weights"), list) else [meta.get("weights")]
     if not all(isinstance(e, dict) and "file" in e and "sha256" in e for e in entries):
         raise ModelError("metadata.json names no weights file and hash", folder / "metadata.json")
-    return _read_state_dict(Bundle(folder.resolve(), meta))
+    state = _read_state_dict(Bundle(folder.resolve(), meta))
+    if member is None:
+        return state
+    prefix = f"members.{member - 1}."
+    return {k[len(prefix):]: (v.float() if v.is_floating_point() else v) for k, v in state.items() if k.startswith(prefix)}
 
 
 def load_network(bundle: Union[str, Bundle, None], device: Any = "cpu"):

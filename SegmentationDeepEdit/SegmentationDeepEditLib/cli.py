@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="override the number of steps")
     t.add_argument("--bundle-dir", help="where to write the trained bundle (default RUN_DIR/bundle)")
     t.add_argument("--seed", type=int, help="override the config's seed (another draw of the same recipe)")
+    t.add_argument("--init-member", type=int,
+                   help="automatic models: the member (1 to N) of the config's init_from ensemble bundle to start from")
     t.add_argument("--workers", type=int, default=1,
                    help="processes that generate (and, for automatic models, prepare) the synthetic training "
                         "cases (0: one per CPU core; the cases are the same whatever the number; default 1)")
@@ -326,6 +328,10 @@ def _cmd_train(args) -> dict:
     cfg = load_config(Path(args.config))
     if args.seed is not None:
         cfg["seed"] = int(args.seed)
+    if args.init_member is not None:
+        if not cfg.get("init_from"):
+            raise InputError("--init-member needs a config with init_from (the ensemble bundle to start from)", args.config)
+        cfg["init_member"] = int(args.init_member)
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps must be 1 or more, not {args.steps}")
     if args.workers < 0:

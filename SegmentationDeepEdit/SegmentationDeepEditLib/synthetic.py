@@ -830,7 +830,8 @@ _CT_SLICE_P = (0.05, 0.05, 0.1, 0.15, 0.2, 0.2, 0.25)
 
 
 def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True, n_lesions: Optional[int] = None,
-                 size_mm: SpacingArg = None, phase: str = "portal", liver_shape: str = "standard") -> SyntheticCase:
+                 size_mm: SpacingArg = None, phase: str = "portal", liver_shape: str = "standard",
+                 chest: bool = False) -> SyntheticCase:
     """Synthetic portal-venous abdominal CT with liver and liver-lesion labels.
 
     The phantom, in LPS mm (the patient's right is -x, anterior is -y), has a body of
@@ -864,6 +865,11 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
             tip). The shape is drawn from a separate random stream: body, bones and organs
             equal the standard case of the same seed; the draws after the liver's shape
             (its texture, lesions, image noise) differ.
+        chest: if True, the anatomy and the default field of view reach 75-180 mm above the
+            liver's dome instead of 15-40 mm (a chest-abdomen CT: the whole heart between the
+            lungs, which in the native phase has the liver's density); the extra height is drawn
+            from a separate random stream, so body and organs equal the case of the same seed,
+            the textures and noise (drawn on a taller volume) differ.
 
     Returns:
         A :class:`SyntheticCase` with ``kind="ct"``, the int16 image ``ct`` (HU), a uint8
@@ -899,6 +905,8 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
     a_in, b_in = a_body - t_fat - t_musc, b_body - t_fat - t_musc
     liver_height = float(rng.uniform(140.0, 190.0))
     z_top = float(rng.uniform(15.0, 40.0))
+    if chest:
+        z_top += float(_rng(seed, 10).uniform(60.0, 140.0))
     z_bot = -liver_height - float(rng.uniform(10.0, 45.0))
     margin_air = 12.0
     origin = np.array([-a_body - margin_air, -b_body - margin_air, z_bot - 8.0])

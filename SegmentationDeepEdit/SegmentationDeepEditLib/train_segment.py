@@ -25,7 +25,7 @@ A run is described by its JSON config (kept in ``Resources/Training/``) and its 
 - ``patch``: training patch in voxels ([k, j, i] for 3D; [j, i] for 2D bundles, which train on
   axial slices of the model grid), ``batch_size``, ``fg_fraction`` (patches centred on a labelled
   voxel), ``weight`` per source (relative probability of drawing its cases), ``init_from`` (a bundle
-  id or folder whose weights start the run: fine-tuning), ``train_spacings`` (extra model spacings to prepare each case at: scale augmentation),
+  id or folder whose weights start the run: fine-tuning; of an ensemble, ``init_member`` N names the member), ``train_spacings`` (extra model spacings to prepare each case at: scale augmentation),
   ``augment``: ``flip_axes`` (model-grid array axes 0=k, 1=j, 2=i), ``intensity_scale``,
   ``intensity_shift``, ``drop_inputs`` ({input: probability of zeroing it});
 - ``snapshot_every``: K: the network's weights after every K-th step are also kept as
@@ -482,7 +482,7 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     if config.get("init_from"):  # read (and refused) before minutes of case preparation
         from .bundle import read_weights_for_init
 
-        init_state = read_weights_for_init(config["init_from"])
+        init_state = read_weights_for_init(config["init_from"], config.get("init_member"))
     if cache_dir is not None:
         report_stale_cache(_cache_folder(cache_dir), prune=prune_cache)
     elif prune_cache:
