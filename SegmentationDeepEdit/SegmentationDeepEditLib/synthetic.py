@@ -868,8 +868,9 @@ def make_ct_case(seed: int, *, spacing: SpacingArg = None, oblique: bool = True,
         chest: if True, the anatomy and the default field of view reach 75-180 mm above the
             liver's dome instead of 15-40 mm (a chest-abdomen CT: the whole heart between the
             lungs, which in the native phase has the liver's density); the extra height is drawn
-            from a separate random stream, so body and organs equal the case of the same seed,
-            the textures and noise (drawn on a taller volume) differ.
+            from a separate random stream, so the body's and organs' proportions equal those of
+            the case of the same seed, while textures, noise and the noise-driven detail of
+            surfaces (drawn on a taller volume) differ (the liver's volume by a few per cent).
 
     Returns:
         A :class:`SyntheticCase` with ``kind="ct"``, the int16 image ``ct`` (HU), a uint8
