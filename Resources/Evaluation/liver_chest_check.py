@@ -81,6 +81,8 @@ def main() -> None:
                         _above(pred, truth, img))
         if args.platipy:
             ct = sitk.ReadImage(args.platipy)
+            if ct.GetSize() != (512, 512, 130):  # the heart region was set on this image's voxels
+                raise SystemExit(f"{args.platipy}: {ct.GetSize()} voxels, not platipy's 512x512x130 sample CT")
             box = heart_box(sitk.GetArrayViewFromImage(ct).shape)
             ml = float(np.prod(ct.GetSpacing())) / 1000.0
             for m in args.models:
