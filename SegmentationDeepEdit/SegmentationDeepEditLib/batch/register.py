@@ -193,8 +193,8 @@ def _execute_stoppable(reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, mov
     handlers run there) then ends ``Execute`` by raising (``StopRegistration`` would end only
     the current resolution level, and ``Abort`` does nothing to a registration), and the signal
     is raised again for the original handler (KeyboardInterrupt, the CLI's SIGTERM handler, or
-    the default action). SimpleITK prints a callback's exception with ``sys.excepthook``: muted
-    for that one exception. Elsewhere (Dask or thread workers, which cannot install handlers)
+    the default action). A signal the process ignores (SIG_IGN) is left ignored. SimpleITK prints a
+    callback's exception with ``sys.excepthook``: muted for that one exception. Elsewhere (Dask or thread workers, which cannot install handlers)
     this is ``reg.Execute``.
     """
     if threading.current_thread() is not threading.main_thread():
@@ -211,7 +211,10 @@ def _execute_stoppable(reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, mov
 
     hook = sys.excepthook
     reg.AddCommand(sitk.sitkIterationEvent, poll)
-    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the process ignores stays ignored (a run started with nohup or '&' ignores SIGINT): noting it
+    # would end the registration for a signal that was to do nothing
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         out = reg.Execute(fixed, moving)
     finally:
