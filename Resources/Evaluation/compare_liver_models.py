@@ -90,6 +90,19 @@ def _ensemble_bundle(weights, folder: Path) -> str:
     return str(folder)
 
 
+def bundles_for(models, tmp: Path) -> dict:
+    """{model as given: the bundle id or folder to run}: weight files become copies of the shipped bundle in
+    ``tmp``, weight files joined by '+' an ensemble bundle there; bundle ids and folders stay as they are."""
+    names = {}
+    for n, m in enumerate(models):
+        parts = m.split("+")
+        if len(parts) > 1:
+            names[m] = _ensemble_bundle([Path(p) for p in parts], tmp / f"w{n}")
+        else:
+            names[m] = _bundle_with_weights(Path(m), tmp / f"w{n}") if m.endswith(".safetensors") else m
+    return names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="bundle ids or folders, or .safetensors weight files (joined by '+': an ensemble)")
@@ -98,13 +111,7 @@ def main() -> None:
                          "set to each (foreground where 1 - p(background) >= t, instead of the argmax)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        names = {}
-        for n, m in enumerate(args.models):
-            parts = m.split("+")
-            if len(parts) > 1:
-                names[m] = _ensemble_bundle([Path(p) for p in parts], Path(tmp) / f"w{n}")
-            else:
-                names[m] = _bundle_with_weights(Path(m), Path(tmp) / f"w{n}") if m.endswith(".safetensors") else m
+        names = bundles_for(args.models, Path(tmp))
         models = list(args.models)
         for t in [float(v) for v in args.foreground_thresholds.split(",") if v.strip()]:
             for m in args.models:

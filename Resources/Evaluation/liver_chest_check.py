@@ -34,7 +34,7 @@ from SegmentationDeepEditLib.segment import segment_images
 from SegmentationDeepEditLib.synthetic import make_ct_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_liver_models import _bundle_with_weights, _ensemble_bundle, liver  # noqa: E402
+from compare_liver_models import bundles_for, liver  # noqa: E402
 
 CHEST = [(s, "native") for s in (9650, 9651, 9652)] + [(s, "portal") for s in (9653, 9654, 9655)]
 ABOVE_MM = 20.0
@@ -63,11 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = {m: {} for m in args.models}
     with tempfile.TemporaryDirectory() as tmp:
-        names = {}
-        for n, m in enumerate(args.models):
-            parts = m.split("+")
-            names[m] = (_ensemble_bundle([Path(p) for p in parts], Path(tmp) / f"w{n}") if len(parts) > 1 else
-                        _bundle_with_weights(Path(m), Path(tmp) / f"w{n}") if m.endswith(".safetensors") else m)
+        names = bundles_for(args.models, Path(tmp))
         for seed, phase in CHEST:
             case = make_ct_case(seed, phase=phase, chest=True)
             img = sitk.DICOMOrient(case.images["ct"], "LPS")

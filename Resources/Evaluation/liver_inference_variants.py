@@ -30,8 +30,8 @@ from SegmentationDeepEditLib.geometry import grid_of, image_on_grid, resample_to
 from SegmentationDeepEditLib.imageio import read_image
 from SegmentationDeepEditLib.metrics import dice
 from SegmentationDeepEditLib.registry_data import registry_folder
-from SegmentationDeepEditLib.segment import (align_inputs, axial_array_axis, check_inputs, clean_label, model_grid,
-                                             predict_volume, prepare_volume, segment_images)
+from SegmentationDeepEditLib.segment import (_postprocess, align_inputs, axial_array_axis, check_inputs, clean_label,
+                                             model_grid, predict_volume, prepare_volume, segment_images)
 from SegmentationDeepEditLib.synthetic import make_ct_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,16 +57,17 @@ def ref_probs(bundle, ct, fast):
 
 
 def labels_of(meta, p, ref, t=None, fill=None):
-    if t is None:
-        arg = np.argmax(p, axis=0).astype(np.uint8)
-    else:
-        arg = (1 + np.argmax(p[1:], axis=0)).astype(np.uint8)
-        if fill is not None:  # segmentation.foreground_threshold_class: the added voxels take this class
-            arg[(p[0] >= p[1:].max(axis=0)) & ((1.0 - p[0]) >= t)] = fill
-        arg[(1.0 - p[0]) < t] = 0
-    lab = np.asarray(meta["segmentation"]["class_values"], np.uint8)[arg]
+    """The product's own decision (segment._postprocess with foreground threshold ``t`` and class ``fill``, then
+    the bundle's clean-up) on probabilities already on the CT's grid."""
+    seg = dict(meta["segmentation"])
+    if t is not None:
+        seg["foreground_threshold"] = t
+    if fill is not None:
+        seg["foreground_threshold_class"] = fill
+    with_options = dict(meta, segmentation=seg)
+    lab = _postprocess(with_options, p, grid_of(ref), ref)
     ml = float(np.prod(ref.GetSpacing())) / 1000.0
-    return clean_label(meta, lab, voxel_ml=ml, axial_axis=axial_array_axis(ref))
+    return clean_label(with_options, lab, voxel_ml=ml, axial_axis=axial_array_axis(ref))
 
 
 def variants(bundle, ct, check=False):
@@ -76,7 +77,7 @@ def variants(bundle, ct, check=False):
     out = {"full": labels_of(meta, pf, ref), "fast": labels_of(meta, pc, ref), "M": labels_of(meta, (pf + pc) / 2, ref),
            "T4": labels_of(meta, pf, ref, 0.4), "T3": labels_of(meta, pf, ref, 0.3),
            "T4o": labels_of(meta, pf, ref, 0.4, fill=1)}
-    if check:  # my re-implementation of the plain modes against segment_images
+    if check:  # the probabilities taken here, decided as above, against segment_images
         for k, fast in (("full", False), ("fast", True)):
             s = sitk.GetArrayFromImage(segment_images(bundle, {"ct": ct}, fast=fast, device="cpu").label)
             print(f"  check {k}: {int((s != out[k]).sum())} voxels differ from segment_images", flush=True)
