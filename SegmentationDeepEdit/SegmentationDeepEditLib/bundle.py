@@ -108,10 +108,10 @@ def _read_meta(folder: Path) -> Dict[str, Any]:
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
         raise ModelError(f"invalid metadata at {where}: {e.message}", meta_path) from None
     seg = meta.get("segmentation") or {}
-    fill = seg.get("foreground_threshold_class")
-    if fill is not None and fill >= len(seg.get("class_values") or ()):
+    fill, classes = seg.get("foreground_threshold_class"), len(seg.get("class_values") or ())
+    if fill is not None and fill >= classes:
         raise ModelError(f"invalid metadata at segmentation/foreground_threshold_class: {fill} is not one of the "
-                         f"{len(seg.get('class_values') or ())} classes of class_values", meta_path)
+                         f"{classes} classes of class_values", meta_path)
     return meta
 
 

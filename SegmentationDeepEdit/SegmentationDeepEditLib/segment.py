@@ -867,8 +867,8 @@ def segment_images(
                                             "stored in another orientation)" if same_lattice(img, ref) else
                                             f"resampled onto the {ref_name} grid ({_voxels(ref)})")
              for name, img in imgs.items() if img is not None and name != ref_name and aligned[name] is not img]
-    aligned, background_notes = zero_offset_backgrounds(meta, aligned)
-    warnings.extend(background_notes)
+    aligned, converted = zero_offset_backgrounds(meta, aligned)
+    warnings.extend(converted)  # a warning per input whose background was set to 0
     for name, img in aligned.items():  # on the reference grid: the same volume everywhere
         if img is not None:
             check_foreground_volume(meta, img, name, (sources or {}).get(name))
