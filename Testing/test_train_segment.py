@@ -346,3 +346,63 @@ def test_training_in_a_log_file_writes_plain_lines(tmp_path, capsys):
     assert "\r" not in captured.err, captured.err
     assert any(x.startswith("prepared ") for x in lines), lines
     assert any(x.startswith("train: 3/3 (100%) ") and "loss=" in x for x in lines), lines
+
+
+def test_contrast_phase_map_lowers_enhanced_tissue_and_keeps_fat_water_and_bone():
+    window = [-200, 300]
+    hu = np.array([-200, -100, 0, 40, 100, 150, 200, 250, 300], np.float32)
+    v = (hu + 200) / 500
+    out = T.contrast_phase_map(v, window, keep=0.2, from_hu=40, to_hu=200) * 500 - 200
+    np.testing.assert_allclose(out[:4], hu[:4], atol=1e-3)  # fat, water, unenhanced tissue unchanged
+    np.testing.assert_allclose(out[4], 40 + 0.2 * 60, atol=1e-3)  # portal-venous liver 100 HU -> 52 HU
+    np.testing.assert_allclose(out[6], 40 + 0.2 * 160, atol=1e-3)
+    np.testing.assert_allclose(out[-1], 300, atol=1e-3)  # the window's top (bone) stays brightest
+    assert np.all(np.diff(out) >= 0)  # order of intensities kept
+    np.testing.assert_allclose(T.contrast_phase_map(v, window, 1.0, 40, 200), v, atol=1e-6)
+    with pytest.raises(ValueError, match="from_hu"):
+        T.contrast_phase_map(v, window, 0.5, 250, 200)
+
+
+def test_contrast_phase_augmentation_darkens_a_portal_venous_liver_and_is_off_by_default():
+    cfg = json.loads((REPO / "Resources" / "Training" / "liver-lesion-all-real.json").read_text())
+    meta = cfg["bundle"]
+    (case,) = T.build_seg_cases([{"synthetic": "ct", "cases": 1, "seed": 9700}], meta, cfg["targets"], REPO,
+                                spacings=[[3.0, 3.0, 3.0]])
+    liver_hu = np.median(case.x[0][case.y == 2]) * 500 - 200  # label bitmask 2: liver (class 1)
+    assert 80 < liver_hu < 200  # a portal-venous liver, as in training
+    base = {"patch": [32, 48, 48], "batch_size": 1, "fg_fraction": 1.0,
+            "augment": {"intensity_scale": 0.1, "intensity_shift": 0.05}}
+    phase = dict(base, augment=dict(base["augment"], contrast_phase={"probability": 1.0, "keep": [0.1, 0.3]}))
+    off = dict(base, augment=dict(base["augment"], contrast_phase={"probability": 0.0}))
+    for seed in range(4):  # each draw: the same patch and intensity change, then the phase change
+        plain_x, plain_y = T.sample_batch([case], base, meta, np.random.default_rng(seed))
+        off_x, _ = T.sample_batch([case], off, meta, np.random.default_rng(seed))
+        x, y = T.sample_batch([case], phase, meta, np.random.default_rng(seed))
+        np.testing.assert_array_equal(y, plain_y)  # labels untouched
+        np.testing.assert_array_equal(off_x, plain_x)  # probability 0: the plain batch
+        liver = plain_y == 2
+        plain_liver = np.median(plain_x[:, 0][liver]) * 500 - 200
+        dark_liver = np.median(x[:, 0][liver]) * 500 - 200
+        assert plain_liver > 70 and dark_liver < 40 + 0.3 * (plain_liver - 40) + 1, (plain_liver, dark_liver)
+        fat = plain_x[:, 0] < 0.3  # below -50 HU (fat; around the intensity change): unchanged
+        np.testing.assert_allclose(x[:, 0][fat], plain_x[:, 0][fat], atol=1e-6)
+
+
+@pytest.mark.parametrize("phase, message", [
+    ({"keep": [0.5, 0.2]}, "keep must be"),
+    ({"from_hu": 250, "to_hu": 200}, "from_hu"),
+    ({"keep": [0.1, 1.5]}, "keep in"),
+])
+def test_a_contrast_phase_augmentation_that_cannot_run_is_refused_before_training(tmp_path, phase, message):
+    cfg = json.loads((REPO / "Resources" / "Training" / "liver-lesion.json").read_text())
+    cfg["augment"]["contrast_phase"] = phase
+    with pytest.raises(InputError, match=f"augment.contrast_phase: .*{message}"):
+        T.train_segmentation(cfg, tmp_path / "run", data_root=REPO, device="cpu", show_progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_contrast_phase_needs_a_ct_input(tmp_path):
+    cfg = _config()
+    cfg["augment"]["contrast_phase"] = {"probability": 0.5}
+    with pytest.raises(InputError, match="no input with ct_window"):
+        T.train_segmentation(cfg, tmp_path / "run", data_root=REPO, device="cpu", show_progress=False)

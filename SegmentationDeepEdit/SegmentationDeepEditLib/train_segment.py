@@ -27,7 +27,11 @@ A run is described by its JSON config (kept in ``Resources/Training/``) and its 
   voxel), ``weight`` per source (relative probability of drawing its cases), ``init_from`` (a bundle
   id or folder whose weights start the run: fine-tuning; of an ensemble, ``init_member`` N names the member), ``train_spacings`` (extra model spacings to prepare each case at: scale augmentation),
   ``augment``: ``flip_axes`` (model-grid array axes 0=k, 1=j, 2=i), ``intensity_scale``,
-  ``intensity_shift``, ``drop_inputs`` ({input: probability of zeroing it});
+  ``intensity_shift``, ``drop_inputs`` ({input: probability of zeroing it}), ``contrast_phase``
+  (CT inputs with ``ct_window`` normalisation: ``{"probability": P, "keep": [k0, k1], "from_hu": A,
+  "to_hu": B}``: with probability P a patch's soft-tissue enhancement above A HU is scaled by k drawn
+  from [k0, k1] up to B HU, then ramps back to the window's top, so that contrast-enhanced CTs also
+  train the low liver-to-background contrast of a non-contrast CT; see :func:`contrast_phase_map`);
 - ``snapshot_every``: K: the network's weights after every K-th step are also kept as
   ``snapshots/step-NNNNN.safetensors`` in the run folder (for a curve of a score against training
   length; a snapshot loads into the bundle's network like its own weights);
@@ -71,7 +75,7 @@ from .parallel import sources_in_order
 from .registry_data import source_root
 from .segment import model_grid, predict_volume, prepare_volume
 
-__all__ = ["SegCase", "build_seg_cases", "targets_for", "train_segmentation", "sample_batch"]
+__all__ = ["SegCase", "build_seg_cases", "targets_for", "train_segmentation", "sample_batch", "contrast_phase_map"]
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +320,48 @@ def _pad_to(a: np.ndarray, size, value=0) -> np.ndarray:
     return np.pad(a, pads, constant_values=value) if any(p[1] for p in pads) else a
 
 
+def contrast_phase_map(x: np.ndarray, window, keep: float, from_hu: float, to_hu: float) -> np.ndarray:
+    """A CT input normalised by ``ct_window`` (HU clipped to ``window`` and scaled to [0, 1]) with its
+    enhancement compressed, as if scanned with less contrast agent (a native or late phase).
+
+    HU at or below ``from_hu`` (fat, water, unenhanced tissue) are unchanged; from ``from_hu`` to ``to_hu``
+    (enhanced parenchyma and vessels) the HU above ``from_hu`` are scaled by ``keep``; from ``to_hu`` to the
+    window's top the map ramps back to the top, so bone and anything clipped there stay brightest; values
+    outside [0, 1] (moved there by the intensity augmentation, applied first) are unchanged. The map is
+    continuous and non-decreasing (``0 <= keep <= 1``).
+    """
+    lo, hi = float(window[0]), float(window[1])
+    if not (lo < from_hu < to_hu < hi) or not 0.0 <= keep <= 1.0:
+        raise ValueError(f"contrast_phase needs {lo} < from_hu < to_hu < {hi} and keep in [0, 1], "
+                         f"got from_hu={from_hu}, to_hu={to_hu}, keep={keep}")
+    hu_pts = np.array([lo, from_hu, to_hu, hi])
+    out_pts = np.array([lo, from_hu, from_hu + keep * (to_hu - from_hu), hi])
+    v_in, v_out = (hu_pts - lo) / (hi - lo), (out_pts - lo) / (hi - lo)
+    # values that an intensity augmentation moved outside [0, 1] are left as they are
+    v_in, v_out = np.r_[-1e6, v_in, 1e6], np.r_[-1e6, v_out, 1e6]
+    return np.interp(x, v_in, v_out).astype(x.dtype, copy=False)
+
+
+def _check_contrast_phase(config: dict) -> None:
+    """Refuse a ``contrast_phase`` augmentation that could not run, before any case is prepared."""
+    phase = config.get("augment", {}).get("contrast_phase")
+    if not phase:
+        return
+    ct = [s for s in config["bundle"]["inputs"] if s.get("normalization") == "ct_window"]
+    keep = phase.get("keep", [0.1, 0.7])
+    try:
+        if not ct:
+            raise ValueError("the bundle has no input with ct_window normalisation")
+        if len(keep) != 2 or keep[0] > keep[1] or not 0 <= float(phase.get("probability", 0.5)) <= 1:
+            raise ValueError(f"keep must be [low, high] with low <= high and probability in [0, 1], got {phase}")
+        for spec in ct:
+            for k in keep:
+                contrast_phase_map(np.zeros(1, np.float32), spec["window"], float(k),
+                                   float(phase.get("from_hu", 40.0)), float(phase.get("to_hu", 200.0)))
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"training config: augment.contrast_phase: {exc}") from None
+
+
 def sample_batch(cases: List[SegCase], cfg: dict, meta: dict, rng: np.random.Generator):
     """One training batch (x [B, C, *patch], y) drawn with ``rng`` (see module docstring)."""
     dims = int(meta["segmentation"].get("dims", 3))
@@ -363,6 +409,13 @@ def sample_batch(cases: List[SegCase], cfg: dict, meta: dict, rng: np.random.Gen
             p = float(aug.get("drop_inputs", {}).get(names[ci], 0.0))
             if p and rng.random() < p:
                 xp[ci] = 0
+        phase = aug.get("contrast_phase")  # drawn last: the other draws are those of a config without it
+        if phase and rng.random() < float(phase.get("probability", 0.5)):
+            k = float(rng.uniform(*phase.get("keep", [0.1, 0.7])))
+            for ci, spec in enumerate(meta["inputs"]):
+                if spec.get("normalization") == "ct_window":
+                    xp[ci] = contrast_phase_map(xp[ci], spec["window"], k, float(phase.get("from_hu", 40.0)),
+                                                float(phase.get("to_hu", 200.0)))
         xs.append(np.ascontiguousarray(xp))
         ys.append(np.ascontiguousarray(yp))
     return np.stack(xs).astype(np.float32), np.stack(ys)
@@ -471,6 +524,7 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     avg_cfg = config.get("average_weights")
     if avg_cfg is not None and (int(avg_cfg.get("every", 0)) < 1 or not 0 < int(avg_cfg.get("from_step", 0)) <= steps):
         raise InputError(f"average_weights needs every >= 1 and 0 < from_step <= steps ({steps}), got {avg_cfg}")
+    _check_contrast_phase(config)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
