@@ -342,22 +342,27 @@ def contrast_phase_map(x: np.ndarray, window, keep: float, from_hu: float, to_hu
     return np.interp(x, v_in, v_out).astype(x.dtype, copy=False)
 
 
+def _phase_settings(phase: dict):
+    """``augment.contrast_phase`` with its defaults: (probability, keep range, from_hu, to_hu)."""
+    return (float(phase.get("probability", 0.5)), list(phase.get("keep", [0.1, 0.7])),
+            float(phase.get("from_hu", 40.0)), float(phase.get("to_hu", 200.0)))
+
+
 def _check_contrast_phase(config: dict) -> None:
     """Refuse a ``contrast_phase`` augmentation that could not run, before any case is prepared."""
     phase = config.get("augment", {}).get("contrast_phase")
     if not phase:
         return
     ct = [s for s in config["bundle"]["inputs"] if s.get("normalization") == "ct_window"]
-    keep = phase.get("keep", [0.1, 0.7])
     try:
+        probability, keep, from_hu, to_hu = _phase_settings(phase)
         if not ct:
             raise ValueError("the bundle has no input with ct_window normalisation")
-        if len(keep) != 2 or keep[0] > keep[1] or not 0 <= float(phase.get("probability", 0.5)) <= 1:
+        if len(keep) != 2 or keep[0] > keep[1] or not 0 <= probability <= 1:
             raise ValueError(f"keep must be [low, high] with low <= high and probability in [0, 1], got {phase}")
         for spec in ct:
             for k in keep:
-                contrast_phase_map(np.zeros(1, np.float32), spec["window"], float(k),
-                                   float(phase.get("from_hu", 40.0)), float(phase.get("to_hu", 200.0)))
+                contrast_phase_map(np.zeros(1, np.float32), spec["window"], float(k), from_hu, to_hu)
     except (ValueError, TypeError) as exc:
         raise InputError(f"training config: augment.contrast_phase: {exc}") from None
 
@@ -410,12 +415,13 @@ def sample_batch(cases: List[SegCase], cfg: dict, meta: dict, rng: np.random.Gen
             if p and rng.random() < p:
                 xp[ci] = 0
         phase = aug.get("contrast_phase")  # drawn last: the other draws are those of a config without it
-        if phase and rng.random() < float(phase.get("probability", 0.5)):
-            k = float(rng.uniform(*phase.get("keep", [0.1, 0.7])))
-            for ci, spec in enumerate(meta["inputs"]):
-                if spec.get("normalization") == "ct_window":
-                    xp[ci] = contrast_phase_map(xp[ci], spec["window"], k, float(phase.get("from_hu", 40.0)),
-                                                float(phase.get("to_hu", 200.0)))
+        if phase:
+            probability, keep, from_hu, to_hu = _phase_settings(phase)
+            if rng.random() < probability:
+                k = float(rng.uniform(*keep))
+                for ci, spec in enumerate(meta["inputs"]):
+                    if spec.get("normalization") == "ct_window":
+                        xp[ci] = contrast_phase_map(xp[ci], spec["window"], k, from_hu, to_hu)
         xs.append(np.ascontiguousarray(xp))
         ys.append(np.ascontiguousarray(yp))
     return np.stack(xs).astype(np.float32), np.stack(ys)
