@@ -25,6 +25,7 @@ from SegmentationDeepEditLib.errors import InputError
 from SegmentationDeepEditLib.imageio import (
     NO_SERIES_UID,
     atomic_output,
+    check_image_values,
     check_output_path,
     list_dicom_series,
     read_dicom_series,
@@ -635,3 +636,34 @@ def test_write_segmentation_refuses_bad_input(tmp_path):
     with input_error("write_segmentation"):
         write_image(label, tmp_path / "a.seg.nrrd")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_label_map_given_as_an_image_is_refused_and_a_quantised_scan_is_not(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.zeros((20, 24, 28), np.uint8)
+    labels[5:15, 6:18, 7:20] = 2
+    labels[8:12, 9:14, 10:16] = 4
+    labels[9:11, 10:12, 11:13] = 1
+    for dtype in (np.uint8, np.int16, np.float32):  # a label map saved as floats is still one
+        with pytest.raises(InputError, match="looks like a label map, not an image: its voxels hold only the values "
+                                             "0, 1, 2, 4") as e:
+            check_image_values(sitk.GetImageFromArray(labels.astype(dtype)), tmp_path / "seg.nii.gz", "input 't1c'")
+        assert "seg.nii.gz" in str(e.value)
+    mask = (labels > 0).astype(np.uint8)
+    with pytest.raises(InputError, match="only the values 0, 1 "):
+        check_image_values(sitk.GetImageFromArray(mask), None, "image")
+    # a scan stored as small integers (an 8-bit export) has many values; fractional values are no label
+    check_image_values(sitk.GetImageFromArray(rng.integers(0, 255, labels.shape).astype(np.uint8)), None, "image")
+    check_image_values(sitk.GetImageFromArray((labels * 0.37).astype(np.float32)), None, "image")
+
+
+def test_a_real_expert_label_given_as_the_t1c_is_refused_by_segment(shared_data, tmp_path, capsys):
+    from SegmentationDeepEditLib.cli import main
+
+    case = shared_data / "brain-tumor" / "brats2013-pat0004"
+    out = tmp_path / "out.nii.gz"
+    code = main(["segment", "--model", "glioma-regions", "--input", f"t1c={case / 'seg.nii.gz'}",
+                 "--input", f"flair={case / 'flair.nii.gz'}", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "seg.nii.gz: the input 't1c' looks like a label map" in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -518,6 +518,8 @@ def test_cli_segment_writes_layered_regions_in_seg_nrrd(tmp_path, capsys):
     (["--input", "{t1c}", "--input", "{far}"], "cannot tell from the file name which input"),
     (["--input", "t1c={t1c}", "--input", "flair={blank}"], "blank.nii.gz: the input 'flair' is blank: every voxel holds the value 0"),
     (["--input", "t1c={t1c}", "--input", "flair={flair}", "--tta", "5"], "is 3D: its test-time augmentation level is 0 (off) or 1"),
+    (["--input", "t1c={label}", "--input", "flair={flair}"],
+     "label.nii.gz: the input 't1c' looks like a label map, not an image: its voxels hold only the values 0, 1, 2 ("),
 ])
 def test_cli_segment_bad_inputs_exit_1_and_write_nothing(tmp_path, capsys, argv, needle):
     c, paths = _synthetic_brain(tmp_path)
@@ -527,15 +529,16 @@ def test_cli_segment_bad_inputs_exit_1_and_write_nothing(tmp_path, capsys, argv,
     rgb = sitk.Compose([c.images["flair"]] * 3)
     sitk.WriteImage(rgb, str(tmp_path / "rgb.nrrd"))
     sitk.WriteImage(c.images["flair"] * 0, str(tmp_path / "blank.nii.gz"))
+    sitk.WriteImage(sitk.Cast(c.label, sitk.sitkUInt8), str(tmp_path / "label.nii.gz"))
     names = {"t1c": paths["t1c"], "flair": paths["flair"], "t2": paths["t2"], "far": tmp_path / "far.nii.gz",
-             "rgb": tmp_path / "rgb.nrrd", "blank": tmp_path / "blank.nii.gz"}
+             "rgb": tmp_path / "rgb.nrrd", "blank": tmp_path / "blank.nii.gz", "label": tmp_path / "label.nii.gz"}
     out = tmp_path / "out.seg.nrrd"
     code = main(["segment", "--model", GLIOMA, "-o", str(out)] + [a.format(**names) for a in argv])
     err = capsys.readouterr().err
     assert code == 1 and needle.format(**names) in err and "Traceback" not in err, err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["t1c.nii.gz", "t2.nii.gz", "flair.nii.gz", "far.nii.gz",
-                                                                 "rgb.nrrd", "blank.nii.gz"])
+                                                                 "rgb.nrrd", "blank.nii.gz", "label.nii.gz"])
 
 
 def test_a_few_slices_give_a_3d_model_warning_not_silence():

@@ -581,7 +581,9 @@ def check_image_values(image: Any, source=None, what: str = "image") -> None:
     SimpleITK image (a path or an array: read files with :func:`read_image`), NaN or infinite voxels
     (a file with them is refused by :func:`read_image`; in memory they would shift the result
     silently), and a blank image, whose voxels all hold one value (a blank export, a failed
-    conversion): a model given it returns a confident answer that means nothing.
+    conversion): a model given it returns a confident answer that means nothing; and a label map (at most
+    :data:`LABEL_LIKE_MAX_VALUES` whole-number values: a segmentation given where the scan belongs), on which a
+    brain model reported a 385 mL tumour.
 
     Raises:
         InputError: naming ``source`` and the problem.
@@ -595,6 +597,28 @@ def check_image_values(image: Any, source=None, what: str = "image") -> None:
     first = arr.flat[0]
     if arr.size and not np.any(arr != first):
         raise InputError(f"the {what} is blank: every voxel holds the value {float(first):g}", source)
+    values = _label_like_values(arr)
+    if values is not None:
+        raise InputError(f"the {what} looks like a label map, not an image: its voxels hold only the values "
+                         f"{', '.join(f'{v:g}' for v in values)} (give the scan itself; a segmentation is a result, "
+                         "or the truth for `deepedit evaluate`)", source)
+
+
+# an image given as a model's input whose voxels hold this many whole-number values or fewer is a label map
+# (BraTS 0/1/2/4, liver 0/1/2, a binary mask); any scan holds hundreds of values, noise alone sees to that
+LABEL_LIKE_MAX_VALUES = 6
+
+
+def _label_like_values(arr: np.ndarray) -> Optional[List[float]]:
+    """The sorted values of ``arr`` when they are at most :data:`LABEL_LIKE_MAX_VALUES` whole numbers, else None."""
+    flat = arr.reshape(-1)
+    probe = np.unique(flat[:: max(1, flat.size // 65536)])  # a cheap look first: a scan has many values
+    if probe.size > LABEL_LIKE_MAX_VALUES:
+        return None
+    values = np.unique(flat)
+    if values.size > LABEL_LIKE_MAX_VALUES or (values.dtype.kind == "f" and np.any(values != np.round(values))):
+        return None
+    return [float(v) for v in values]
 
 
 def read_image(path: PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS, what: str = "image") -> sitk.Image:
