@@ -384,6 +384,26 @@ def test_output_folder_inside_or_equal_to_the_input_is_refused(inputs, tmp_path,
     assert "inside the input folder" in err and not (main / "labels").exists()
 
 
+def test_a_study_done_without_a_file_it_could_not_read_ends_the_run_with_exit_4(inputs, tmp_path, capsys):
+    """A run whose only study had a corrupt series exited 0 and said '1 done, 0 failed': a script checking the
+    exit code never learnt that one of its files was unreadable."""
+    only = tmp_path / "in"
+    shutil.copytree(inputs["edge"] / "corrupt", only / "corrupt")
+    seg = Segmenter(fb.threshold_segmenter, ("t1c", "t2"), "threshold-test", "1.0.0")
+    result = run_batch(only, tmp_path / "out", options=BatchOptions(spacing_mm=2.0, segmenter=seg))
+    assert result.exit_code == EXIT_SOME_FAILED
+    assert result.counts == {"done": 1, "failed": 0, "skipped": 0, "with_unreadable_files": 1}
+    from SegmentationDeepEditLib.batch.report import format_result
+
+    assert "1 done, 0 failed, 0 already done, 1 with files that could not be read; see " in format_result(result)
+    assert (tmp_path / "out" / "corrupt" / "segmentation.nii.gz").is_file()  # the study itself is kept
+    # the same through the command line
+    with pytest.raises(SystemExit) as info:
+        cli.main(["batch", str(only), "-o", str(tmp_path / "out2"), "--spacing", "2", "--model", "none"])
+    out = capsys.readouterr().out
+    assert info.value.code == EXIT_SOME_FAILED and "1 with files that could not be read" in out, out
+
+
 def test_a_study_the_model_cannot_segment_needs_review(inputs, tmp_path):
     """A study without an input the model needs was 'done' with needs_review 'no': a user filtering on the
     review flag never saw that it has no segmentation."""
@@ -536,7 +556,7 @@ def test_cli_dry_run_workers_and_json(inputs, baseline, tmp_path, capsys):
     assert cli.main(["batch", str(main), "-o", str(out), *CLI_OPTIONS, "--workers", "2", "--json"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed)
-    assert summary["counts"] == {"done": 2, "failed": 0, "skipped": 0} and summary["exit_code"] == 0
+    assert summary["counts"] == {"done": 2, "failed": 0, "skipped": 0, "with_unreadable_files": 0} and summary["exit_code"] == 0
     assert fb.FAKE_PATIENT_NAME not in printed
     assert fb.output_differences(baseline[0], out) == []
     assert cli.main(["batch", str(main), "-o", str(tmp_path / "o2"), "--model", "no-such-model"]) == 1

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Find the studies (DICOM or NIfTI) of INPUT_DIR, identify their sequences, register them "
                                    "to the reference, segment, and write per study registered volumes, transforms, a QC "
                                    "picture and report.json, plus summary.csv and errors.csv. Exit codes: 0 every study "
-                                   "done, 4 some failed, 5 nothing done.",
+                                   "done, 4 some failed (or a file of a study could not be read), 5 nothing done.",
                        epilog=_examples("deepedit batch studies/ -o labelled/ --dry-run",
                                         "deepedit batch studies/ -o labelled/ --workers 2",
                                         "deepedit batch studies/ -o labelled/ --resume",

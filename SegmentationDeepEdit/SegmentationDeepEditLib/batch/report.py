@@ -211,7 +211,9 @@ def format_result(result: Any) -> str:
     lines.extend(_without_images(getattr(result, "without_images", ())))
     c = result.counts
     out = result.output_dir
-    lines.append(f"{c.get('done', 0)} done, {c.get('failed', 0)} failed, {c.get('skipped', 0)} already done; "
+    bad = c.get("with_unreadable_files", 0)
+    lines.append(f"{c.get('done', 0)} done, {c.get('failed', 0)} failed, {c.get('skipped', 0)} already done"
+                 f"{f', {bad} with files that could not be read' if bad else ''}; "
                  f"see {out / 'summary.csv'} and {out / 'errors.csv'}")
     return "\n".join(lines)
 

@@ -19,7 +19,8 @@ Output folder layout::
     OUTPUT_DIR/<study>/transforms/<sequence>.tfm       (reference -> sequence, ITK/Slicer)
     OUTPUT_DIR/<study>/segmentation.seg.nrrd, segmentation.nii.gz  (when a model ran)
 
-Exit codes of a run: :data:`EXIT_OK` (every study done), :data:`EXIT_SOME_FAILED`,
+Exit codes of a run: :data:`EXIT_OK` (every study done), :data:`EXIT_SOME_FAILED` (a study failed, or a
+series of a study that was done could not be read: a corrupt or truncated file, named in ``errors.csv``),
 :data:`EXIT_NOTHING_DONE` (no study found, or every study failed).
 """
 
@@ -148,9 +149,10 @@ class BatchResult:
 
     @property
     def counts(self) -> Dict[str, int]:
-        c = {"done": 0, "failed": 0, "skipped": 0}
+        c = {"done": 0, "failed": 0, "skipped": 0, "with_unreadable_files": 0}
         for s in self.studies:
             c["skipped" if s.get("skipped") else s["state"]] = c.get("skipped" if s.get("skipped") else s["state"], 0) + 1
+            c["with_unreadable_files"] += bool(s.get("unreadable"))
         return c
 
     def to_dict(self) -> Dict[str, Any]:
@@ -650,7 +652,8 @@ def _drive(plans: List[StudyPlan], inp: Path, out: Path, manifest: Manifest, opt
         _write_tables(manifest)
         rows[plan.study.name] = {"study": plan.study.name, "state": res.state, "skipped": False,
                                  "seconds": res.seconds.get("total"), "error": res.error,
-                                 "needs_review": res.summary.get("needs_review"), "warnings": res.warnings}
+                                 "needs_review": res.summary.get("needs_review"), "warnings": res.warnings,
+                                 "unreadable": int(res.summary.get("unreadable") or 0)}
         report(f"{finished}/{total} studies ({plan.study.name}: {res.state})", finished / max(total, 1))
 
     try:
@@ -679,8 +682,8 @@ def _drive(plans: List[StudyPlan], inp: Path, out: Path, manifest: Manifest, opt
     states = [s["state"] for s in studies]
     if not states or all(s == "failed" for s in states):
         code = EXIT_NOTHING_DONE
-    elif any(s == "failed" for s in states):
-        code = EXIT_SOME_FAILED
+    elif any(s == "failed" for s in states) or any(s.get("unreadable") for s in studies):
+        code = EXIT_SOME_FAILED  # a file that cannot be read is a bad input, also where the study went on without it
     else:
         code = EXIT_OK
     return BatchResult(code, studies, plans, out)
