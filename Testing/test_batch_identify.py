@@ -192,6 +192,11 @@ def test_a_ct_study_is_not_planned_and_the_problem_says_it_is_ct():
     ct = _series("a", "ABD PORTAL 3mm", 2, header={"Modality": "CT", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"]})
     ident = identify(ct.name, header=ct.header)
     assert ident.sequence == IGNORE and "Modality CT, not MRI" in ident.reasons[0]
+    # the real TotalSegmentator slab: its protocol 'FDG_TK_KM' holds a contrast marker ('KM'); the reason
+    # given first (the one the dry run shows) is still the one that decided
+    slab = identify("CT Body 3.0", protocol="FDG_TK_KM", header={"Modality": "CT"})
+    assert slab.sequence == IGNORE and "Modality CT, not MRI" in slab.reasons[0], slab.reasons
+    assert any("contrast marker" in r for r in slab.reasons[1:])
     mr = identify("t1_mprage_post", header={"Modality": "MR"})
     assert mr.sequence == "t1c"  # MR itself is no evidence either way
     plan = plan_study(Study("s", "s", (ct, _series("b", "localizer", 1))))

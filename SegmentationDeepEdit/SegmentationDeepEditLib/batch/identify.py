@@ -308,6 +308,10 @@ def identify(description: str = "", *, protocol: str = "", file_name: str = "",
         sequence = None
     if best == IGNORE and not ambiguous and confidence >= _MIN_CONFIDENCE:
         sequence = IGNORE
+        # the reason shown for an ignored series is the first: the one that made it ignored ('Modality CT,
+        # not MRI'), not a name's evidence that it outweighed (a CT protocol 'FDG_TK_KM' read as a contrast marker)
+        why_ignored = [why for seq, _w, why in evidence if seq == IGNORE]
+        reasons = why_ignored + [r for r in reasons if r not in why_ignored]
     return Identification(sequence, float(confidence), source, tuple(reasons), tuple((k, float(v)) for k, v in ranked),
                           bool(ambiguous))
 
