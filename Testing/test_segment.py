@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -857,3 +858,24 @@ def test_cli_liver_seg_nrrd_carries_the_slicer_terminology(tmp_path, capsys):
     assert liver["terminology"]["type"][1] == "10200004"
     assert liver["terminology"]["category"][1] == "123037004"
     assert dice(seg["voxels"] == liver["labelValue"], sitk.GetArrayFromImage(c.label).transpose(2, 1, 0) > 0) > 0.8
+
+
+def test_inputs_whose_file_names_say_another_sequence_are_warned_of(tmp_path, capsys):
+    """T1c and FLAIR swapped on the command line ran without a word (tcga-du-7294: whole tumour 43 mL, not 21)."""
+    _, paths = _synthetic_brain(tmp_path)
+    swapped = ["--input", f"t1c={paths['flair']}", "--input", f"flair={paths['t1c']}", "--input", f"t2={paths['t2']}"]
+    assert main(["segment", "--model", GLIOMA, "--tta", "0", "-o", str(tmp_path / "a.nii.gz")] + swapped) == 0
+    err = capsys.readouterr().err
+    assert "warning: file 'flair.nii.gz' is given as input 't1c' but its name says flair" in err, err
+    assert "warning: file 't1c.nii.gz' is given as input 'flair' but its name says t1c" in err, err
+    # the right names, BraTS 2023's names for them, or names that say nothing: no warning
+    for name, files in (("right", paths), ("brats2023", {"t1c": "x-t1c.nii.gz", "t2": "x-t2w.nii.gz", "flair": "x-t2f.nii.gz"}),
+                        ("plain", {"t1c": "scan1.nii.gz", "t2": "scan2.nii.gz", "flair": "scan3.nii.gz"})):
+        given = {}
+        for k, f in files.items():
+            given[k] = tmp_path / name / Path(f).name
+            given[k].parent.mkdir(exist_ok=True)
+            shutil.copy(paths[k], given[k])
+        assert main(["segment", "--model", GLIOMA, "--tta", "0", "-o", str(tmp_path / name / "o.nii.gz")]
+                    + sum((["--input", f"{k}={v}"] for k, v in given.items()), [])) == 0
+        assert "warning: file" not in capsys.readouterr().err

@@ -186,6 +186,14 @@ def resolve_input_names(meta: dict, given: Sequence[Tuple[Optional[str], Any]], 
                     continue
                 raise InputError(f"model {meta['id']!r} has no input named {name!r}; its inputs are "
                                  f"{', '.join(_describe_input(sp) for sp in meta['inputs'])}")
+            if isinstance(value, (str, Path)):
+                # NAME=PATH whose file name says another sequence: swapped inputs run without an error and give
+                # a wrong answer (glioma-regions with T1c and FLAIR swapped: a whole tumour twice the size)
+                fname = Path(str(value)).name
+                said = identify(file_name=fname)
+                if said.sequence not in (None, "ignore", target) and not said.ambiguous and said.confidence >= 0.8:
+                    notes.append(f"warning: file {fname!r} is given as input {target!r} but its name says "
+                                 f"{said.sequence}: check that the inputs are not swapped")
         if target in out and came_from[target] == label:
             both = [out[target], value]
             what = (f" ({both[0]} and {both[1]})" if all(isinstance(v, (str, Path)) for v in both) else "")
