@@ -243,3 +243,18 @@ def test_annotate_names_the_segment_as_asked(case, capsys):
     assert seg["name"] == "Liver" and "terminology" not in seg  # the model's 'Mass' terminology is not kept
     code, err = run(capsys, *_annotate(case, case / "img.nii.gz", out=case / "default.seg.nrrd"))
     assert code == 0 and slicerio.read_segmentation(str(case / "default.seg.nrrd"))["segments"][0]["name"] == "Tumor core"
+
+
+def test_json_mode_reports_a_failure_on_stdout_too(case, capsys):
+    """With --json a failed command printed nothing on stdout: a script parsing it got no JSON at all."""
+    out = case / "out.nii.gz"
+    code = main(["annotate", "--image", str(case / "missing.nii.gz"), "--points", str(case / "pts.json"),
+                 "-o", str(out), "--json"])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert code == 1 and report["command"] == "annotate" and report["exit_code"] == 1
+    assert "missing.nii.gz" in report["error"] and "does not exist" in report["error"]
+    assert "missing.nii.gz" in captured.err and not out.exists()
+    # without --json, stdout stays empty on an error
+    assert main(["annotate", "--image", str(case / "missing.nii.gz"), "--points", str(case / "pts.json"), "-o", str(out)]) == 1
+    assert capsys.readouterr().out == ""

@@ -36,7 +36,8 @@ def _examples(*lines: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to document the flags)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print a JSON summary on stdout (and no progress bar)")
+    common.add_argument("--json", action="store_true", help="print a JSON summary on stdout (and no progress bar); on an error, "
+                        "{command, exit_code, error} there too")
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -499,6 +500,15 @@ def _os_error_text(e: OSError) -> str:
     return f"{p}: {what}"
 
 
+def _failed(args, code: int, text: str) -> int:
+    """Say why a command ended (one line on stderr; with --json also ``{command, exit_code, error}`` on stdout, so
+    that a script reading the JSON learns of the failure too) and return its exit code."""
+    print(f"deepedit {args.command}: {text}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"command": args.command, "exit_code": code, "error": text}, indent=2))
+    return code
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``deepedit`` console script; returns the exit code."""
     parser = build_parser()
@@ -510,26 +520,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         summary = _COMMANDS[name](args)
     except _Terminated:
-        print(f"deepedit {name}: terminated", file=sys.stderr)
-        return 143
+        return _failed(args, 143, "terminated")
     except DeepEditError as e:
         if args.debug:
             raise
-        print(f"deepedit {name}: error: {e}", file=sys.stderr)
-        return 1
+        return _failed(args, 1, f"error: {e}")
     except KeyboardInterrupt:
-        print(f"deepedit {name}: interrupted", file=sys.stderr)
-        return 130
+        return _failed(args, 130, "interrupted")
     except OSError as e:  # a folder that cannot be created or written, a file where a folder should be...
         if args.debug:
             raise
-        print(f"deepedit {name}: error: {_os_error_text(e)}", file=sys.stderr)
-        return 1
+        return _failed(args, 1, f"error: {_os_error_text(e)}")
     except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
         if args.debug:
             raise
-        print(f"deepedit {name}: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
-        return 3
+        return _failed(args, 3, f"internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)")
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
