@@ -253,7 +253,8 @@ def test_json_mode_reports_a_failure_on_stdout_too(case, capsys):
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert code == 1 and report["command"] == "annotate" and report["exit_code"] == 1
-    assert "missing.nii.gz" in report["error"] and "does not exist" in report["error"]
+    assert report["error"].endswith("missing.nii.gz: the image does not exist"), report
+    assert not report["error"].startswith("error")  # the field says it is one
     assert "missing.nii.gz" in captured.err and not out.exists()
     # without --json, stdout stays empty on an error
     assert main(["annotate", "--image", str(case / "missing.nii.gz"), "--points", str(case / "pts.json"), "-o", str(out)]) == 1

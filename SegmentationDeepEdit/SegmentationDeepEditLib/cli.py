@@ -505,7 +505,8 @@ def _failed(args, code: int, text: str) -> int:
     that a script reading the JSON learns of the failure too) and return its exit code."""
     print(f"deepedit {args.command}: {text}", file=sys.stderr)
     if getattr(args, "json", False):
-        print(json.dumps({"command": args.command, "exit_code": code, "error": text}, indent=2))
+        error = text[len("error: "):] if text.startswith("error: ") else text
+        print(json.dumps({"command": args.command, "exit_code": code, "error": error}, indent=2))
     return code
 
 
