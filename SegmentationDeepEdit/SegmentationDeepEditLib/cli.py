@@ -500,13 +500,14 @@ def _os_error_text(e: OSError) -> str:
     return f"{p}: {what}"
 
 
-def _failed(args, code: int, text: str) -> int:
-    """Say why a command ended (one line on stderr; with --json also ``{command, exit_code, error}`` on stdout, so
-    that a script reading the JSON learns of the failure too) and return its exit code."""
-    print(f"deepedit {args.command}: {text}", file=sys.stderr)
-    if getattr(args, "json", False):
-        error = text[len("error: "):] if text.startswith("error: ") else text
-        print(json.dumps({"command": args.command, "exit_code": code, "error": error}, indent=2))
+def _failed(args, code: int, kind: str, message: str = "") -> int:
+    """Say why a command ended (``deepedit CMD: KIND: MESSAGE`` on stderr; with --json also ``{command, exit_code,
+    error}`` on stdout, so that a script reading the JSON learns of the failure too) and return its exit code."""
+    said = f"{kind}: {message}" if message else kind
+    print(f"deepedit {args.command}: {said}", file=sys.stderr)
+    if getattr(args, "json", False):  # the field's name says "error"; any other kind stays in its text
+        print(json.dumps({"command": args.command, "exit_code": code, "error": message if kind == "error" else said},
+                         indent=2))
     return code
 
 
@@ -525,17 +526,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DeepEditError as e:
         if args.debug:
             raise
-        return _failed(args, 1, f"error: {e}")
+        return _failed(args, 1, "error", str(e))
     except KeyboardInterrupt:
         return _failed(args, 130, "interrupted")
     except OSError as e:  # a folder that cannot be created or written, a file where a folder should be...
         if args.debug:
             raise
-        return _failed(args, 1, f"error: {_os_error_text(e)}")
+        return _failed(args, 1, "error", _os_error_text(e))
     except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
         if args.debug:
             raise
-        return _failed(args, 3, f"internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)")
+        return _failed(args, 3, "internal error", f"{type(e).__name__}: {e} (run again with --debug for the traceback)")
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
