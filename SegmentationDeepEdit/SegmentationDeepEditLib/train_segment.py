@@ -665,6 +665,8 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
         meta.setdefault("training", {})
         meta["training"] = {**meta["training"], "steps": total_steps, "seed": seed,
                             "validation_dice_model_grid": summary["validation_dice"]}
+        if config.get("held_out"):  # deepedit train --hold-out: the sources this fold left out
+            meta["training"]["held_out"] = list(config["held_out"])
         if averaged:
             meta["training"]["averaged_weights"] = {"snapshots": int(averaged["n"]), **avg_cfg}
             summary["averaged_snapshots"] = int(averaged["n"])
