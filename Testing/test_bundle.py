@@ -271,6 +271,32 @@ def test_foreground_threshold_class_must_name_a_class_and_needs_the_threshold(tm
     assert B.load_bundle(folder).meta["segmentation"]["foreground_threshold_class"] == 1
 
 
+def test_grow_must_give_a_class_of_a_classes_output(tmp_path):
+    import shutil
+
+    folder = tmp_path / "liver-copy"
+    shutil.copytree(B.load_bundle("liver-lesion").path, folder)
+    meta = json.loads((folder / "metadata.json").read_text())
+    for grow, message in (({"value": 3, "threshold": 0.3}, "grow/value: 3 is not one of the non-background class_values"),
+                          ({"value": 0, "threshold": 0.3}, "postprocess/grow/value"),
+                          ({"value": 1, "threshold": 1.2}, "postprocess/grow/threshold"),
+                          ({"threshold": 0.3}, "'value' is a required property")):
+        meta["segmentation"]["postprocess"]["grow"] = grow
+        (folder / "metadata.json").write_text(json.dumps(meta))
+        with pytest.raises(ModelError, match=message):
+            B.load_bundle(folder)
+    meta["segmentation"]["postprocess"]["grow"] = {"value": 1, "threshold": 0.3}
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    assert B.load_bundle(folder).meta["segmentation"]["postprocess"]["grow"]["threshold"] == 0.3
+    glioma = tmp_path / "glioma-copy"
+    shutil.copytree(B.load_bundle("glioma-regions").path, glioma)
+    meta = json.loads((glioma / "metadata.json").read_text())
+    meta["segmentation"].setdefault("postprocess", {})["grow"] = {"value": 1, "threshold": 0.3}
+    (glioma / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="growth needs a classes output"):
+        B.load_bundle(glioma)
+
+
 def test_a_run_starts_from_one_member_of_an_ensemble():
     from safetensors.torch import load_file
 

@@ -691,6 +691,50 @@ def test_foreground_threshold_decides_background_apart_from_the_classes():
     assert (lab > 0).sum() > 100 and inside == (lab > 0).sum()
 
 
+def test_grow_adds_the_likely_rim_connected_to_the_organ_and_keeps_every_labelled_voxel():
+    from SegmentationDeepEditLib.segment import grow_label, grow_threshold
+
+    label = np.zeros((10, 20, 20), np.uint8)
+    label[2:8, 4:12, 4:12] = 1  # the organ
+    label[4:6, 6:8, 6:8] = 2  # a lesion inside it
+    background = np.ones(label.shape, np.float32)
+    background[label > 0] = 0.1
+    background[2:8, 12:14, 4:12] = 0.7  # a rim beside the organ the argmax left out: p(foreground) 0.3
+    background[2:8, 14:15, 4:12] = 0.85  # and beyond it, less likely (0.15)
+    background[2:8, 17:19, 15:19] = 0.6  # an island apart from the organ (0.4): stays background
+    background[4:6, 6:8, 6:8] = 0.9  # even an unlikely lesion voxel keeps its label
+    meta = {"id": "t", "task": "segmentation",
+            "segmentation": {"output_kind": "classes", "class_values": [0, 1, 2],
+                             "postprocess": {"grow": {"value": 1, "threshold": 0.25}}}}
+    assert grow_threshold(meta) == 0.25 and grow_threshold(meta, fast=True) is None
+    out = grow_label(meta, label, background)
+    assert (out[2:8, 12:14, 4:12] == 1).all() and (out[2:8, 14:15] == 0).all()
+    assert (out[2:8, 17:19, 15:19] == 0).all()  # not connected to the organ
+    assert (out[label > 0] == label[label > 0]).all() and (out == 2).sum() == (label == 2).sum()
+    assert (out > 0).sum() == (label > 0).sum() + 6 * 2 * 8 and label.max() == 2  # the input is not changed
+    assert grow_label(meta, label, background, fast=True) is label  # no threshold for the fast mode
+    meta["segmentation"]["postprocess"]["grow"]["fast_threshold"] = 0.1
+    assert (grow_label(meta, label, background, fast=True)[2:8, 12:15, 4:12] == 1).all()
+    assert grow_label(meta, np.zeros_like(label), background).max() == 0  # nothing to grow from
+
+
+def test_a_bundle_that_grows_the_liver_keeps_its_lesions_and_only_adds_liver(tmp_path):
+    """segment_images applies postprocess.grow after the clean-up, in the mode it is declared for."""
+    from SegmentationDeepEditLib.segment import segment_images
+    from SegmentationDeepEditLib.synthetic import make_ct_case
+
+    folder = tmp_path / "liver-grow"
+    shutil.copytree(load_bundle("liver-lesion").path, folder)
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["segmentation"]["postprocess"]["grow"] = {"value": 1, "fast_threshold": 0.2}
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    ct = make_ct_case(9800, phase="native").images["ct"]  # a generated case no training run used
+    plain = sitk.GetArrayFromImage(segment_images("liver-lesion", {"ct": ct}, fast=True, device="cpu").label)
+    grown = sitk.GetArrayFromImage(segment_images(folder, {"ct": ct}, fast=True, device="cpu").label)
+    assert ((grown > 0) >= (plain > 0)).all() and ((grown == 2) == (plain == 2)).all()
+    assert (grown == 1).sum() > (plain == 1).sum()
+
+
 def test_clean_label_fills_a_core_enclosed_by_enhancing_rim():
     from SegmentationDeepEditLib.segment import clean_label
 

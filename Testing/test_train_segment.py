@@ -432,3 +432,50 @@ def test_hold_out_leaves_the_named_source_out_and_says_so_in_the_bundle(tmp_path
     assert main(["train", str(cfg), "--run-dir", str(tmp_path / "none"), "--hold-out", "kept",
                  "--hold-out", "left-out"]) == 1
     assert "leaves no training data" in capsys.readouterr().err
+
+
+def test_a_run_whose_weights_stop_being_numbers_stops_keeps_its_last_good_checkpoint_and_writes_no_bundle(
+        tmp_path, monkeypatch, capsys):
+    """A GPU run of the liver recipe (float16) once went NaN at step 1500 and still wrote a bundle of NaN weights
+    (validation Dice 0.000). Now the run stops with an error at its next checkpoint; the checkpoint before stays."""
+    from SegmentationDeepEditLib.cli import main
+    from SegmentationDeepEditLib.errors import TrainingError
+
+    real = T._region_loss_fn
+
+    def poisoned_after_step_10(config):
+        loss = real(config)
+        calls = {"n": 0}
+
+        def fn(logits, y):
+            calls["n"] += 1
+            out = loss(logits, y)
+            return out * float("nan") if calls["n"] > 10 else out
+        return fn
+
+    monkeypatch.setattr(T, "_region_loss_fn", poisoned_after_step_10)
+    with pytest.raises(TrainingError, match=r"diverged before step 20: .* no longer numbers; lower 'lr'"):
+        T.train_segmentation(_config(), tmp_path / "run", data_root=tmp_path, device="cpu", show_progress=False)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 10
+    assert not (tmp_path / "run" / "bundle").exists()
+    # from the first step: exit 1 with the message, and no run folder left (it holds no checkpoint)
+    monkeypatch.setattr(T, "_region_loss_fn", lambda config: lambda logits, y: real(config)(logits, y) * float("nan"))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(_config()))
+    assert main(["train", str(cfg), "--run-dir", str(tmp_path / "b")]) == 1
+    assert "training diverged before step 10" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_loss_that_is_not_a_number_many_steps_in_a_row_ends_the_run():
+    from SegmentationDeepEditLib.errors import TrainingError
+    from SegmentationDeepEditLib.train import NONFINITE_LOSS_STEPS, count_nonfinite_loss
+
+    streak = 0
+    for step in range(1, NONFINITE_LOSS_STEPS):  # a float16 overflow now and then is not an end
+        streak = count_nonfinite_loss(float("inf"), streak, step, Path("run"))
+    assert streak == NONFINITE_LOSS_STEPS - 1
+    assert count_nonfinite_loss(0.5, streak, NONFINITE_LOSS_STEPS, Path("run")) == 0
+    with pytest.raises(TrainingError, match=f"not been a number for {NONFINITE_LOSS_STEPS} steps in a row"):
+        for step in range(NONFINITE_LOSS_STEPS):
+            streak = count_nonfinite_loss(float("nan"), streak, step, Path("run"))

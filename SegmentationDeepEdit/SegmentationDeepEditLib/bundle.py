@@ -112,6 +112,14 @@ def _read_meta(folder: Path) -> Dict[str, Any]:
     if fill is not None and fill >= classes:
         raise ModelError(f"invalid metadata at segmentation/foreground_threshold_class: {fill} is not one of the "
                          f"{classes} classes of class_values", meta_path)
+    grow = (seg.get("postprocess") or {}).get("grow")
+    if grow is not None:
+        if seg.get("output_kind") != "classes":
+            raise ModelError("invalid metadata at segmentation/postprocess/grow: growth needs a classes output "
+                             "(it reads p(background))", meta_path)
+        if grow["value"] not in (seg.get("class_values") or [])[1:]:
+            raise ModelError(f"invalid metadata at segmentation/postprocess/grow/value: {grow['value']} is not one of "
+                             f"the non-background class_values {(seg.get('class_values') or [])[1:]}", meta_path)
     return meta
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-__all__ = ["DeepEditError", "InputError", "NotSkullStripped", "ModelError"]
+__all__ = ["DeepEditError", "InputError", "NotSkullStripped", "ModelError", "TrainingError"]
 
 
 class DeepEditError(Exception):
@@ -33,3 +33,7 @@ class NotSkullStripped(InputError):
 
 class ModelError(DeepEditError):
     """A missing, invalid or corrupt model bundle."""
+
+
+class TrainingError(DeepEditError):
+    """A training run that cannot go on: its loss or its weights are no longer numbers (it diverged)."""

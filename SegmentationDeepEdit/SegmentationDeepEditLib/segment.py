@@ -668,6 +668,46 @@ def clean_label(meta: dict, label: np.ndarray, voxel_ml: Optional[float] = None,
     return out
 
 
+def grow_threshold(meta: dict, fast: bool = False) -> Optional[float]:
+    """The foreground probability threshold of the bundle's ``postprocess.grow`` in this mode (None: no growth)."""
+    grow = (_seg(meta).get("postprocess") or {}).get("grow")
+    if not grow:
+        return None
+    t = grow.get("fast_threshold" if fast else "threshold")
+    return None if t is None else float(t)
+
+
+def grow_label(meta: dict, label: np.ndarray, background: np.ndarray, fast: bool = False) -> np.ndarray:
+    """The bundle's ``postprocess.grow`` of a cleaned label array [k, j, i] (after :func:`clean_label`).
+
+    Background voxels whose foreground probability ``1 - background`` is at least the mode's threshold
+    and that connect (face-connected, through such voxels) to the label's foreground get the declared
+    value: the outline of the organ grows where the argmax was conservative, while every labelled voxel,
+    lesions included, stays as it was, and islands apart from the organ stay background.
+
+    Args:
+        background: p(background) on the same grid as ``label`` (1 beyond what the model saw).
+
+    Returns:
+        A new array; ``label`` itself when the bundle declares no growth for this mode or nothing is labelled.
+    """
+    from scipy import ndimage as ndi
+
+    t = grow_threshold(meta, fast)
+    if t is None or not label.any():
+        return label
+    if background.shape != label.shape:
+        raise ValueError(f"grow_label: background {background.shape} and label {label.shape} differ in shape")
+    labelled = label > 0
+    parts, _ = ndi.label(labelled | ((1.0 - background) >= t))
+    joined = np.isin(parts, np.unique(parts[labelled])) & ~labelled
+    if not joined.any():
+        return label
+    out = label.copy()
+    out[joined] = int(_seg(meta)["postprocess"]["grow"]["value"])
+    return out
+
+
 def intensity_warnings(meta: dict, label: np.ndarray, images: Mapping[str, Optional[sitk.Image]]) -> List[str]:
     """Warnings from the bundle's ``segmentation.intensity_checks`` (an input outside what the model saw).
 
@@ -777,6 +817,12 @@ def edge_warnings(meta: dict, label: np.ndarray, axial_axis: int = 0) -> List[st
         if fraction > float(chk["max_fraction"]):
             out.append(chk["message"].format(fraction=fraction, where=" and ".join(dict.fromkeys(where))))
     return out
+
+
+def background_on_reference(probs: np.ndarray, mgrid: Grid, ref: sitk.Image) -> np.ndarray:
+    """p(background) (channel 0 of ``probs`` on the model grid) on the reference grid; 1 beyond the model grid."""
+    return sitk.GetArrayFromImage(resample_to_grid(image_on_grid(probs[0].astype(np.float32), mgrid), grid_of(ref),
+                                                   default=1.0))
 
 
 def _postprocess(meta: dict, probs: np.ndarray, mgrid: Grid, ref: sitk.Image) -> np.ndarray:
@@ -903,6 +949,8 @@ def segment_images(
     voxel_ml = float(np.prod(ref.GetSpacing())) / 1000.0
     axial = axial_array_axis(ref)
     out = clean_label(meta, _postprocess(meta, probs, grid, ref), voxel_ml=voxel_ml, axial_axis=axial)
+    if grow_threshold(meta, fast) is not None:
+        out = grow_label(meta, out, background_on_reference(probs, grid, ref), fast)
     label = image_on_grid(out, grid_of(ref))
     segments, regions = label_segments(meta)
     if not out.any():

@@ -28,6 +28,7 @@ bundle (``bundle/``) when the run completes.
 from __future__ import annotations
 
 import csv
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ import SimpleITK as sitk
 
 from .annotate import guidance_sigma_mm, prepare_input
 from .bundle import build_network, draft_card, save_bundle
-from .errors import InputError
+from .errors import InputError, TrainingError
 from .geometry import resample_to_grid
 from .imageio import read_image
 from .jsonfile import read_json
@@ -208,13 +209,42 @@ def _validate(net, cases: List[TrainCase], meta: dict, device, seed: int) -> flo
     return float(np.mean(scores))
 
 
+NONFINITE_LOSS_STEPS = 20  # losses that are not numbers, in a row, that end a run (float16 steps skipped by the scaler are fine)
+_DIVERGED_HINT = ("lower 'lr' in the config, or train on the CPU (--device cpu: no float16); the run folder keeps the "
+                  "last checkpoint whose weights were still numbers")
+
+
+def count_nonfinite_loss(loss: float, streak: int, step: int, run_dir: Path) -> int:
+    """The number of steps in a row, up to this one, whose loss is not a finite number.
+
+    Raises:
+        TrainingError: when that reaches :data:`NONFINITE_LOSS_STEPS` (the run diverged).
+    """
+    if math.isfinite(loss):
+        return 0
+    streak += 1
+    if streak >= NONFINITE_LOSS_STEPS:
+        raise TrainingError(f"training diverged: the loss has not been a number for {streak} steps in a row (up to "
+                            f"step {step}); {_DIVERGED_HINT}", run_dir)
+    return streak
+
+
 def save_checkpoint(path: Path, net, opt, sched, step: int, extra: Optional[dict] = None) -> None:
     """Write network, optimiser (with its plain scalar attributes: Ranger21 keeps its step counts there),
     scheduler, step and ``extra`` (tensors and numbers, e.g. averaged weights) atomically (temporary
-    file, then rename)."""
+    file, then rename).
+
+    Raises:
+        TrainingError: the network's weights are no longer finite numbers (the run diverged); the
+            checkpoint already there is left as it was.
+    """
     import torch
 
     path = Path(path)
+    broken = [k for k, v in net.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise TrainingError(f"training diverged before step {step}: {len(broken)} weight tensors (first: {broken[0]}) "
+                            f"are no longer numbers; {_DIVERGED_HINT}", path.parent)
     scalars = {k: v for k, v in vars(opt).items() if isinstance(v, (bool, int, float)) and not k.startswith("_")}
     state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "optimizer_scalars": scalars}
     if sched is not None:
@@ -324,6 +354,7 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
     t_start = time.perf_counter()
     losses: List[float] = []
     val = float("nan")
+    nonfinite = 0
     bar = StepProgress(range(start, total), initial=start, total=total, desc="training", enabled=not quiet)
     try:
         for step in bar:
@@ -343,6 +374,7 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
                 sched.step()
             losses.append(float(loss.detach()))
             done = step + 1
+            nonfinite = count_nonfinite_loss(losses[-1], nonfinite, done, run_dir)
             if done % val_every == 0 or done == total:
                 val = _validate(net, val_cases, meta, dev, seed)
             writer.writerow([done, f"{losses[-1]:.5f}", "" if not (done % val_every == 0 or done == total) else f"{val:.4f}",

@@ -66,7 +66,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .bundle import build_network, draft_card, save_bundle
-from .train import load_checkpoint, save_checkpoint
+from .train import count_nonfinite_loss, load_checkpoint, save_checkpoint
 from .errors import InputError, ModelError
 from .geometry import resample_to_grid
 from .imageio import atomic_output, read_image
@@ -609,6 +609,7 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     t0 = time.perf_counter()
     losses: List[float] = []
     last_val: List[float] = []
+    nonfinite = 0
     bar = StepProgress(range(start, steps), initial=start, total=steps, enabled=show_progress, desc="train")
 
     net.train()
@@ -636,6 +637,7 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
             sched.step()
         losses.append(float(loss.detach()))
         done = step + 1
+        nonfinite = count_nonfinite_loss(losses[-1], nonfinite, done, run_dir)
         if avg_cfg is not None and done >= int(avg_cfg["from_step"]) and \
                 (done - int(avg_cfg["from_step"])) % int(avg_cfg["every"]) == 0:
             _average_into(averaged, net)
