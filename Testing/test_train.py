@@ -4,10 +4,13 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from SegmentationDeepEditLib.bundle import load_network, verify_bundle
 from SegmentationDeepEditLib.cli import main
+from SegmentationDeepEditLib.errors import InputError
+from SegmentationDeepEditLib.train import load_config
 
 from test_bundle import tiny_meta
 
@@ -124,3 +127,36 @@ def test_cases_generated_in_worker_processes_equal_the_serial_ones(tmp_path):
     assert len(_losses(tmp_path / "run")) == 2
     assert (tmp_path / "run" / "bundle" / "README.md").read_text().startswith("# Model card (draft): tiny-train")
     assert verify_bundle(tmp_path / "run" / "bundle")["id"] == "tiny-train"
+
+
+def test_a_config_extends_another_and_lays_its_keys_over_it(tmp_path):
+    from SegmentationDeepEditLib.train import merge_config
+
+    base = {"steps": 10, "augment": {"flip_axes": [0], "intensity_scale": 0.1}, "data": [{"a": 1}, {"b": 2}],
+            "bundle": {"id": "x", "training": {"config": "base.json"}}, "snapshot_every": 5}
+    over = {"augment": {"intensity_scale": 0.2, "noise": {"probability": 0.1}}, "data": [{"c": 3}],
+            "bundle": {"training": {"config": "child.json"}}, "snapshot_every": None}
+    merged = merge_config(base, over)
+    assert merged == {"steps": 10, "augment": {"flip_axes": [0], "intensity_scale": 0.2, "noise": {"probability": 0.1}},
+                      "data": [{"c": 3}], "bundle": {"id": "x", "training": {"config": "child.json"}}}
+    assert base["augment"] == {"flip_axes": [0], "intensity_scale": 0.1}  # the base is not changed
+    (tmp_path / "sub").mkdir()
+    full = dict(_config(), bundle=dict(_config()["bundle"]))
+    (tmp_path / "base.json").write_text(json.dumps(full))
+    (tmp_path / "sub" / "mid.json").write_text(json.dumps({"extends": "../base.json", "steps": 7}))
+    (tmp_path / "sub" / "child.json").write_text(json.dumps({"extends": "mid.json", "lr": 0.01}))
+    cfg = load_config(tmp_path / "sub" / "child.json")
+    assert cfg["steps"] == 7 and cfg["lr"] == 0.01 and cfg["data"] == full["data"] and "extends" not in cfg
+    (tmp_path / "loop-a.json").write_text(json.dumps({"extends": "loop-b.json"}))
+    (tmp_path / "loop-b.json").write_text(json.dumps({"extends": "loop-a.json"}))
+    with pytest.raises(InputError, match="goes round in a circle"):
+        load_config(tmp_path / "loop-a.json")
+    (tmp_path / "orphan.json").write_text(json.dumps({"extends": "gone.json"}))
+    with pytest.raises(InputError, match=r"orphan.json: 'extends': gone.json not found"):
+        load_config(tmp_path / "orphan.json")
+    (tmp_path / "odd.json").write_text(json.dumps({"extends": 3}))
+    with pytest.raises(InputError, match="'extends' must name another training config file"):
+        load_config(tmp_path / "odd.json")
+    (tmp_path / "short.json").write_text(json.dumps({"extends": "base.json", "steps": 0}))
+    with pytest.raises(InputError, match="'steps' must be a positive whole number"):  # checked after merging
+        load_config(tmp_path / "short.json")

@@ -61,17 +61,48 @@ class TrainCase:
     objects: Dict[str, sitk.Image]
 
 
+def merge_config(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` laid over it: objects merge key by key (recursively), anything else (lists
+    included) replaces, and a ``null`` removes the key."""
+    out = dict(base)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_extended(path: Path, chain: tuple) -> dict:
+    """A config file with its ``extends`` (a config file, relative to this one) resolved: see :func:`merge_config`."""
+    cfg = read_json(path, "training config")
+    if not isinstance(cfg, dict):
+        raise InputError("a training config is a JSON object (see Resources/Training for examples)", path)
+    base = cfg.pop("extends", None)
+    if base is None:
+        return cfg
+    if not isinstance(base, str) or not base:
+        raise InputError(f"'extends' must name another training config file, not {base!r}", path)
+    base_path = (path.parent / base).resolve()
+    if base_path in chain or base_path == path.resolve():
+        raise InputError(f"'extends' goes round in a circle ({base})", path)
+    if not base_path.is_file():
+        raise InputError(f"'extends': {base} not found (a path relative to this config)", path)
+    return merge_config(_read_extended(base_path, chain + (path.resolve(),)), cfg)
+
+
 def load_config(path: Path) -> dict:
-    """Read a training config (JSON) and check its shape: ``steps`` a positive integer, ``bundle`` an
+    """Read a training config (JSON; ``"extends": "other.json"`` starts from that config and lays this one's keys over
+    it, see :func:`merge_config`) and check its shape: ``steps`` a positive integer, ``bundle`` an
     object, ``data`` a non-empty list of sources (generated: ``synthetic`` and ``cases``; real: a
     ``label`` and an ``image`` or ``images``), and ``targets`` for a segmentation task.
 
     Raises:
         InputError: naming the file and the first key that is missing or wrong.
     """
-    cfg = read_json(path, "training config")
-    if not isinstance(cfg, dict):
-        raise InputError("a training config is a JSON object (see Resources/Training for examples)", path)
+    cfg = _read_extended(Path(path), ())
     steps = cfg.get("steps")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"'steps' must be a positive whole number, not {steps!r}", path)

@@ -32,6 +32,8 @@ A run is described by its JSON config (kept in ``Resources/Training/``) and its 
   "to_hu": B}``: with probability P a patch's soft-tissue enhancement above A HU is scaled by k drawn
   from [k0, k1] up to B HU, then ramps back to the window's top, so that contrast-enhanced CTs also
   train the low liver-to-background contrast of a non-contrast CT; see :func:`contrast_phase_map`);
+  for 3D models also ``spatial`` (rotation and zoom), ``noise``, ``blur``, ``low_resolution`` and ``gamma``,
+  nnU-Net's default set, applied to the batch on the device (see :mod:`augment`);
 - ``snapshot_every``: K: the network's weights after every K-th step are also kept as
   ``snapshots/step-NNNNN.safetensors`` in the run folder (for a curve of a score against training
   length; a snapshot loads into the bundle's network like its own weights);
@@ -66,6 +68,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .bundle import build_network, draft_card, save_bundle
+from .augment import KINDS as AUGMENT_KINDS, batch_augment, check_batch_augment
 from .train import count_nonfinite_loss, load_checkpoint, save_checkpoint
 from .errors import InputError, ModelError
 from .geometry import resample_to_grid
@@ -531,6 +534,8 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     if avg_cfg is not None and (int(avg_cfg.get("every", 0)) < 1 or not 0 < int(avg_cfg.get("from_step", 0)) <= steps):
         raise InputError(f"average_weights needs every >= 1 and 0 < from_step <= steps ({steps}), got {avg_cfg}")
     _check_contrast_phase(config)
+    check_batch_augment(config)
+    batch_aug = {k: v for k, v in (config.get("augment") or {}).items() if k in AUGMENT_KINDS and v}
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -618,6 +623,9 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
         xb, yb = sample_batch(cases, config, meta, rng)
         x = torch.from_numpy(xb).to(dev)
         y = torch.from_numpy(yb).to(dev)
+        if batch_aug:  # drawn after sample_batch's draws, from the same stream
+            x, y = batch_augment(x, y, batch_aug, rng, y_background=0 if targets["kind"] == "regions" else 1,
+                                 spacing=list(meta["spacing_mm"])[::-1])
         with amp():
             logits = net(x)
         if region_loss is not None:
