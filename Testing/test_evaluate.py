@@ -25,6 +25,21 @@ def test_evaluate_real_held_out_case_with_clicks(shared_data, tmp_path, capsys):
     assert dice[-1] >= 0.88         # after the clicks (0.890 after 3 with model 0.1.0, 0.903 with 0.1.1)
     summary = list(csv.DictReader(open(out / "summary.csv")))
     assert {"region", "clicks", "n", "mean", "std", "p25", "p75"} <= set(summary[0])
+    # one case has no spread: std is left empty, and the table shows '-' instead of a 0.000
+    assert all(r["n"] == "1" and r["std"] == "" for r in summary), summary
+    assert json.loads((out / "summary.json").read_text())["summary"][0]["std"] is None
+    rows_printed = [line.split() for line in printed.splitlines() if line.split()[:2] == ["TC", "0"]]
+    assert rows_printed and rows_printed[0][4] == "-", printed
+
+
+def test_the_spread_of_several_values_and_of_one():
+    from SegmentationDeepEditLib.evaluate import _stats, format_auto_table
+
+    assert _stats([0.8, 0.9], 3)["std"] == 0.05 and _stats([0.8], 3)["std"] is None
+    table = format_auto_table([{"region": "WT", "setting": "tta0", **_stats([0.8], 3)},
+                               {"region": "TC", "setting": "tta0", **_stats([0.7, 0.9], 3)}])
+    lines = table.splitlines()
+    assert lines[1].split()[4] == "-" and lines[2].split()[4] == "0.100", table
 
 
 def test_evaluate_automatic_cases_with_brats2023_input_names(tmp_path, capsys):

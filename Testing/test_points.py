@@ -59,6 +59,17 @@ def test_bad_csv_row_names_the_line(tmp_path):
         read_points(tmp_path / "bad.csv")
 
 
+@pytest.mark.parametrize("text,sep,line", [("1;2;3\n4;5;6\n", "semicolons", 1),
+                                           ("x;y;z\n1,5;2;3\n", "semicolons", 1),
+                                           ("1,5;2,5;3,0\n", "semicolons", 1),
+                                           ("x,y,z\n1\t2\t3\n", "tabs", 2)])
+def test_a_csv_separated_otherwise_is_refused_saying_so(tmp_path, text, sep, line):
+    """A spreadsheet saved in a locale with decimal commas writes 1,5;2;3: its first line was taken as a header."""
+    (tmp_path / "pts.csv").write_text(text)
+    with pytest.raises(InputError, match=f"pts.csv: line {line}: the values are separated by {sep}, not commas"):
+        read_points(tmp_path / "pts.csv")
+
+
 def test_six_good_points_pass():
     np.testing.assert_array_equal(validate_extreme_points(PTS, _image()), PTS)
 

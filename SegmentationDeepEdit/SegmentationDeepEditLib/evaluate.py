@@ -207,9 +207,11 @@ def _click(pred: np.ndarray, truth: np.ndarray, truth_img: sitk.Image):
 
 
 def _stats(values, digits: int) -> dict:
-    """n, mean, std, 25th and 75th percentile of ``values``, rounded to ``digits``."""
+    """n, mean, std, 25th and 75th percentile of ``values``, rounded to ``digits`` (std None for one value:
+    a spread needs two)."""
     a = np.asarray(list(values), float)
-    return {"n": len(a), "mean": round(float(a.mean()), digits), "std": round(float(a.std()), digits),
+    return {"n": len(a), "mean": round(float(a.mean()), digits),
+            "std": round(float(a.std()), digits) if len(a) > 1 else None,
             "p25": round(float(np.percentile(a, 25)), digits), "p75": round(float(np.percentile(a, 75)), digits)}
 
 
@@ -262,12 +264,17 @@ def summarise(rows: List[dict]) -> List[dict]:
     return out
 
 
+def _std_cell(s: dict) -> str:
+    """The std column of a table row: '-' where one case gives no spread."""
+    return f"{'-':>7s}" if s["std"] is None else f"{s['std']:7.3f}"
+
+
 def format_table(summary: List[dict]) -> str:
     """The summary as a fixed-width text table."""
     buf = io.StringIO()
     buf.write(f"{'region':26s} {'clicks':>6s} {'n':>3s} {'mean':>7s} {'std':>7s} {'p25':>7s} {'p75':>7s}\n")
     for s in summary:
-        buf.write(f"{s['region']:26s} {s['clicks']:6d} {s['n']:3d} {s['mean']:7.3f} {s['std']:7.3f} {s['p25']:7.3f} {s['p75']:7.3f}\n")
+        buf.write(f"{s['region']:26s} {s['clicks']:6d} {s['n']:3d} {s['mean']:7.3f} {_std_cell(s)} {s['p25']:7.3f} {s['p75']:7.3f}\n")
     return buf.getvalue()
 
 
@@ -437,7 +444,7 @@ def format_auto_table(summary: List[dict]) -> str:
     buf = io.StringIO()
     buf.write(f"{'region':20s} {'setting':>12s} {'n':>3s} {'mean':>7s} {'std':>7s} {'p25':>7s} {'p75':>7s}\n")
     for s in summary:
-        buf.write(f"{s['region']:20s} {s['setting']:>12s} {s['n']:3d} {s['mean']:7.3f} {s['std']:7.3f} "
+        buf.write(f"{s['region']:20s} {s['setting']:>12s} {s['n']:3d} {s['mean']:7.3f} {_std_cell(s)} "
                   f"{s['p25']:7.3f} {s['p75']:7.3f}\n")
     return buf.getvalue()
 

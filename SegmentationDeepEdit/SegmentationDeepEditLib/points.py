@@ -106,6 +106,10 @@ def read_points(path: Union[str, Path]) -> np.ndarray:
                 if "CoordinateSystem" in head:
                     system = _system(head.split("=", 1)[1], p)
                 continue
+            if any(";" in c or "\t" in c for c in row):  # a spreadsheet's export in another locale
+                sep = "semicolons" if any(";" in c for c in row) else "tabs"
+                raise InputError(f"line {line_no}: the values are separated by {sep}, not commas: write each point "
+                                 "as x,y,z (commas between the numbers, points as decimal marks)", p)
             cells = row[1:4] if name.endswith(".fcsv") else row[:3]
             try:
                 rows.append([float(c) for c in cells])
