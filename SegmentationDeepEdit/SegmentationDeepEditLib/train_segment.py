@@ -68,7 +68,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .bundle import build_network, draft_card, save_bundle
-from .augment import KINDS as AUGMENT_KINDS, batch_augment, check_batch_augment
+from .augment import batch_augment, check_batch_augment
 from .train import count_nonfinite_loss, load_checkpoint, save_checkpoint
 from .errors import InputError, ModelError
 from .geometry import resample_to_grid
@@ -535,7 +535,6 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
         raise InputError(f"average_weights needs every >= 1 and 0 < from_step <= steps ({steps}), got {avg_cfg}")
     _check_contrast_phase(config)
     check_batch_augment(config)
-    batch_aug = {k: v for k, v in (config.get("augment") or {}).items() if k in AUGMENT_KINDS and v}
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -623,9 +622,9 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
         xb, yb = sample_batch(cases, config, meta, rng)
         x = torch.from_numpy(xb).to(dev)
         y = torch.from_numpy(yb).to(dev)
-        if batch_aug:  # drawn after sample_batch's draws, from the same stream
-            x, y = batch_augment(x, y, batch_aug, rng, y_background=0 if targets["kind"] == "regions" else 1,
-                                 spacing=list(meta["spacing_mm"])[::-1])
+        # drawn after sample_batch's draws, from the same stream; the batch itself when the config has none
+        x, y = batch_augment(x, y, config.get("augment") or {}, rng,
+                             y_background=0 if targets["kind"] == "regions" else 1, spacing=list(meta["spacing_mm"])[::-1])
         with amp():
             logits = net(x)
         if region_loss is not None:
