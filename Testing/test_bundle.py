@@ -210,7 +210,7 @@ def _assemble():
 
 
 def test_assemble_ensemble_joins_trained_networks_into_a_bundle(tiny_bundle, tmp_path, capsys):
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     main = _assemble()
     files = []
@@ -234,8 +234,17 @@ def test_assemble_ensemble_joins_trained_networks_into_a_bundle(tiny_bundle, tmp
     assert main(["--base", str(tiny_bundle.path), "--version", "0.2.1", "-o", str(tmp_path / "e2"), files[0], str(odd)]) == 1
     assert "odd.safetensors: does not fit" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ens", "m0.safetensors", "m1.safetensors", "odd.safetensors", "tiny-test"]
+    # an ensemble bundle's member files are members too (one network each): re-joined, the same network
+    again = tmp_path / "again"
+    assert main(["--base", str(out), "--version", "0.2.1", "-o", str(again), str(out / "model-2.safetensors"),
+                 str(out / "model-1.safetensors"), files[0]]) == 0
+    with torch.no_grad():
+        want = (2 * B.load_network(b)(x) + _members(tiny_meta(), 1)[0](x)) / 3
+        assert torch.allclose(B.load_network(B.load_bundle(str(again)))(x), want, atol=2e-2)
+    save_file({**load_file(str(out / "model-1.safetensors")), **load_file(str(out / "model-2.safetensors"))},
+              str(tmp_path / "both.safetensors"))
     for bad, said in (([files[0], files[0]], "given twice"), ([files[0], str(tmp_path / "gone.safetensors")], "gone.safetensors: cannot read"),
-                      ([files[0], str(out / "model-1.safetensors")], "holds an ensemble's weights")):
+                      ([files[0], str(tmp_path / "both.safetensors")], "both.safetensors: holds the weights of several networks")):
         assert main(["--base", str(tiny_bundle.path), "--version", "0.2.1", "-o", str(tmp_path / "e3")] + bad) == 1
         assert said in capsys.readouterr().err
     assert main(["--base", str(tiny_bundle.path), "--version", "9.9", "-o", str(tmp_path / "e3")] + files) == 1

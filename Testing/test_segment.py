@@ -735,6 +735,57 @@ def test_a_bundle_that_grows_the_liver_keeps_its_lesions_and_only_adds_liver(tmp
     assert (grown == 1).sum() > (plain == 1).sum()
 
 
+def test_fast_members_run_the_fast_mode_on_part_of_the_ensemble_and_leave_the_full_mode_alone(tmp_path):
+    """segmentation.fast_members: the fast mode's network is the mean of the named members only, exactly the
+    ensemble those members make on their own (assembled from the bundle's member files)."""
+    import importlib.util
+
+    from SegmentationDeepEditLib.segment import segment_images
+    from SegmentationDeepEditLib.synthetic import make_ct_case
+
+    shipped = load_bundle("liver-lesion").path
+    folder = tmp_path / "liver-fast3"
+    shutil.copytree(shipped, folder)
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["segmentation"]["fast_members"] = [1, 2, 3]
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    spec = importlib.util.spec_from_file_location("assemble_for_fast_members", Path(__file__).resolve().parents[1] /
+                                                  "Resources" / "Training" / "assemble_ensemble.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--base", str(shipped), "--version", "0.0.1", "-o", str(tmp_path / "three")] +
+                    [str(shipped / f"model-{i}.safetensors") for i in (1, 2, 3)]) == 0
+    ct = make_ct_case(9801).images["ct"]  # a generated case no training run used
+
+    def label(model, fast):
+        return sitk.GetArrayFromImage(segment_images(str(model), {"ct": ct}, fast=fast, device="cpu").label)
+
+    part, three, every = label(folder, True), label(tmp_path / "three", True), label(shipped, True)
+    assert (part == three).all() and (part > 0).sum() > 1000
+    assert (part != every).sum() > 0  # six networks and three do not agree on every voxel
+    assert (label(folder, False) == label(shipped, False)).all()  # the full mode keeps all six
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"fast_members": [7]}, r"member 7 does not exist \(the ensemble.s members are 1 to 6\)"),
+    ({"fast_members": [1, 1]}, "fast_members: .* non-unique"),
+    ({"fast_members": [0]}, "fast_members/0: 0 is less than the minimum of 1"),
+    ({"fast_members": [1], "fast_spacing_mm": None}, "needs network.ensemble and segmentation.fast_spacing_mm"),
+])
+def test_fast_members_must_name_members_of_an_ensemble_with_a_fast_mode(tmp_path, change, said):
+    folder = tmp_path / "liver-bad"
+    shutil.copytree(load_bundle("liver-lesion").path, folder)
+    meta = json.loads((folder / "metadata.json").read_text())
+    for k, v in change.items():
+        if v is None:
+            meta["segmentation"].pop(k)
+        else:
+            meta["segmentation"][k] = v
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=said):
+        load_bundle(str(folder))
+
+
 def test_clean_label_fills_a_core_enclosed_by_enhancing_rim():
     from SegmentationDeepEditLib.segment import clean_label
 

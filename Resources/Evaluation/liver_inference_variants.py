@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from SegmentationDeepEditLib.bundle import get_network, load_bundle
+from SegmentationDeepEditLib.bundle import ensemble_members, get_network, load_bundle
 from SegmentationDeepEditLib.cli import DEFAULT_DATA_ROOT
 from SegmentationDeepEditLib.geometry import grid_of, image_on_grid, resample_to_grid
 from SegmentationDeepEditLib.imageio import read_image
@@ -48,7 +48,7 @@ def ref_probs(bundle, ct, fast):
     ref = aligned["ct"]
     grid = model_grid(meta, ref, fast=fast)
     arr = prepare_volume(meta, aligned, grid)
-    net = get_network(bundle, "cpu")
+    net = ensemble_members(get_network(bundle, "cpu"), meta["segmentation"].get("fast_members") if fast else None)
     import torch
     probs = predict_volume(net, arr, meta, torch.device("cpu"), tta=0)
     rg = grid_of(ref)

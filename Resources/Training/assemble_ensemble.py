@@ -9,7 +9,8 @@ Run (liver-lesion 0.2.0, from the six runs of liver-lesion-all-real.json):
     python Resources/Training/assemble_ensemble.py --base liver-lesion --version 0.2.0 \\
         --config Resources/Training/liver-lesion-all-real.json -o out/liver-lesion \\
         runs/lar-20261126/bundle/model.safetensors runs/lar-1/bundle/model.safetensors ...
-(a member may be a run's bundle/model.safetensors or one of its snapshots).
+(a member may be a run's bundle/model.safetensors, one of its snapshots, or one member file of an ensemble
+bundle, e.g. Resources/Models/liver-lesion/model-3.safetensors).
 """
 
 from __future__ import annotations
@@ -53,8 +54,13 @@ def _member(path: str, base) -> dict:
         sd = load_file(path)
     except Exception as e:  # noqa: BLE001 - missing, unreadable or not a safetensors file
         raise _Refused(f"{path}: cannot read it as a safetensors weights file ({type(e).__name__}: {e})") from None
-    if any(k.startswith("members.") for k in sd):
-        raise _Refused(f"{path}: holds an ensemble's weights (members.*); give its members' own weight files")
+    shard = {k.split(".", 2)[1] for k in sd if k.startswith("members.")}
+    if shard:  # one file of an ensemble bundle: members.<i>.<name>, one member per file as save_bundle writes
+        if len(shard) > 1 or len(shard) != len({k.split(".", 2)[1] if k.startswith("members.") else "" for k in sd}):
+            raise _Refused(f"{path}: holds the weights of several networks (members {sorted(shard)}); "
+                           "give one network per file")
+        i = next(iter(shard))
+        sd = {k[len(f"members.{i}."):]: v for k, v in sd.items()}
     missing, unexpected = build_network(one_network_meta(base.meta)).load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise _Refused(f"{path}: does not fit {base.id}'s network ({len(missing)} missing, e.g. "

@@ -120,6 +120,15 @@ def _read_meta(folder: Path) -> Dict[str, Any]:
         if grow["value"] not in (seg.get("class_values") or [])[1:]:
             raise ModelError(f"invalid metadata at segmentation/postprocess/grow/value: {grow['value']} is not one of "
                              f"the non-background class_values {(seg.get('class_values') or [])[1:]}", meta_path)
+    members = seg.get("fast_members")
+    if members is not None:
+        n = (meta.get("network") or {}).get("ensemble")
+        if not n or not seg.get("fast_spacing_mm"):
+            raise ModelError("invalid metadata at segmentation/fast_members: it names ensemble members for the fast "
+                             "mode, so it needs network.ensemble and segmentation.fast_spacing_mm", meta_path)
+        if max(members) > int(n):
+            raise ModelError(f"invalid metadata at segmentation/fast_members: member {max(members)} does not exist "
+                             f"(the ensemble's members are 1 to {n})", meta_path)
     return meta
 
 
@@ -205,6 +214,14 @@ def _ensemble_class():
             return out / len(self.members)
 
     return MeanOfNetworks
+
+
+def ensemble_members(net, members: Optional[List[int]]):
+    """The mean of some of an ensemble's members (numbered from 1; ``segmentation.fast_members``), sharing
+    their weights with ``net``; ``net`` itself when ``members`` is None."""
+    if members is None:
+        return net
+    return _ensemble_class()([net.members[i - 1] for i in members])
 
 
 def one_network_meta(meta: Dict[str, Any]) -> Dict[str, Any]:

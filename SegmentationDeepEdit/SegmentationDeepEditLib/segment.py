@@ -35,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .annotate import fraction_at_or_below, normalise_input
-from .bundle import Bundle, get_network, load_bundle
+from .bundle import Bundle, ensemble_members, get_network, load_bundle
 from .device import cpu_supports_bf16, pick_device, run_with_fallback
 from .errors import InputError, ModelError, NotSkullStripped
 from .imageio import check_image_values, check_is_image
@@ -939,7 +939,7 @@ def segment_images(
     dev = pick_device(device)
 
     def run(d):
-        net = get_network(bundle, d)
+        net = ensemble_members(get_network(bundle, d), seg.get("fast_members") if fast else None)
         return predict_volume(net, arr, meta, d, tta=level, progress=lambda s, f: report(s, 0.1 + 0.8 * f),
                               cancel=cancel)
 
