@@ -5,7 +5,7 @@ safetensors file (float16 by default: half the size; loading casts back to float
 model card come from a base bundle (id or folder), so the inference settings are the base's;
 ``--version`` and ``--config`` say what is new.
 
-Run (liver-lesion 0.2.0, from the six runs of liver-lesion-all-real.json):
+Run (liver-lesion 0.2.0, from the six runs of liver-lesion-all-real.json; 0.3.0 in the liver card):
     python Resources/Training/assemble_ensemble.py --base liver-lesion --version 0.2.0 \\
         --config Resources/Training/liver-lesion-all-real.json -o out/liver-lesion \\
         runs/lar-20261126/bundle/model.safetensors runs/lar-1/bundle/model.safetensors ...
@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--version", required=True, help="the new bundle's version")
     ap.add_argument("--config", help="training config of the members (recorded in metadata.training)")
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored precision (default float16)")
+    ap.add_argument("--fast-members", help="members (numbered from 1, in the order given) whose mean the fast mode runs, "
+                    "e.g. 1-6 or 1,3,5 (segmentation.fast_members; default: all members in both modes, whatever the base says)")
     ap.add_argument("-o", "--output", required=True, help="new bundle folder (must not exist)")
     args = ap.parse_args(argv)
     try:
@@ -68,6 +70,20 @@ def _member(path: str, base) -> dict:
     return sd
 
 
+def _member_numbers(text: str, n: int) -> list:
+    """'1-6' or '1,3,5' -> [1, ...]: member numbers from 1 to n, each once."""
+    out = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", part)
+        if not m:
+            raise _Refused(f"--fast-members {text!r}: write member numbers like 1-6 or 1,3,5")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        out.extend(range(lo, hi + 1))
+    if not out or min(out) < 1 or max(out) > n or len(set(out)) < len(out):
+        raise _Refused(f"--fast-members {text!r}: the members are 1 to {n}, each named once")
+    return out
+
+
 def _assemble(args) -> int:
     out = Path(args.output)
     if out.exists():
@@ -91,6 +107,13 @@ def _assemble(args) -> int:
     meta = json.loads(json.dumps(base.meta))
     meta["network"] = dict(one_network_meta(base.meta)["network"], ensemble=len(members))
     meta["version"] = args.version
+    seg = meta.get("segmentation")
+    if isinstance(seg, dict):
+        seg.pop("fast_members", None)  # the base's members are not these
+        if args.fast_members:
+            seg["fast_members"] = _member_numbers(args.fast_members, len(members))
+    elif args.fast_members:
+        raise _Refused(f"--fast-members: {base.id} is not a segmentation model (it has no fast mode)")
     meta.pop("weights", None)
     training = {"members": [str(f) for f in args.members], "stored_as": args.dtype}
     if args.config:
@@ -101,6 +124,9 @@ def _assemble(args) -> int:
         save_bundle(tmp, meta, state, (base.path / "README.md").read_text(encoding="utf-8"))
         load_bundle(str(tmp))  # schema check before it is renamed in
         tmp.rename(out)
+    except DeepEditError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _Refused(f"the new bundle does not check: {e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
