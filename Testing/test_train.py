@@ -66,6 +66,20 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(1, 21))
 
 
+def test_resume_of_an_edited_config_is_refused(tmp_path, capsys):
+    cfg = _config()
+    cfg["steps"] = 20
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    assert main(["train", str(cfg_path), "--run-dir", str(run), "--steps", "10", "--json"]) == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    cfg_path.write_text(json.dumps(dict(cfg, lr=1.0)))
+    assert main(["train", str(cfg_path), "--run-dir", str(run), "--resume"]) == 1
+    assert "cannot resume: this checkpoint was written by a run with another config 'lr'" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(_config()))

@@ -72,14 +72,37 @@ def test_short_run_lowers_the_loss_writes_a_bundle_and_resumes_exactly(tmp_path,
         np.testing.assert_allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-5, err_msg=k)
 
 
+def test_resume_refuses_a_checkpoint_of_another_config_or_seed_before_preparing_cases(tmp_path, monkeypatch):
+    """--resume with another --hold-out, --seed or an edited recipe would mix two runs in one network."""
+    _interrupt_at_step_25(_config(), tmp_path / "b", monkeypatch)
+    before = (tmp_path / "b" / "checkpoint.pt").read_bytes()
+    prepared = []
+    real_build = T.build_seg_cases
+    monkeypatch.setattr(T, "build_seg_cases", lambda *a, **k: prepared.append(1) or real_build(*a, **k))
+    for change, said in ((dict(lr=0.5), "config 'lr'"), (dict(held_out=["x"]), "config 'held_out'"),
+                         (dict(seed=99), r"seed 3 \(now 99\); config 'seed'")):
+        with pytest.raises(InputError, match="cannot resume: this checkpoint was written by a run with another " + said):
+            T.train_segmentation(dict(_config(), **change), tmp_path / "b", data_root=tmp_path, device="cpu",
+                                 resume=True, show_progress=False)
+    assert not prepared and (tmp_path / "b" / "checkpoint.pt").read_bytes() == before
+    with pytest.raises(InputError, match=r"another length, 30 steps \(now 35; its learning-rate schedule"):
+        T.train_segmentation(_config(), tmp_path / "b", data_root=tmp_path, device="cpu", resume=True, steps=35,
+                             show_progress=False)
+    assert not prepared and (tmp_path / "b" / "checkpoint.pt").read_bytes() == before
+    # what may change: how often to validate, the description
+    T.train_segmentation(dict(_config(), val_every=5, description="another"), tmp_path / "b",
+                         data_root=tmp_path, device="cpu", resume=True, show_progress=False)
+    assert torch.load(str(tmp_path / "b" / "checkpoint.pt"), weights_only=True)["step"] == 30
+
+
 def test_weight_averaging_ships_the_mean_of_its_snapshots_and_resumes_exactly(tmp_path, monkeypatch):
     cfg = dict(_config(), average_weights={"from_step": 10, "every": 10})  # snapshots after steps 10, 20, 30
     seen = []
     real_save = T.save_checkpoint
 
-    def spy(path, net, opt, sched, step, extra=None):
+    def spy(path, net, opt, sched, step, extra=None, run=None):
         seen.append({k: v.detach().float().clone() for k, v in net.state_dict().items()})
-        return real_save(path, net, opt, sched, step, extra=extra)
+        return real_save(path, net, opt, sched, step, extra=extra, run=run)
 
     monkeypatch.setattr(T, "save_checkpoint", spy)
     a = T.train_segmentation(dict(cfg, snapshot_every=10), tmp_path / "a", data_root=tmp_path, device="cpu",

@@ -260,10 +260,59 @@ def count_nonfinite_loss(loss: float, streak: int, step: int, run_dir: Path) -> 
     return streak
 
 
-def save_checkpoint(path: Path, net, opt, sched, step: int, extra: Optional[dict] = None) -> None:
+# keys a resumed run may change: how often to log, what to write in the card; and the length, unless
+# the learning-rate schedule was made for it (run_identity's ``steps``)
+_RESUME_MAY_CHANGE = ("description", "val_every", "checkpoint_every", "bundle", "steps")
+
+
+def run_identity(config: dict, seed: int, steps: Optional[int] = None) -> dict:
+    """What a checkpoint must share with the run that resumes it: the seed, the resolved config (data,
+    ``held_out``, recipe) less ``_RESUME_MAY_CHANGE``, and ``steps`` where the learning-rate schedule
+    depends on the run's length (None: a run may be extended). Stored in every checkpoint as numbers and
+    a string."""
+    import json
+
+    kept = {k: v for k, v in config.items() if k not in _RESUME_MAY_CHANGE}
+    out = {"seed": int(seed), "config": json.dumps(kept, sort_keys=True, default=str)}
+    if steps is not None:
+        out["steps"] = int(steps)
+    return out
+
+
+def check_resume(path: Path, identity: dict) -> None:
+    """Refuse to resume ``path`` under another run's config or seed (an edited config, another
+    ``--hold-out`` or ``--seed``): the run would silently mix two recipes. Checkpoints written before
+    identities were kept are resumed as before.
+
+    Raises:
+        InputError: naming what differs.
+    """
+    import json
+
+    import torch
+
+    had = torch.load(str(path), map_location="cpu", weights_only=True).get("run")
+    if not had:
+        return
+    differ = [f"seed {had.get('seed')} (now {identity['seed']})"] if had.get("seed") != identity["seed"] else []
+    if had.get("steps") != identity.get("steps"):
+        differ.append(f"length, {had.get('steps')} steps (now {identity.get('steps')}; its learning-rate schedule "
+                      "was made for that length)")
+    old, new = json.loads(had["config"]), json.loads(identity["config"])
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if keys:
+        differ.append("config " + ", ".join(f"'{k}'" for k in keys))
+    if differ:
+        raise InputError("cannot resume: this checkpoint was written by a run with another " + "; ".join(differ)
+                         + ". Resume with the same config, --seed, --steps and --hold-out, or start a new --run-dir",
+                         path)
+
+
+def save_checkpoint(path: Path, net, opt, sched, step: int, extra: Optional[dict] = None,
+                    run: Optional[dict] = None) -> None:
     """Write network, optimiser (with its plain scalar attributes: Ranger21 keeps its step counts there),
-    scheduler, step and ``extra`` (tensors and numbers, e.g. averaged weights) atomically (temporary
-    file, then rename).
+    scheduler, step, ``extra`` (tensors and numbers, e.g. averaged weights) and ``run`` (its
+    :func:`run_identity`) atomically (temporary file, then rename).
 
     Raises:
         TrainingError: the network's weights are no longer finite numbers (the run diverged); the
@@ -282,6 +331,8 @@ def save_checkpoint(path: Path, net, opt, sched, step: int, extra: Optional[dict
         state["scheduler"] = sched.state_dict()
     if extra:
         state["extra"] = extra
+    if run:
+        state["run"] = run
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, str(tmp))
     tmp.replace(path)
@@ -335,6 +386,9 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
     ckpt_path = run_dir / "checkpoint.pt"
     if resume and not ckpt_path.is_file():
         raise InputError("nothing to resume: no checkpoint.pt", run_dir)
+    identity = run_identity(config, seed, total if config.get("schedule") == "onecycle" else None)
+    if resume:
+        check_resume(ckpt_path, identity)  # before the cases are loaded
     n_load = sum(int(s.get("cases", 1)) for s in config["data"] + config.get("validation", []))
     with StepProgress(total=n_load, desc="loading cases", enabled=not quiet) as bar:
         cases = build_cases(config["data"], data_root, bar.update, workers=workers)
@@ -413,7 +467,7 @@ def train(config: dict, run_dir: Path, *, data_root: Path, device: str = "auto",
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", val_dice=f"{val:.3f}")
             if done % ck_every == 0 or done == total:
                 logf.flush()
-                save_checkpoint(ckpt_path, net, opt, sched, done)
+                save_checkpoint(ckpt_path, net, opt, sched, done, run=identity)
     finally:
         logf.close()
     meta = dict(meta)

@@ -69,7 +69,7 @@ import SimpleITK as sitk
 
 from .bundle import build_network, draft_card, save_bundle
 from .augment import batch_augment, check_batch_augment
-from .train import count_nonfinite_loss, load_checkpoint, save_checkpoint
+from .train import check_resume, count_nonfinite_loss, load_checkpoint, run_identity, save_checkpoint
 from .errors import InputError, ModelError
 from .geometry import resample_to_grid
 from .imageio import atomic_output, read_image
@@ -541,6 +541,9 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
     log_path = run_dir / "log.csv"
     if ckpt_path.exists() and not resume:
         raise InputError(f"{run_dir} already holds a run; use --resume to continue it or choose another --run-dir", ckpt_path)
+    identity = run_identity(config, seed, steps)  # one-cycle and Ranger21 schedules are made for the length
+    if resume and ckpt_path.exists():
+        check_resume(ckpt_path, identity)  # before minutes of case preparation
 
     init_state = None
     if config.get("init_from"):  # read (and refused) before minutes of case preparation
@@ -656,7 +659,7 @@ def train_segmentation(config: dict, run_dir: Path, *, data_root: Path, device: 
         if config.get("snapshot_every") and done % int(config["snapshot_every"]) == 0:
             _write_snapshot(run_dir / "snapshots" / f"step-{done:05d}.safetensors", net)
         if done % ckpt_every == 0 or done == steps:
-            save_checkpoint(ckpt_path, net, opt, sched, done, extra=averaged)
+            save_checkpoint(ckpt_path, net, opt, sched, done, extra=averaged, run=identity)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
                         val=",".join(f"{v:.3f}" for v in last_val) if last_val else "-")
     bar.close()
