@@ -52,7 +52,7 @@ def test_short_training_learns_and_resumes(tmp_path):
         assert torch.equal(v, ck["model"][k]), k
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path):
+def test_resume_continues_from_the_checkpoint_and_refuses_an_edited_config(tmp_path, capsys):
     cfg = _config()
     cfg["steps"] = 20
     cfg_path = tmp_path / "cfg.json"
@@ -60,24 +60,16 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     run = tmp_path / "run"
     assert main(["train", str(cfg_path), "--run-dir", str(run), "--steps", "10", "--json"]) == 0
     assert torch.load(str(run / "checkpoint.pt"), weights_only=True)["step"] == 10
+    before = (run / "checkpoint.pt").read_bytes()
+    cfg_path.write_text(json.dumps(dict(cfg, lr=1.0)))  # an edited recipe would mix two runs in one network
+    assert main(["train", str(cfg_path), "--run-dir", str(run), "--resume"]) == 1
+    assert "cannot resume: this checkpoint was written by a run with another config 'lr'" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == before
+    cfg_path.write_text(json.dumps(cfg))  # the same recipe, longer (no schedule made for the length): continues
     assert main(["train", str(cfg_path), "--run-dir", str(run), "--resume", "--json"]) == 0
     assert torch.load(str(run / "checkpoint.pt"), weights_only=True)["step"] == 20
     rows = list(csv.DictReader(open(run / "log.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, 21))
-
-
-def test_resume_of_an_edited_config_is_refused(tmp_path, capsys):
-    cfg = _config()
-    cfg["steps"] = 20
-    cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(cfg))
-    run = tmp_path / "run"
-    assert main(["train", str(cfg_path), "--run-dir", str(run), "--steps", "10", "--json"]) == 0
-    before = (run / "checkpoint.pt").read_bytes()
-    cfg_path.write_text(json.dumps(dict(cfg, lr=1.0)))
-    assert main(["train", str(cfg_path), "--run-dir", str(run), "--resume"]) == 1
-    assert "cannot resume: this checkpoint was written by a run with another config 'lr'" in capsys.readouterr().err
-    assert (run / "checkpoint.pt").read_bytes() == before
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
