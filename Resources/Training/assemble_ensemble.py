@@ -58,7 +58,7 @@ def _member(path: str, base) -> dict:
         raise _Refused(f"{path}: cannot read it as a safetensors weights file ({type(e).__name__}: {e})") from None
     shard = {k.split(".", 2)[1] for k in sd if k.startswith("members.")}
     if shard:  # one file of an ensemble bundle: members.<i>.<name>, one member per file as save_bundle writes
-        if len(shard) > 1 or len(shard) != len({k.split(".", 2)[1] if k.startswith("members.") else "" for k in sd}):
+        if len(shard) > 1 or not all(k.startswith("members.") for k in sd):
             raise _Refused(f"{path}: holds the weights of several networks (members {sorted(shard)}); "
                            "give one network per file")
         i = next(iter(shard))

@@ -260,9 +260,9 @@ def count_nonfinite_loss(loss: float, streak: int, step: int, run_dir: Path) -> 
     return streak
 
 
-# keys a resumed run may change: how often to log, what to write in the card; and the length, unless
-# the learning-rate schedule was made for it (run_identity's ``steps``)
-_RESUME_MAY_CHANGE = ("description", "val_every", "checkpoint_every", "bundle", "steps")
+# keys a resumed run may change: how often to validate and checkpoint, the description; and the length,
+# unless the learning-rate schedule was made for it (run_identity's ``steps``)
+_RESUME_MAY_CHANGE = ("description", "val_every", "checkpoint_every", "steps")
 
 
 def run_identity(config: dict, seed: int, steps: Optional[int] = None) -> dict:
