@@ -73,26 +73,25 @@ def labels_of(meta, p, ref, t=None, fill=None):
     return clean_label(with_options, lab, voxel_ml=ml, axial_axis=axial_array_axis(ref))
 
 
-GROW = []  # --grow: the thresholds t of the G(t) variants
-
-
-def grown(meta, p, ref, t, fast):
-    """G(t): the plain result (argmax, clean-up) grown by the bundle option ``postprocess.grow`` with threshold t."""
+def grown(meta, plain, background, t, fast):
+    """G(t): the plain result ``plain`` (argmax, clean-up) grown by the bundle option ``postprocess.grow`` with
+    threshold t, from p(background) ``background`` on the same grid."""
     seg = dict(meta["segmentation"])
     seg["postprocess"] = dict(seg.get("postprocess") or {}, grow={"value": 1, ("fast_threshold" if fast else "threshold"): t})
-    return grow_label(dict(meta, segmentation=seg), labels_of(meta, p, ref), p[0], fast)
+    return grow_label(dict(meta, segmentation=seg), plain, background, fast)
 
 
-def variants(bundle, ct, check=False):
+def variants(bundle, ct, check=False, grow=()):
+    """The variants' label arrays on ``ct``'s grid; ``grow``: the thresholds t of the G(t) variants (--grow)."""
     meta = bundle.meta
     pf, ref = ref_probs(bundle, ct, False)
     pc, _ = ref_probs(bundle, ct, True)
     out = {"full": labels_of(meta, pf, ref), "fast": labels_of(meta, pc, ref), "M": labels_of(meta, (pf + pc) / 2, ref),
            "T4": labels_of(meta, pf, ref, 0.4), "T3": labels_of(meta, pf, ref, 0.3),
            "T4o": labels_of(meta, pf, ref, 0.4, fill=1)}
-    for t in GROW:
-        out[f"G{t:g}"] = grown(meta, pf, ref, t, False)
-        out[f"G{t:g}f"] = grown(meta, pc, ref, t, True)
+    for t in grow:
+        out[f"G{t:g}"] = grown(meta, out["full"], pf[0], t, False)
+        out[f"G{t:g}f"] = grown(meta, out["fast"], pc[0], t, True)
     if check:  # the probabilities taken here, decided as above, against segment_images
         for k, fast in (("full", False), ("fast", True)):
             s = sitk.GetArrayFromImage(segment_images(bundle, {"ct": ct}, fast=fast, device="cpu").label)
@@ -107,13 +106,13 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--grow", default="", help="comma-separated thresholds t: add the variants G(t) (full) and G(t)f (fast)")
     a = ap.parse_args()
-    GROW.extend(float(t) for t in a.grow.split(",") if t)
+    grow = [float(t) for t in a.grow.split(",") if t]
     b = load_bundle(a.model)
     print(f"model {b.id} {b.version} ({a.model})", flush=True)
     res = {}
 
     def score(name, ct, truth, region_slice=None, check=False):
-        v = variants(b, ct, check)
+        v = variants(b, ct, check, grow)
         row = {}
         for k, lab in v.items():
             pred = lab > 0
@@ -137,7 +136,7 @@ def main():
         for name, cases in GENERATED.items():
             for seed, opt in cases:
                 case = make_ct_case(seed, **opt)
-                v = variants(b, case.images["ct"])
+                v = variants(b, case.images["ct"], grow=grow)
                 lab = sitk.GetArrayFromImage(case.label)
                 for region, sel in (("liver", lambda x: x > 0), ("lesion", lambda x: x == 2)):
                     row = {k: dice(sel(l), sel(lab)) for k, l in v.items()}
@@ -155,7 +154,7 @@ def main():
         k0 = _slab_offset(sitk.GetArrayViewFromImage(full), sitk.GetArrayViewFromImage(ct))
         far = max(0, k0 - int(round(FAR_BELOW_MM / full.GetSpacing()[2])))
         ml = float(np.prod(full.GetSpacing())) / 1000.0
-        v = variants(b, full)
+        v = variants(b, full, grow=grow)
         res["ct-full mL far below"] = {k: float((l[:far] > 0).sum()) * ml for k, l in v.items()}
         print("ct-full mL far below " + "  ".join(f"{k} {x:.1f}" for k, x in res["ct-full mL far below"].items()))
     if "acceptance" in a.sets:
